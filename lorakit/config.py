@@ -1,0 +1,249 @@
+"""Frozen specs: what a run is made of, validated when built, free of loaded objects.
+
+Each spec is an attrs frozen class; a bad value raises :class:`~lorakit.errors.ConfigError` naming the field,
+the value and the fix. Specs hold ids, paths and numbers only, never a loaded model, so a
+:class:`~lorakit.Pipeline` is cheap to build, compare and serialise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from lorakit.errors import ConfigError
+
+__all__ = [
+    "DataSpec",
+    "ModelSpec",
+    "QuantSpec",
+    "TrackSpec",
+    "TrainSpec",
+]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+TRACKERS = ("none", "wandb", "tensorboard")
+SECRET_OPTION_WORDS = ("key", "token", "secret", "password")
+
+
+# --- validators -------------------------------------------------------------------------------------------
+# Each returns an attrs validator that raises ConfigError with the field name, the value and a hint.
+
+
+def _fail(attribute: attrs.Attribute, value: Any, must: str, fix: str) -> None:
+    raise ConfigError(f"`{attribute.name}` must be {must}, got {value!r}. {fix}".strip())
+
+
+def positive_int(fix: str = "") -> Callable[[Any, attrs.Attribute, Any], None]:
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            _fail(attribute, value, "a positive integer", fix)
+
+    return check
+
+
+def optional_positive_int(fix: str = "") -> Callable[[Any, attrs.Attribute, Any], None]:
+    inner = positive_int(fix)
+
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            inner(inst, attribute, value)
+
+    return check
+
+
+def number_in(low: float, high: float, *, high_open: bool = False, low_open: bool = False, fix: str = ""):
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+            _fail(attribute, value, f"a number in {lo}{low}, {high}{hi}", fix)
+
+    return check
+
+
+def one_of(choices: tuple[str, ...], fix: str = "") -> Callable[[Any, attrs.Attribute, Any], None]:
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            _fail(attribute, value, "one of " + ", ".join(repr(c) for c in choices), fix)
+
+    return check
+
+
+def _to_float(value: Any) -> Any:
+    """Accept "2e-4" from YAML/CLI; leave anything else for the validator to reject."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# --- specs ------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ModelSpec:
+    """The base model: where it comes from and how it is loaded."""
+
+    name_or_path: str = attrs.field()
+    """A local directory, a Hugging Face model id, or an embedded alias such as ``"smollm2-135m"``."""
+    dtype: str = attrs.field(default="auto", validator=one_of(DTYPES, "Use 'auto' unless you need a dtype."))
+    """Weight dtype when not quantized; ``"auto"`` follows the training precision."""
+    trust_remote_code: bool = attrs.field(default=False, converter=bool)
+    """Run modelling code shipped with the checkpoint (only for repositories you trust)."""
+    revision: str | None = attrs.field(default=None)
+    """A branch, tag or commit of a Hub repository."""
+
+    @name_or_path.validator
+    def _check_name(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, str) or not value.strip():
+            _fail(attribute, value, "a non-empty string", "Pass a local path, a Hub id or 'smollm2-135m'.")
+
+
+@attrs.frozen
+class QuantSpec:
+    """Load the base weights quantized by bitsandbytes (QLoRA with 4 bits)."""
+
+    bits: int = attrs.field(validator=one_of((4, 8), "Use quantize_4bit() or quantize_8bit()."))  # type: ignore[arg-type]
+    """4 or 8."""
+    quant_type: str = attrs.field(default="nf4", validator=one_of(("nf4", "fp4"), "nf4 is the QLoRA default."))
+    """4-bit data type: ``"nf4"`` (normal float, the QLoRA paper's) or ``"fp4"``."""
+    double_quant: bool = attrs.field(default=True, converter=bool)
+    """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
+    compute_dtype: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(one_of(DTYPES[1:], "None follows the training precision.")),
+    )
+    """dtype of the matmuls on dequantized weights; ``None`` follows the training precision."""
+
+    @property
+    def method_name(self) -> str:
+        """The builder call that made this spec, for messages."""
+        return f"quantize_{self.bits}bit()"
+
+
+@attrs.frozen
+class DataSpec:
+    """Where the training rows come from and how they become token ids and labels."""
+
+    source: Any = attrs.field()
+    """A .json / .jsonl / .csv path, a list of dicts, or a ``datasets.Dataset``."""
+    template: Any = attrs.field(default="alpaca")
+    """A template name from ``lorakit.templates`` or an object implementing the template protocol."""
+    val_split: float = attrs.field(
+        default=0.1, converter=_to_float, validator=number_in(0.0, 1.0, high_open=True, fix="Use e.g. 0.1, or 0.")
+    )
+    """Fraction of rows held out for validation (0 for none)."""
+    max_length: int = attrs.field(default=1024, validator=positive_int("Use e.g. max_length=1024."))
+    """Longest tokenized example; longer ones lose prompt tokens from the left (counted in the data report)."""
+    seed: int = attrs.field(default=42)
+    """Seed of the train/validation split."""
+    train_on_inputs: bool = attrs.field(default=False, converter=bool)
+    """Train on prompt tokens too; by default only response tokens (and their EOS) carry loss."""
+
+    @source.validator
+    def _check_source(self, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, str | bytes) and not str(value).strip():
+            _fail(attribute, value, "a path, a list of dicts or a datasets.Dataset", "")
+        if isinstance(value, list) and not all(isinstance(r, Mapping) for r in value):
+            raise ConfigError(
+                "`source` given as a list must be a list of dicts (one per row), "
+                f"got an element of type {type(next(r for r in value if not isinstance(r, Mapping))).__name__}."
+            )
+        if value is None or isinstance(value, (int, float)):
+            _fail(attribute, value, "a path, a list of dicts or a datasets.Dataset", "")
+
+    @max_length.validator
+    def _check_max_length(self, attribute: attrs.Attribute, value: int) -> None:
+        if value < 16:
+            _fail(attribute, value, "at least 16", "Short limits cut every response; use e.g. 512 or 1024.")
+
+
+@attrs.frozen
+class TrainSpec:
+    """Optimisation hyper-parameters; TRL's SFTTrainer runs the loop."""
+
+    epochs: float = attrs.field(
+        default=3, converter=_to_float, validator=number_in(0, 1e6, low_open=True, fix="Use e.g. epochs=3.")
+    )
+    """Passes over the training rows (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = attrs.field(default=None, validator=optional_positive_int("Or None to use epochs."))
+    """Stop after this many optimizer steps; overrides ``epochs``."""
+    lr: float = attrs.field(
+        default=2e-4, converter=_to_float, validator=number_in(0, 1.0, low_open=True, fix="LoRA typically uses 1e-4..5e-4.")
+    )
+    """Peak learning rate."""
+    batch_size: int = attrs.field(default=4, validator=positive_int("Use e.g. batch_size=4."))
+    """Examples per device per forward pass."""
+    grad_accum: int = attrs.field(default=1, validator=positive_int("Use 1 for no accumulation."))
+    """Forward passes accumulated per optimizer step (effective batch = batch_size * grad_accum * devices)."""
+    scheduler: str = attrs.field(default="cosine", validator=one_of(SCHEDULERS))
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = attrs.field(default=0.03, converter=_to_float, validator=number_in(0.0, 1.0, high_open=True))
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = attrs.field(default=0.0, converter=_to_float, validator=number_in(0.0, 1.0))
+    """AdamW weight decay."""
+    grad_checkpointing: bool | None = attrs.field(default=None)
+    """Recompute activations in the backward pass; ``None`` = on for GPU runs, off on CPU (where it costs ~30%)."""
+    precision: str = attrs.field(default="auto", validator=one_of(PRECISIONS))
+    """``"auto"`` = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    seed: int = attrs.field(default=42)
+    """Seed of initialisation, dropout and data order."""
+    logging_steps: int = attrs.field(default=10, validator=positive_int())
+    """Log the training loss every N optimizer steps."""
+    eval_steps: int | None = attrs.field(default=None, validator=optional_positive_int("Or None to evaluate per epoch."))
+    """Evaluate every N steps; ``None`` evaluates at the end of each epoch (when there is a validation split)."""
+    save_steps: int | None = attrs.field(default=None, validator=optional_positive_int("Or None for no checkpoints."))
+    """Write a checkpoint every N steps; ``None`` saves only the final adapter."""
+
+    @grad_checkpointing.validator
+    def _check_gc(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not isinstance(value, bool):
+            _fail(attribute, value, "True, False or None", "None picks per device.")
+
+
+def _freeze_options(value: Any) -> tuple[tuple[str, Any], ...]:
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), v) for k, v in value.items()))
+    return tuple(value)
+
+
+@attrs.frozen
+class TrackSpec:
+    """Where training metrics go besides the run directory's own ``metrics.jsonl``."""
+
+    backend: str = attrs.field(default="none", validator=one_of(TRACKERS))
+    """``"none"``, ``"wandb"`` (offline when no API key is set) or ``"tensorboard"``."""
+    options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_freeze_options)
+    """Backend options, e.g. ``project=`` / ``name=`` for W&B."""
+
+    @options.validator
+    def _check_options(self, attribute: attrs.Attribute, value: tuple[tuple[str, Any], ...]) -> None:
+        for key, _ in value:
+            if any(word in key.lower() for word in SECRET_OPTION_WORDS):
+                raise ConfigError(
+                    f"track(): option `{key}` looks like a secret; lorakit never stores secrets in run configs. "
+                    "Set it in the environment instead (e.g. WANDB_API_KEY)."
+                )
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        return dict(self.options)

@@ -1,0 +1,24 @@
+"""One exception hierarchy for everything lorakit raises on purpose.
+
+Every message names the field (or file / row), the value received and what to do instead.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "DataError", "LorakitError", "MissingDependencyError"]
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on purpose."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A builder call or config value is invalid, or conflicts with an earlier call."""
+
+
+class DataError(LorakitError, ValueError):
+    """A dataset source, row or field cannot be used; the message names the file, row and field."""
+
+
+class MissingDependencyError(LorakitError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""

@@ -1,0 +1,51 @@
+"""Adapter methods: one module per method, one registry dict.
+
+A method is a frozen attrs spec with a ``name``, ``to_peft_config()`` that builds the PEFT config, ``mergeable``
+(whether its weights fold into the base), and ``to_dict()``. ``METHODS`` maps the name to the spec class so a run
+config can rebuild it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from lorakit.errors import ConfigError
+from lorakit.methods.lora import LoraSpec
+
+__all__ = ["METHODS", "LoraSpec", "MethodSpec", "method_from_dict", "register_method"]
+
+
+@runtime_checkable
+class MethodSpec(Protocol):
+    """What the pipeline needs from an adapter method spec."""
+
+    name: str
+    mergeable: bool
+
+    def to_peft_config(self) -> Any: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
+
+
+METHODS: dict[str, type] = {}
+
+
+def register_method(name: str, spec_cls: type) -> None:
+    """Register an adapter method spec class under ``name``; names are unique."""
+    if name in METHODS:
+        raise ConfigError(f"An adapter method named {name!r} is already registered ({METHODS[name].__name__}).")
+    METHODS[name] = spec_cls
+
+
+def method_from_dict(data: dict[str, Any]) -> MethodSpec:
+    """Rebuild a method spec from ``to_dict()`` output (e.g. a saved run config)."""
+    data = dict(data)
+    name = data.pop("name", None)
+    if name not in METHODS:
+        raise ConfigError(f"Unknown adapter method {name!r}; known: {', '.join(sorted(METHODS))}.")
+    return METHODS[name](**data)
+
+
+register_method("lora", LoraSpec)

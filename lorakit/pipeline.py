@@ -1,0 +1,313 @@
+"""The fluent, immutable builder: describe a fine-tuning run, then ``explain()`` or ``train()`` it.
+
+Every call returns a new :class:`Pipeline` (``attrs.evolve``) and validates its arguments at once, so a
+mistake fails at the line that made it, not an hour into a run::
+
+    import lorakit as lk
+
+    run = (lk.Pipeline.from_model("smollm2-135m")
+             .with_lora(r=16, alpha=32, targets="all-linear")
+             .with_dataset("data.jsonl", template="alpaca", val_split=0.1)
+             .with_training(epochs=3, lr=2e-4, batch_size=4, grad_accum=4)
+             .train("runs/support-bot"))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from lorakit.config import DataSpec, ModelSpec, QuantSpec, TrackSpec, TrainSpec
+from lorakit.errors import ConfigError
+from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
+
+if TYPE_CHECKING:
+    from lorakit.plan import Plan
+    from lorakit.training import TrainResult
+
+__all__ = ["Pipeline"]
+
+CONFIG_VERSION = 1
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not _UNSET}
+
+
+@attrs.frozen
+class Pipeline:
+    """A description of a fine-tuning run. Build it with :meth:`from_model` and the ``with_*`` calls."""
+
+    model: ModelSpec | None = None
+    """The base model (set by :meth:`from_model`)."""
+    method: MethodSpec | None = None
+    """The adapter method; ``None`` means LoRA with its defaults."""
+    quant: QuantSpec | None = None
+    """Quantization of the frozen base weights, if any."""
+    data: DataSpec | None = None
+    """Training data (set by :meth:`with_dataset`)."""
+    training: TrainSpec = attrs.field(factory=TrainSpec)
+    """Optimisation settings."""
+    tracking: TrackSpec = attrs.field(factory=TrackSpec)
+    """Experiment tracking backend."""
+
+    # --- building -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> Pipeline:
+        """Start a pipeline from a base model.
+
+        Args:
+            name_or_path: a local model directory, a Hugging Face model id (needs network), or the embedded
+                alias ``"smollm2-135m"`` (SmolLM2-135M-Instruct, offline).
+            dtype: weight dtype when not quantized; ``"auto"`` follows the training precision.
+            trust_remote_code: allow modelling code shipped with the checkpoint.
+            revision: branch, tag or commit of a Hub repository.
+        """
+        return cls(
+            model=ModelSpec(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+        )
+
+    def with_lora(
+        self,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        targets: str | tuple[str, ...] = "all-linear",
+        bias: str = "none",
+    ) -> Pipeline:
+        """Train LoRA adapters (the default method). See :class:`lorakit.methods.LoraSpec` for each field."""
+        return self._with_method(LoraSpec(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias))
+
+    def quantize_4bit(
+        self, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str | None = None
+    ) -> Pipeline:
+        """Load the frozen base weights in 4 bits with bitsandbytes (QLoRA). Needs ``lorakit[qlora]``."""
+        return self._with_quant(
+            QuantSpec(bits=4, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype)
+        )
+
+    def quantize_8bit(self) -> Pipeline:
+        """Load the frozen base weights in 8 bits with bitsandbytes (LLM.int8). Needs ``lorakit[qlora]``."""
+        return self._with_quant(QuantSpec(bits=8))
+
+    def with_dataset(
+        self,
+        source: Any,
+        *,
+        template: Any = "alpaca",
+        val_split: float = 0.1,
+        max_length: int = 1024,
+        seed: int = 42,
+        train_on_inputs: bool = False,
+    ) -> Pipeline:
+        """Set the training data.
+
+        Args:
+            source: a .json / .jsonl / .csv path, a list of dicts or a ``datasets.Dataset``, with rows in
+                alpaca (instruction / input / output), prompt / completion, or ``messages`` form.
+            template: a name from :mod:`lorakit.templates` (``"alpaca"``, ``"chatml"``, ``"llama2"``,
+                ``"model"`` for the tokenizer's own chat template) or a template object.
+            val_split: fraction of rows held out for validation (0 for none).
+            max_length: longest tokenized example; longer ones lose prompt tokens from the left (counted).
+            seed: seed of the split.
+            train_on_inputs: also train on prompt tokens (by default only responses and their EOS are trained).
+        """
+        from lorakit.templates import get_template
+
+        if isinstance(source, Path):
+            source = str(source)
+        if isinstance(source, str) and not Path(source).expanduser().is_file():
+            raise ConfigError(f"with_dataset({source!r}): no such file. Pass a .json, .jsonl or .csv path.")
+        if isinstance(template, str):
+            get_template(template)  # unknown names fail here, listing the known ones
+        return attrs.evolve(
+            self,
+            data=DataSpec(
+                source,
+                template=template,
+                val_split=val_split,
+                max_length=max_length,
+                seed=seed,
+                train_on_inputs=train_on_inputs,
+            ),
+        )
+
+    def with_training(
+        self,
+        epochs: float = _UNSET,
+        max_steps: int | None = _UNSET,
+        lr: float = _UNSET,
+        batch_size: int = _UNSET,
+        grad_accum: int = _UNSET,
+        scheduler: str = _UNSET,
+        warmup_ratio: float = _UNSET,
+        weight_decay: float = _UNSET,
+        grad_checkpointing: bool | None = _UNSET,
+        precision: str = _UNSET,
+        seed: int = _UNSET,
+        logging_steps: int = _UNSET,
+        eval_steps: int | None = _UNSET,
+        save_steps: int | None = _UNSET,
+    ) -> Pipeline:
+        """Set optimisation hyper-parameters; arguments not passed keep their current value.
+
+        Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
+        warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
+        precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
+        epoch), save_steps=None (final adapter only). See :class:`lorakit.config.TrainSpec`.
+        """
+        changes = _given(
+            epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+            scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+            grad_checkpointing=grad_checkpointing, precision=precision, seed=seed, logging_steps=logging_steps,
+            eval_steps=eval_steps, save_steps=save_steps,
+        )
+        return attrs.evolve(self, training=attrs.evolve(self.training, **changes))
+
+    def track(self, backend: str = "none", **options: Any) -> Pipeline:
+        """Send metrics to ``"wandb"`` (offline when no API key is set), ``"tensorboard"``, or ``"none"``.
+
+        The run directory always gets ``metrics.jsonl``. Options go to the backend (W&B: ``project``, ``name``,
+        ``entity``, ``tags``); secrets are refused: put API keys in the environment.
+        """
+        return attrs.evolve(self, tracking=TrackSpec(backend, options))
+
+    def _with_method(self, spec: MethodSpec) -> Pipeline:
+        if self.method is not None and self.method.name != spec.name:
+            raise ConfigError(
+                f"with_{spec.name}() conflicts with the earlier with_{self.method.name}(): a run trains one "
+                "adapter method. Remove one of the two calls."
+            )
+        return attrs.evolve(self, method=spec)
+
+    def _with_quant(self, spec: QuantSpec) -> Pipeline:
+        if self.quant is not None and self.quant.bits != spec.bits:
+            raise ConfigError(
+                f"{spec.method_name} conflicts with the earlier {self.quant.method_name}: the base weights are "
+                "quantized one way. Remove one of the two calls."
+            )
+        return attrs.evolve(self, quant=spec)
+
+    # --- resolved views -----------------------------------------------------------------------------------
+
+    @property
+    def resolved_method(self) -> MethodSpec:
+        """The adapter method that will train (LoRA with defaults when none was chosen)."""
+        return self.method if self.method is not None else LoraSpec()
+
+    def require(self, *, data: bool = True) -> None:
+        """Raise ConfigError if a call the terminal operation needs is missing."""
+        if self.model is None:
+            raise ConfigError("No base model: start with lk.Pipeline.from_model('smollm2-135m') or a model path.")
+        if data and self.data is None:
+            raise ConfigError("No training data: add .with_dataset('data.jsonl') before train().")
+
+    # --- terminal calls -----------------------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        """The resolved plan with numbers, computed from the model config on the meta device (no weights)."""
+        from lorakit.plan import make_plan
+
+        return make_plan(self)
+
+    def explain(self) -> str:
+        """The resolved plan as text: model, method, target modules, parameter counts, rows and steps."""
+        return self.plan().render()
+
+    def train(
+        self, output_dir: str | Path, *, overwrite: bool = False, callbacks: list[Any] | None = None
+    ) -> TrainResult:
+        """Load, train with TRL's SFTTrainer, and write the run directory.
+
+        The run directory holds the adapter in PEFT format, the tokenizer, ``lorakit_run.json`` (this
+        pipeline's config, the template and the data report), ``metrics.json`` and ``metrics.jsonl``.
+        A non-empty ``output_dir`` is refused unless ``overwrite=True``. ``callbacks`` are extra
+        ``transformers.TrainerCallback`` objects handed to the trainer.
+        """
+        from lorakit.training import run_training
+
+        return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks)
+
+    # --- configs ------------------------------------------------------------------------------------------
+
+    def to_config(self) -> dict[str, Any]:
+        """A JSON/YAML-able dict that :meth:`from_config` turns back into an equal pipeline.
+
+        In-memory data (a list of dicts) is inlined; a ``datasets.Dataset`` is inlined as its rows.
+        """
+        from lorakit.templates import get_template
+
+        data = None
+        if self.data is not None:
+            data = attrs.asdict(self.data)
+            source = self.data.source
+            if not isinstance(source, (str, list)):
+                source = source.to_list()  # datasets.Dataset
+            data["source"] = source
+            template = self.data.template
+            data["template"] = template if isinstance(template, str) else get_template(template).to_dict()
+        return {
+            "lorakit_config": CONFIG_VERSION,
+            "model": attrs.asdict(self.model) if self.model is not None else None,
+            "method": self.method.to_dict() if self.method is not None else None,
+            "quant": attrs.asdict(self.quant) if self.quant is not None else None,
+            "data": data,
+            "training": attrs.asdict(self.training),
+            "tracking": {"backend": self.tracking.backend, **self.tracking.option_dict},
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | Path) -> Pipeline:
+        """Rebuild a pipeline from :meth:`to_config` output, a JSON file, or a run directory."""
+        from lorakit.templates import template_from_dict
+
+        if isinstance(config, (str, Path)):
+            path = Path(config)
+            if path.is_dir():
+                path = path / "lorakit_run.json"
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ConfigError(f"Cannot read pipeline config {path}: {error}") from error
+            config = loaded.get("pipeline", loaded)
+        assert isinstance(config, Mapping)
+        unknown = set(config) - {"lorakit_config", "model", "method", "quant", "data", "training", "tracking"}
+        if unknown:
+            raise ConfigError(f"Unknown config sections: {', '.join(sorted(unknown))}.")
+        data = config.get("data")
+        if data is not None:
+            data = dict(data)
+            if isinstance(data.get("template"), Mapping):
+                data["template"] = template_from_dict(data["template"])
+        tracking = dict(config.get("tracking") or {"backend": "none"})
+        try:
+            return cls(
+                model=ModelSpec(**config["model"]) if config.get("model") else None,
+                method=method_from_dict(config["method"]) if config.get("method") else None,
+                quant=QuantSpec(**config["quant"]) if config.get("quant") else None,
+                data=DataSpec(**data) if data else None,
+                training=TrainSpec(**(config.get("training") or {})),
+                tracking=TrackSpec(tracking.pop("backend"), tracking),
+            )
+        except TypeError as error:
+            raise ConfigError(f"Invalid pipeline config: {error}") from error

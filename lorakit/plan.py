@@ -1,0 +1,147 @@
+"""The resolved plan of a pipeline, computed without loading weights (model config + meta device)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lorakit.pipeline import Pipeline
+
+__all__ = ["Plan", "make_plan", "steps_for"]
+
+
+@attrs.frozen
+class Plan:
+    """What ``train()`` would do, with exact parameter counts."""
+
+    model: str
+    architecture: str
+    method: str
+    quantization: str
+    target_modules: tuple[str, ...]
+    total_params: int
+    trainable_params: int
+    device: str
+    precision: str
+    template: str
+    train_rows: int | None
+    val_rows: int | None
+    steps_per_epoch: int | None
+    total_steps: int | None
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def render(self) -> str:
+        rows = "no dataset yet (.with_dataset(...))"
+        steps = "-"
+        if self.train_rows is not None:
+            rows = f"{self.train_rows} train / {self.val_rows} validation"
+            steps = f"{self.total_steps} optimizer steps ({self.steps_per_epoch} per epoch)"
+        lines = [
+            "lorakit plan",
+            f"  model            {self.model} ({self.architecture})",
+            f"  method           {self.method}",
+            f"  quantization     {self.quantization}",
+            f"  target modules   {', '.join(self.target_modules)}",
+            f"  parameters       {self.trainable_params:,} trainable / {self.total_params:,} total "
+            f"({100 * self.trainable_fraction:.3f}%)",
+            f"  device           {self.device}, {self.precision}",
+            f"  template         {self.template}",
+            f"  data             {rows}",
+            f"  steps            {steps}",
+        ]
+        return "\n".join(lines)
+
+
+def steps_for(train_rows: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None,
+              world_size: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps), counted the way transformers' Trainer counts them."""
+    batches = math.ceil(train_rows / (batch_size * world_size))
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    total = max_steps if max_steps is not None else math.ceil(epochs * per_epoch)
+    return per_epoch, total
+
+
+def _linear_module_names(model: Any) -> list[str]:
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    return sorted(names)
+
+
+def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
+    """Build the model on the meta device, apply the adapter, and return (peft model, base param count)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    assert pipeline.model is not None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=pipeline.model.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    linear = _linear_module_names(model)
+    try:
+        peft_model = get_peft_model(model, pipeline.resolved_method.to_peft_config())
+    except ValueError as error:
+        if "not found in the base model" in str(error) or "Target modules" in str(error):
+            raise ConfigError(
+                f"with_lora(targets={pipeline.resolved_method.to_dict().get('targets')!r}) matches no module of "
+                f"{pipeline.model.name_or_path}. Its linear modules are: {', '.join(linear)}. "
+                "Use targets='all-linear' or names from that list."
+            ) from error
+        raise
+    return peft_model, total
+
+
+def make_plan(pipeline: Pipeline) -> Plan:
+    from lorakit.data import count_rows
+    from lorakit.models import device_kind, load_model_config, resolve_precision
+    from lorakit.templates import get_template
+
+    pipeline.require(data=False)
+    assert pipeline.model is not None
+    config = load_model_config(pipeline.model)
+    peft_model, total = apply_method_on_meta(pipeline, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in peft_model.targeted_module_names}))
+
+    train_rows = val_rows = per_epoch = total_steps = None
+    template = "-"
+    if pipeline.data is not None:
+        spec = pipeline.data
+        train_rows, val_rows = count_rows(spec.source, val_split=spec.val_split, seed=spec.seed)
+        t = pipeline.training
+        per_epoch, total_steps = steps_for(
+            train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps
+        )
+        template = getattr(get_template(spec.template), "name", type(spec.template).__name__)
+
+    quant = pipeline.quant
+    quant_text = "none"
+    if quant is not None:
+        quant_text = f"{quant.bits}-bit bitsandbytes" + (
+            f" ({quant.quant_type}, double quant {'on' if quant.double_quant else 'off'})" if quant.bits == 4 else ""
+        )
+    return Plan(
+        model=pipeline.model.name_or_path,
+        architecture=type(peft_model.base_model.model).__name__,
+        method=pipeline.resolved_method.describe() + ("" if pipeline.method is not None else " (default)"),
+        quantization=quant_text,
+        target_modules=targets,
+        total_params=total,
+        trainable_params=trainable,
+        device=device_kind(),
+        precision=resolve_precision(pipeline.training.precision),
+        template=template,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        steps_per_epoch=per_epoch,
+        total_steps=total_steps,
+    )

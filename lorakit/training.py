@@ -1,0 +1,265 @@
+"""``Pipeline.train()``: check -> load -> prepare data -> SFTTrainer -> save, top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from lorakit import __version__
+from lorakit.errors import MissingDependencyError
+from lorakit.run import METRICS_FILE, METRICS_LOG, RUN_FILE, check_output_dir, write_json_atomic
+
+if TYPE_CHECKING:
+    from lorakit.pipeline import Pipeline
+
+__all__ = ["TrainResult", "run_training"]
+
+
+@attrs.frozen
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    """The run directory (adapter, tokenizer, config, metrics)."""
+    metrics: dict[str, float]
+    """``train_loss``, ``train_runtime`` (s), ``train_steps``, and with a validation split ``eval_loss`` and
+    ``eval_perplexity``."""
+    data_report: dict[str, Any]
+    """What data preparation kept, cut and dropped (see :class:`lorakit.data.DataReport`)."""
+
+
+def _check_environment(pipeline: Pipeline) -> None:
+    """Collect every missing package / unsupported request and raise them together, before any load."""
+    from importlib.util import find_spec
+
+    problems: list[str] = []
+    if pipeline.quant is not None and find_spec("bitsandbytes") is None:
+        problems.append(f"{pipeline.quant.method_name} needs bitsandbytes: pip install 'lorakit[qlora]'")
+    backend = pipeline.tracking.backend
+    if backend == "wandb" and find_spec("wandb") is None:
+        problems.append("track('wandb') needs wandb: pip install 'lorakit[wandb]'")
+    if backend == "tensorboard" and find_spec("tensorboard") is None:
+        problems.append("track('tensorboard') needs tensorboard: pip install 'lorakit[tensorboard]'")
+    if problems:
+        raise MissingDependencyError("Cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _metrics_log_callback(path: Path) -> Any:
+    from transformers import TrainerCallback
+
+    class MetricsLog(TrainerCallback):
+        """Append every log event to ``metrics.jsonl`` (always on, whatever the tracker)."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            with path.open("a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return MetricsLog()
+
+
+def _tracker_callbacks(pipeline: Pipeline, output_dir: Path) -> tuple[list[Any], Any]:
+    """Callbacks for the chosen tracker and a function that closes it."""
+    spec = pipeline.tracking
+    options = spec.option_dict
+    if spec.backend == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        return [TensorBoardCallback(tb_writer=writer)], writer.close
+    if spec.backend == "wandb":
+        import wandb
+        from transformers.integrations import WandbCallback
+
+        mode = options.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        config = pipeline.to_config()
+        if config.get("data"):
+            config["data"]["source"] = _describe_source(pipeline.data.source)  # type: ignore[union-attr]
+        wandb.init(dir=str(output_dir), mode=mode, config=config, **options)
+        return [WandbCallback()], wandb.finish
+    return [], lambda: None
+
+
+def _describe_source(source: Any) -> str:
+    if isinstance(source, str):
+        return source
+    return f"<{type(source).__name__} with {len(source)} rows>"
+
+
+def _source_for_config(source: Any, output_dir: Path) -> str:
+    """A path that reloads the training rows: the file itself, or a copy of in-memory rows in the run."""
+    if isinstance(source, str):
+        return str(Path(source).expanduser().resolve())
+    rows = source if isinstance(source, list) else source.to_list()
+    path = output_dir / "data" / "source.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"lorakit": __version__}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def run_training(
+    pipeline: Pipeline, output_dir: Path, *, overwrite: bool = False, callbacks: list[Any] | None = None
+) -> TrainResult:
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from lorakit.data import prepare_data
+    from lorakit.models import (
+        device_kind,
+        load_base_model,
+        load_model_config,
+        load_tokenizer,
+        resolve_model_path,
+        resolve_precision,
+        torch_dtype,
+    )
+    from lorakit.plan import apply_method_on_meta
+    from lorakit.templates import get_template
+
+    # 1. Check everything that can be checked before loading weights.
+    pipeline.require()
+    assert pipeline.model is not None and pipeline.data is not None
+    output_dir = output_dir.expanduser()
+    check_output_dir(output_dir, overwrite=overwrite)
+    _check_environment(pipeline)
+    train_spec, data_spec = pipeline.training, pipeline.data
+    precision = resolve_precision(train_spec.precision)
+    device = device_kind()
+    grad_ckpt = train_spec.grad_checkpointing if train_spec.grad_checkpointing is not None else device == "cuda"
+    template = get_template(data_spec.template)
+    base_path = resolve_model_path(pipeline.model)
+    # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
+    apply_method_on_meta(pipeline, load_model_config(pipeline.model))
+
+    # 2. Tokenizer and data: data errors surface before the (slow) weight load.
+    tokenizer = load_tokenizer(base_path, pipeline.model)
+    prepared = prepare_data(
+        data_spec.source,
+        tokenizer=tokenizer,
+        template=template,
+        val_split=data_spec.val_split,
+        max_length=data_spec.max_length,
+        seed=data_spec.seed,
+        train_on_inputs=data_spec.train_on_inputs,
+    )
+
+    # 3. Base model (optionally quantized), prepared for k-bit training.
+    set_seed(train_spec.seed)
+    model = load_base_model(base_path, pipeline.model, dtype=torch_dtype(precision), quant=pipeline.quant)
+    if pipeline.quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+
+    # 4. TRL's SFTTrainer with our tokenized rows (labels already masked) and a pad-only collator.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE):
+        (output_dir / stale).unlink(missing_ok=True)
+    has_val = prepared.val is not None and len(prepared.val) > 0
+    args = SFTConfig(
+        output_dir=str(output_dir / "checkpoints"),
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=grad_ckpt,
+        num_train_epochs=train_spec.epochs,
+        max_steps=train_spec.max_steps if train_spec.max_steps is not None else -1,
+        learning_rate=train_spec.lr,
+        per_device_train_batch_size=train_spec.batch_size,
+        per_device_eval_batch_size=train_spec.batch_size,
+        gradient_accumulation_steps=train_spec.grad_accum,
+        lr_scheduler_type=train_spec.scheduler,
+        warmup_steps=train_spec.warmup_ratio,
+        weight_decay=train_spec.weight_decay,
+        seed=train_spec.seed,
+        data_seed=train_spec.seed,
+        logging_steps=train_spec.logging_steps,
+        eval_strategy=("steps" if train_spec.eval_steps else "epoch") if has_val else "no",
+        eval_steps=train_spec.eval_steps,
+        save_strategy="steps" if train_spec.save_steps else "no",
+        save_steps=train_spec.save_steps or 500,
+        report_to="none",
+        max_length=data_spec.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        disable_tqdm=os.environ.get("LORAKIT_PROGRESS", "1") == "0",
+    )
+    tracker_callbacks, close_tracker = _tracker_callbacks(pipeline, output_dir)
+    set_seed(train_spec.seed)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.val if has_val else None,
+        processing_class=tokenizer,
+        peft_config=pipeline.resolved_method.to_peft_config(),
+        callbacks=[_metrics_log_callback(output_dir / METRICS_LOG), *tracker_callbacks, *(callbacks or [])],
+    )
+    if pipeline.quant is not None and precision == "fp32":
+        # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+    # 5. Train, evaluate, save.
+    started = time.perf_counter()
+    try:
+        output = trainer.train()
+        metrics: dict[str, float] = {
+            "train_loss": float(output.training_loss),
+            "train_steps": int(output.global_step),
+            "train_runtime": round(time.perf_counter() - started, 3),
+        }
+        if has_val:
+            eval_metrics = trainer.evaluate()
+            metrics["eval_loss"] = float(eval_metrics["eval_loss"])
+            metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))
+    finally:
+        close_tracker()
+
+    trainer.model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    config = pipeline.to_config()
+    config["data"]["source"] = _source_for_config(data_spec.source, output_dir)
+    write_json_atomic(
+        output_dir / RUN_FILE,
+        {
+            "pipeline": config,
+            "base_model_path": base_path,
+            "template": template.to_dict(),
+            "precision": precision,
+            "data_report": prepared.report.to_dict(),
+            "versions": _versions(),
+        },
+    )
+    write_json_atomic(output_dir / METRICS_FILE, metrics)
+    del trainer, model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return TrainResult(output_dir=output_dir, metrics=metrics, data_report=prepared.report.to_dict())
