@@ -12,16 +12,21 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning of open LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="Parameter-efficient fine-tuning of open LLMs."
+    )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
     quick = commands.add_parser(
-        "quickstart", help="fine-tune the embedded SmolLM2-135M on the bundled ticket data and show before/after"
+        "quickstart",
+        help="fine-tune the embedded SmolLM2-135M on the bundled ticket data and show before/after",
     )
     quick.add_argument("--output", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     quick.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
-    quick.add_argument("--eval-rows", type=int, default=None, help="evaluate on the first N held-out rows only")
+    quick.add_argument(
+        "--eval-rows", type=int, default=None, help="evaluate on the first N held-out rows only"
+    )
     return parser
 
 

@@ -70,7 +70,9 @@ def number_in(low: float, high: float, *, high_open: bool = False, low_open: boo
     def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if ok:
-            ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+            ok = (value > low if low_open else value >= low) and (
+                value < high if high_open else value <= high
+            )
         if not ok:
             lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
             _fail(attribute, value, f"a number in {lo}{low}, {high}{hi}", fix)
@@ -124,7 +126,9 @@ class QuantSpec:
 
     bits: int = attrs.field(validator=one_of((4, 8), "Use quantize_4bit() or quantize_8bit()."))  # type: ignore[arg-type]
     """4 or 8."""
-    quant_type: str = attrs.field(default="nf4", validator=one_of(("nf4", "fp4"), "nf4 is the QLoRA default."))
+    quant_type: str = attrs.field(
+        default="nf4", validator=one_of(("nf4", "fp4"), "nf4 is the QLoRA default.")
+    )
     """4-bit data type: ``"nf4"`` (normal float, the QLoRA paper's) or ``"fp4"``."""
     double_quant: bool = attrs.field(default=True, converter=bool)
     """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
@@ -149,7 +153,9 @@ class DataSpec:
     template: Any = attrs.field(default="alpaca")
     """A template name from ``lorakit.templates`` or an object implementing the template protocol."""
     val_split: float = attrs.field(
-        default=0.1, converter=_to_float, validator=number_in(0.0, 1.0, high_open=True, fix="Use e.g. 0.1, or 0.")
+        default=0.1,
+        converter=_to_float,
+        validator=number_in(0.0, 1.0, high_open=True, fix="Use e.g. 0.1, or 0."),
     )
     """Fraction of rows held out for validation (0 for none)."""
     max_length: int = attrs.field(default=1024, validator=positive_int("Use e.g. max_length=1024."))
@@ -185,10 +191,14 @@ class TrainSpec:
         default=3, converter=_to_float, validator=number_in(0, 1e6, low_open=True, fix="Use e.g. epochs=3.")
     )
     """Passes over the training rows (ignored when ``max_steps`` is set)."""
-    max_steps: int | None = attrs.field(default=None, validator=optional_positive_int("Or None to use epochs."))
+    max_steps: int | None = attrs.field(
+        default=None, validator=optional_positive_int("Or None to use epochs.")
+    )
     """Stop after this many optimizer steps; overrides ``epochs``."""
     lr: float = attrs.field(
-        default=2e-4, converter=_to_float, validator=number_in(0, 1.0, low_open=True, fix="LoRA typically uses 1e-4..5e-4.")
+        default=2e-4,
+        converter=_to_float,
+        validator=number_in(0, 1.0, low_open=True, fix="LoRA typically uses 1e-4..5e-4."),
     )
     """Peak learning rate."""
     batch_size: int = attrs.field(default=4, validator=positive_int("Use e.g. batch_size=4."))
@@ -197,7 +207,9 @@ class TrainSpec:
     """Forward passes accumulated per optimizer step (effective batch = batch_size * grad_accum * devices)."""
     scheduler: str = attrs.field(default="cosine", validator=one_of(SCHEDULERS))
     """Learning-rate schedule after warm-up."""
-    warmup_ratio: float = attrs.field(default=0.03, converter=_to_float, validator=number_in(0.0, 1.0, high_open=True))
+    warmup_ratio: float = attrs.field(
+        default=0.03, converter=_to_float, validator=number_in(0.0, 1.0, high_open=True)
+    )
     """Fraction of the steps spent warming the learning rate up from 0."""
     weight_decay: float = attrs.field(default=0.0, converter=_to_float, validator=number_in(0.0, 1.0))
     """AdamW weight decay."""
@@ -209,9 +221,13 @@ class TrainSpec:
     """Seed of initialisation, dropout and data order."""
     logging_steps: int = attrs.field(default=10, validator=positive_int())
     """Log the training loss every N optimizer steps."""
-    eval_steps: int | None = attrs.field(default=None, validator=optional_positive_int("Or None to evaluate per epoch."))
+    eval_steps: int | None = attrs.field(
+        default=None, validator=optional_positive_int("Or None to evaluate per epoch.")
+    )
     """Evaluate every N steps; ``None`` evaluates at the end of each epoch (when there is a validation split)."""
-    save_steps: int | None = attrs.field(default=None, validator=optional_positive_int("Or None for no checkpoints."))
+    save_steps: int | None = attrs.field(
+        default=None, validator=optional_positive_int("Or None for no checkpoints.")
+    )
     """Write a checkpoint every N steps; ``None`` saves only the final adapter."""
 
     @grad_checkpointing.validator

@@ -1,9 +1,9 @@
 """Serve a trained run: base + adapter, prompts rendered with the run's own template.
 
-    model = lk.InferenceModel.load("runs/support-bot")
-    model.generate("Summarize: ...")                      # -> the response text only
-    model.generate(["first prompt", "second prompt"])     # -> a list, generated as one left-padded batch
-    model.merge().save("runs/support-bot-merged")         # plain transformers can load this
+model = lk.InferenceModel.load("runs/support-bot")
+model.generate("Summarize: ...")                      # -> the response text only
+model.generate(["first prompt", "second prompt"])     # -> a list, generated as one left-padded batch
+model.merge().save("runs/support-bot-merged")         # plain transformers can load this
 """
 
 from __future__ import annotations
@@ -61,7 +61,13 @@ class InferenceModel:
                 (or ``base_model_name_or_path`` of a plain PEFT adapter).
             template: override the prompt template; by default the one saved with the run.
         """
-        from lorakit.models import device_kind, load_base_model, load_tokenizer, resolve_model_path, torch_dtype
+        from lorakit.models import (
+            device_kind,
+            load_base_model,
+            load_tokenizer,
+            resolve_model_path,
+            torch_dtype,
+        )
         from lorakit.templates import get_template, template_from_dict
 
         path = Path(path).expanduser()
@@ -83,7 +89,9 @@ class InferenceModel:
         if base is not None:
             spec = ModelSpec(base, trust_remote_code=spec.trust_remote_code)
         base_path = resolve_model_path(spec)
-        tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base_path, spec)
+        tokenizer = load_tokenizer(
+            str(path) if (path / "tokenizer_config.json").is_file() else base_path, spec
+        )
         chosen = template if template is not None else saved_template
         if chosen is None:
             if not getattr(tokenizer, "chat_template", None):
@@ -92,7 +100,9 @@ class InferenceModel:
                     "template: pass template='alpaca' (or the template it was trained with)."
                 )
             chosen = "model"
-        model = _attach_adapter(load_base_model(base_path, spec, dtype=torch_dtype(precision), quant=quant), path)
+        model = _attach_adapter(
+            load_base_model(base_path, spec, dtype=torch_dtype(precision), quant=quant), path
+        )
         return cls(
             model,
             tokenizer,
@@ -235,7 +245,11 @@ class InferenceModel:
         base = load_base_model(self.base_path, self.base_spec, dtype=torch_dtype(self.dtype))
         merged = _attach_adapter(base, self.adapter_dir).merge_and_unload()
         return InferenceModel(
-            merged.eval(), self.tokenizer, self.template, base_spec=self.base_spec, base_path=self.base_path,
+            merged.eval(),
+            self.tokenizer,
+            self.template,
+            base_spec=self.base_spec,
+            base_path=self.base_path,
             dtype=self.dtype,
         )
 

@@ -26,8 +26,14 @@ __all__ = [
     "torch_dtype",
 ]
 
-_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                "float16": "float16", "fp16": "float16"}
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def device_kind() -> str:
@@ -52,7 +58,9 @@ def resolve_precision(precision: str) -> str:
             "Use precision='auto' (fp32 on CPU)."
         )
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("with_training(precision='bf16'): this GPU has no bf16 support. Use precision='fp16'.")
+        raise ConfigError(
+            "with_training(precision='bf16'): this GPU has no bf16 support. Use precision='fp16'."
+        )
     return precision
 
 

@@ -177,10 +177,20 @@ class Pipeline:
         epoch), save_steps=None (final adapter only). See :class:`lorakit.config.TrainSpec`.
         """
         changes = _given(
-            epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-            scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-            grad_checkpointing=grad_checkpointing, precision=precision, seed=seed, logging_steps=logging_steps,
-            eval_steps=eval_steps, save_steps=save_steps,
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            scheduler=scheduler,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            grad_checkpointing=grad_checkpointing,
+            precision=precision,
+            seed=seed,
+            logging_steps=logging_steps,
+            eval_steps=eval_steps,
+            save_steps=save_steps,
         )
         return attrs.evolve(self, training=attrs.evolve(self.training, **changes))
 
@@ -218,7 +228,9 @@ class Pipeline:
     def require(self, *, data: bool = True) -> None:
         """Raise ConfigError if a call the terminal operation needs is missing."""
         if self.model is None:
-            raise ConfigError("No base model: start with lk.Pipeline.from_model('smollm2-135m') or a model path.")
+            raise ConfigError(
+                "No base model: start with lk.Pipeline.from_model('smollm2-135m') or a model path."
+            )
         if data and self.data is None:
             raise ConfigError("No training data: add .with_dataset('data.jsonl') before train().")
 

@@ -60,8 +60,15 @@ class Plan:
         return "\n".join(lines)
 
 
-def steps_for(train_rows: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None,
-              world_size: int = 1) -> tuple[int, int]:
+def steps_for(
+    train_rows: int,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    epochs: float,
+    max_steps: int | None,
+    world_size: int = 1,
+) -> tuple[int, int]:
     """(steps per epoch, total optimizer steps), counted the way transformers' Trainer counts them."""
     batches = math.ceil(train_rows / (batch_size * world_size))
     per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
@@ -72,7 +79,9 @@ def steps_for(train_rows: int, *, batch_size: int, grad_accum: int, epochs: floa
 def _linear_module_names(model: Any) -> list[str]:
     import torch
 
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    names = {
+        name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+    }
     return sorted(names)
 
 
@@ -119,7 +128,11 @@ def make_plan(pipeline: Pipeline) -> Plan:
         train_rows, val_rows = count_rows(spec.source, val_split=spec.val_split, seed=spec.seed)
         t = pipeline.training
         per_epoch, total_steps = steps_for(
-            train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps
+            train_rows,
+            batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+            epochs=t.epochs,
+            max_steps=t.max_steps,
         )
         template = getattr(get_template(spec.template), "name", type(spec.template).__name__)
 
@@ -127,7 +140,9 @@ def make_plan(pipeline: Pipeline) -> Plan:
     quant_text = "none"
     if quant is not None:
         quant_text = f"{quant.bits}-bit bitsandbytes" + (
-            f" ({quant.quant_type}, double quant {'on' if quant.double_quant else 'off'})" if quant.bits == 4 else ""
+            f" ({quant.quant_type}, double quant {'on' if quant.double_quant else 'off'})"
+            if quant.bits == 4
+            else ""
         )
     return Plan(
         model=pipeline.model.name_or_path,

@@ -59,8 +59,9 @@ def run_quickstart(
         lk.Pipeline.from_model(model)
         .with_lora(r=16, alpha=32, targets="all-linear")
         .with_dataset(str(sample_path("train")), template="alpaca", val_split=0.1, max_length=256)
-        .with_training(max_steps=max_steps, lr=3e-4, batch_size=8, grad_accum=1, warmup_ratio=0.05,
-                       logging_steps=10)
+        .with_training(
+            max_steps=max_steps, lr=3e-4, batch_size=8, grad_accum=1, warmup_ratio=0.05, logging_steps=10
+        )
     )
     print(pipeline.explain(), flush=True)
 
@@ -80,11 +81,15 @@ def run_quickstart(
 
     report = result.data_report
     print()
-    print(f"  data: {report.get('train_rows')} train rows, {report.get('val_rows')} validation rows, "
-          f"{len(test_rows)} held-out test rows")
-    print(f"  training: {result.metrics['train_steps']} steps in {minutes:.1f} min, "
-          f"train loss {result.metrics['train_loss']:.3f}"
-          + (f", eval loss {result.metrics['eval_loss']:.3f}" if "eval_loss" in result.metrics else ""))
+    print(
+        f"  data: {report.get('train_rows')} train rows, {report.get('val_rows')} validation rows, "
+        f"{len(test_rows)} held-out test rows"
+    )
+    print(
+        f"  training: {result.metrics['train_steps']} steps in {minutes:.1f} min, "
+        f"train loss {result.metrics['train_loss']:.3f}"
+        + (f", eval loss {result.metrics['eval_loss']:.3f}" if "eval_loss" in result.metrics else "")
+    )
     print()
     print("  | model                     | held-out exact match |")
     print("  |---------------------------|----------------------|")
@@ -93,6 +98,13 @@ def run_quickstart(
     example = test_rows[0]
     print(f"\n  example ticket: {example['input']}")
     print(f"  model answer:   {predictions[0]!r}   (expected {example['output']!r})")
-    print(f"\n  adapter saved in {result.output_dir}; load it with lk.InferenceModel.load({str(result.output_dir)!r})")
-    return {"before": before, "after": after, "minutes": minutes, "metrics": result.metrics,
-            "output_dir": str(result.output_dir)}
+    print(
+        f"\n  adapter saved in {result.output_dir}; load it with lk.InferenceModel.load({str(result.output_dir)!r})"
+    )
+    return {
+        "before": before,
+        "after": after,
+        "minutes": minutes,
+        "metrics": result.metrics,
+        "output_dir": str(result.output_dir),
+    }

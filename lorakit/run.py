@@ -47,7 +47,9 @@ def read_run(run_dir: str | Path) -> dict[str, Any] | None:
     """The ``lorakit_run.json`` of a run directory, or None for a plain PEFT adapter directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a directory; pass a lorakit run directory or a PEFT adapter directory.")
+        raise ConfigError(
+            f"{run_dir} is not a directory; pass a lorakit run directory or a PEFT adapter directory."
+        )
     path = run_dir / RUN_FILE
     if not path.is_file():
         if not (run_dir / ADAPTER_CONFIG).is_file():

@@ -56,7 +56,9 @@ def _metrics_log_callback(path: Path) -> Any:
     class MetricsLog(TrainerCallback):
         """Append every log event to ``metrics.jsonl`` (always on, whatever the tracker)."""
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+        ) -> None:
             if not state.is_world_process_zero or not logs:
                 return
             with path.open("a") as handle:
@@ -150,7 +152,9 @@ def run_training(
     train_spec, data_spec = pipeline.training, pipeline.data
     precision = resolve_precision(train_spec.precision)
     device = device_kind()
-    grad_ckpt = train_spec.grad_checkpointing if train_spec.grad_checkpointing is not None else device == "cuda"
+    grad_ckpt = (
+        train_spec.grad_checkpointing if train_spec.grad_checkpointing is not None else device == "cuda"
+    )
     template = get_template(data_spec.template)
     base_path = resolve_model_path(pipeline.model)
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.

@@ -49,7 +49,10 @@ def build_tiny_tokenizer():
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     fast.chat_template = CHATML_TEMPLATE
@@ -79,6 +82,9 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
         bos_token_id=tiny_tokenizer.bos_token_id,
         eos_token_id=tiny_tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        # A frozen head with the default std (0.02) caps logits near 1 after RMSNorm, so LoRA could not make
+        # any token likely; a wider init lets the tiny model over-fit a handful of rows in a few steps.
+        initializer_range=0.3,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

@@ -27,8 +27,14 @@ def test_import_lorakit_is_light():
 
 def test_public_api():
     assert set(lk.__all__) == {
-        "ConfigError", "DataError", "InferenceModel", "LorakitError", "MissingDependencyError", "Pipeline",
-        "TrainResult", "__version__",
+        "ConfigError",
+        "DataError",
+        "InferenceModel",
+        "LorakitError",
+        "MissingDependencyError",
+        "Pipeline",
+        "TrainResult",
+        "__version__",
     }
     assert issubclass(lk.ConfigError, ValueError) and issubclass(lk.ConfigError, LorakitError)
     assert issubclass(lk.MissingDependencyError, ImportError)
@@ -62,9 +68,15 @@ def test_with_training_keeps_earlier_values():
         (lambda p: p.with_training(lr=0), r"`lr` must be a number in \(0"),
         (lambda p: p.with_training(batch_size=0), r"`batch_size` must be a positive integer, got 0"),
         (lambda p: p.with_training(scheduler="cosine_annealing"), r"`scheduler` must be one of 'linear'"),
-        (lambda p: p.with_training(precision="fp8"), r"`precision` must be one of 'auto', 'fp32', 'bf16', 'fp16'"),
+        (
+            lambda p: p.with_training(precision="fp8"),
+            r"`precision` must be one of 'auto', 'fp32', 'bf16', 'fp16'",
+        ),
         (lambda p: p.with_training(max_steps=-5), r"`max_steps` must be a positive integer, got -5"),
-        (lambda p: p.with_dataset(ROWS, val_split=1.0), r"`val_split` must be a number in \[0.0, 1.0\), got 1.0"),
+        (
+            lambda p: p.with_dataset(ROWS, val_split=1.0),
+            r"`val_split` must be a number in \[0.0, 1.0\), got 1.0",
+        ),
         (lambda p: p.with_dataset(ROWS, max_length=8), r"`max_length` must be at least 16, got 8"),
         (lambda p: p.with_dataset("no/such/file.jsonl"), r"no such file"),
         (lambda p: p.with_dataset([1, 2]), r"must be a list of dicts"),
@@ -84,7 +96,9 @@ def test_quantization_conflict_names_both_calls():
     with pytest.raises(ConfigError, match=r"quantize_8bit\(\) conflicts with the earlier quantize_4bit\(\)"):
         lk.Pipeline.from_model("m").quantize_4bit().quantize_8bit()
     # Repeating the same call replaces it.
-    assert lk.Pipeline.from_model("m").quantize_4bit().quantize_4bit(quant_type="fp4").quant.quant_type == "fp4"
+    assert (
+        lk.Pipeline.from_model("m").quantize_4bit().quantize_4bit(quant_type="fp4").quant.quant_type == "fp4"
+    )
 
 
 def test_terminal_calls_need_model_and_data(tmp_path):
@@ -131,7 +145,15 @@ def test_explain_counts_parameters_without_loading_weights(tiny_model_dir):
     plan = p.with_training(batch_size=4, grad_accum=2, epochs=3).plan()
     assert plan.trainable_params == _lora_param_count(config, 8)
     assert plan.total_params == sum(t.numel() for t in _load_state(tiny_model_dir).values())
-    assert plan.target_modules == ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+    assert plan.target_modules == (
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    )
     assert (plan.train_rows, plan.val_rows) == (18, 2)
     assert (plan.steps_per_epoch, plan.total_steps) == (3, 9)  # ceil(18 / 4) = 5 batches -> 3 steps of 2
     text = p.explain()

@@ -35,7 +35,9 @@ METHODS: dict[str, type] = {}
 def register_method(name: str, spec_cls: type) -> None:
     """Register an adapter method spec class under ``name``; names are unique."""
     if name in METHODS:
-        raise ConfigError(f"An adapter method named {name!r} is already registered ({METHODS[name].__name__}).")
+        raise ConfigError(
+            f"An adapter method named {name!r} is already registered ({METHODS[name].__name__})."
+        )
     METHODS[name] = spec_cls
 
 
