@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,16 @@ def run_training(
         seed=data_spec.seed,
         train_on_inputs=data_spec.train_on_inputs,
     )
+
+    print("lorakit data: " + prepared.report.summary().replace("\n", "\n              "), flush=True)
+    report = prepared.report
+    if report.truncated or report.dropped_empty_response or report.dropped_no_trainable_tokens:
+        warnings.warn(
+            f"Data preparation cut or dropped rows ({report.truncated} truncated, "
+            f"{report.dropped_empty_response + report.dropped_no_trainable_tokens} dropped); see the data report "
+            "in lorakit_run.json. Raise max_length in with_dataset() to keep more.",
+            stacklevel=3,
+        )
 
     # 3. Base model (optionally quantized), prepared for k-bit training.
     set_seed(train_spec.seed)

@@ -79,3 +79,16 @@ def test_qlora_merge_reloads_base_unquantized(tiny_model_dir, tmp_path):
             atol=1e-4,
             rtol=1e-4,
         )
+
+
+def test_8bit_path_trains_on_cpu(tiny_model_dir, tmp_path):
+    pipeline = _qlora(tiny_model_dir, max_steps=3)
+    pipeline = lk.Pipeline.from_config({**pipeline.to_config(), "quant": None}).quantize_8bit()
+    result = pipeline.train(tmp_path / "int8")
+    adapter = load_file(result.output_dir / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in adapter.items())
+    model = lk.InferenceModel.load(result.output_dir)
+    assert (
+        type(model.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+        == "Linear8bitLt"
+    )

@@ -1,0 +1,37 @@
+"""The real path end to end on the embedded SmolLM2-135M: the quickstart job, then merge and export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    from lorakit.quickstart import run_quickstart
+
+    return run_quickstart(tmp_path_factory.mktemp("qs") / "run")
+
+
+def test_quickstart_learns_the_held_out_task(quickstart):
+    # The held-out tickets use other wording than the training ones: this is learning, not recall.
+    assert quickstart["before"] < 0.5
+    assert quickstart["after"] >= 0.8
+    assert quickstart["metrics"]["eval_loss"] < 1.0
+
+
+def test_smollm2_merge_exports_a_plain_transformers_model(quickstart, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import lorakit as lk
+
+    model = lk.InferenceModel.load(quickstart["output_dir"])
+    out = model.merge().save(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([model.encode({"instruction": "Route this ticket.", "input": "I was charged twice."})])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain(input_ids=ids).logits, model.model(input_ids=ids).logits, atol=1e-3, rtol=1e-3
+        )
