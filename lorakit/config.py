@@ -144,43 +144,168 @@ class QuantSpec:
         return f"quantize_{self.bits}bit()"
 
 
+DATA_FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt", "text")
+OVERFLOW_POLICIES = ("truncate_prompt", "truncate", "drop", "error")
+
+
+def _to_rows_or_path(value: Any) -> Any:
+    """A Path becomes a str; a pandas DataFrame a list of row dicts; a DatasetDict its ``train`` split."""
+    import sys
+    from pathlib import Path
+
+    if isinstance(value, Path):
+        return str(value)
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and isinstance(value, pandas.DataFrame):
+        from lorakit.data.load import _frame_rows
+
+        return _frame_rows(value)
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and isinstance(value, datasets.DatasetDict):
+        if "train" not in value:
+            raise ConfigError(
+                f"`source` is a DatasetDict without a 'train' split (splits: {list(value)}); pass one split."
+            )
+        return value["train"]
+    return value
+
+
+def _to_val(value: Any) -> Any:
+    """Like the source, and a ``datasets.Dataset`` becomes its rows so the config stays serialisable."""
+    value = _to_rows_or_path(value)
+    if value is not None and not isinstance(value, (str, list)) and hasattr(value, "to_list"):
+        return value.to_list()
+    return value
+
+
+def _to_columns(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        value = value.items()
+    try:
+        pairs = tuple((ours, theirs) for ours, theirs in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"`columns` must map lorakit field names to your column names, e.g. "
+            f'{{"instruction": "question", "output": "answer"}}; got {value!r}.'
+        ) from None
+    for ours, theirs in pairs:
+        if not isinstance(ours, str) or not isinstance(theirs, str):
+            raise ConfigError(f"`columns` names must be strings, got {ours!r}: {theirs!r}.")
+    return pairs
+
+
+def _check_data_source(attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, str | bytes) and not str(value).strip():
+        _fail(attribute, value, "a path, a list of dicts or a datasets.Dataset", "")
+    if isinstance(value, list) and not all(isinstance(r, Mapping) for r in value):
+        raise ConfigError(
+            f"`{attribute.name}` given as a list must be a list of dicts (one per row), "
+            f"got an element of type {type(next(r for r in value if not isinstance(r, Mapping))).__name__}."
+        )
+    if isinstance(value, (int, float, bool)):
+        _fail(attribute, value, "a path, a list of dicts or a datasets.Dataset", "")
+
+
 @attrs.frozen
 class DataSpec:
     """Where the training rows come from and how they become token ids and labels."""
 
-    source: Any = attrs.field()
-    """A .json / .jsonl / .csv path, a list of dicts, or a ``datasets.Dataset``."""
+    source: Any = attrs.field(converter=_to_rows_or_path)
+    """A file or directory path, a Hub dataset id, a list of dicts, a DataFrame, or a ``datasets.Dataset``."""
     template: Any = attrs.field(default="alpaca")
-    """A template name from ``lorakit.templates`` or an object implementing the template protocol."""
+    """A template name from ``lorakit.templates``, a Jinja chat template, or a template object."""
     val_split: float = attrs.field(
         default=0.1,
         converter=_to_float,
         validator=number_in(0.0, 1.0, high_open=True, fix="Use e.g. 0.1, or 0."),
     )
-    """Fraction of rows held out for validation (0 for none)."""
+    """Fraction of rows held out for validation (0 for none); ignored when ``val`` is given."""
     max_length: int = attrs.field(default=1024, validator=positive_int("Use e.g. max_length=1024."))
-    """Longest tokenized example; longer ones lose prompt tokens from the left (counted in the data report)."""
+    """Longest tokenized example; what happens to longer ones is ``on_overflow`` (counted in the report)."""
     seed: int = attrs.field(default=42)
     """Seed of the train/validation split."""
     train_on_inputs: bool = attrs.field(default=False, converter=bool)
     """Train on prompt tokens too; by default only response tokens (and their EOS) carry loss."""
+    val: Any = attrs.field(default=None, converter=_to_val)
+    """An explicit validation source (same kinds as ``source``), instead of ``val_split``."""
+    format: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(one_of(DATA_FORMATS, "Or None to detect it from the columns.")),
+    )
+    """The row format; None detects it from the columns."""
+    columns: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_to_columns)
+    """``(lorakit field, your column)`` pairs; ``with_dataset(columns={...})`` takes a dict."""
+    on_overflow: str = attrs.field(
+        default="truncate_prompt",
+        validator=one_of(OVERFLOW_POLICIES, "'truncate_prompt' keeps the response and cuts the prompt."),
+    )
+    """Examples over ``max_length``: cut the prompt from the left, cut the end, drop them, or raise."""
+    on_bad_row: str = attrs.field(
+        default="error", validator=one_of(("error", "skip"), "Use 'error' or 'skip'.")
+    )
+    """A malformed row raises DataError (``"error"``) or is skipped and counted (``"skip"``)."""
+    dedup: bool = attrs.field(default=True, converter=bool)
+    """Drop rows that exactly repeat an earlier row (counted)."""
+    min_chars: int | None = attrs.field(
+        default=None, validator=optional_positive_int("Or None for no filter.")
+    )
+    """Drop rows with fewer characters of text than this (counted)."""
+    max_chars: int | None = attrs.field(
+        default=None, validator=optional_positive_int("Or None for no filter.")
+    )
+    """Drop rows with more characters of text than this (counted)."""
+    text_unit: str = attrs.field(default="line", validator=one_of(("line", "file"), "Use 'line' or 'file'."))
+    """Plain-text files: one document per line or per file."""
+    packing: bool = attrs.field(default=False, converter=bool)
+    """Pack examples into ``max_length`` sequences, padding-free, without cross-example attention."""
+    num_proc: int | None = attrs.field(default=None, validator=optional_positive_int("Or None for one."))
+    """Processes for tokenization."""
+    cache: bool = attrs.field(default=True, converter=bool)
+    """Reuse tokenized data of an identical earlier run (``$LORAKIT_CACHE_DIR`` or the user cache)."""
 
     @source.validator
     def _check_source(self, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, str | bytes) and not str(value).strip():
+        if value is None:
             _fail(attribute, value, "a path, a list of dicts or a datasets.Dataset", "")
-        if isinstance(value, list) and not all(isinstance(r, Mapping) for r in value):
-            raise ConfigError(
-                "`source` given as a list must be a list of dicts (one per row), "
-                f"got an element of type {type(next(r for r in value if not isinstance(r, Mapping))).__name__}."
-            )
-        if value is None or isinstance(value, (int, float)):
-            _fail(attribute, value, "a path, a list of dicts or a datasets.Dataset", "")
+        _check_data_source(attribute, value)
+
+    @val.validator
+    def _check_val(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            _check_data_source(attribute, value)
 
     @max_length.validator
     def _check_max_length(self, attribute: attrs.Attribute, value: int) -> None:
         if value < 16:
             _fail(attribute, value, "at least 16", "Short limits cut every response; use e.g. 512 or 1024.")
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """``columns`` as a dict."""
+        return dict(self.columns)
+
+    def prepare_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`lorakit.data.prepare_data` (all but source, tokenizer, template)."""
+        return {
+            "val_split": self.val_split,
+            "max_length": self.max_length,
+            "seed": self.seed,
+            "train_on_inputs": self.train_on_inputs,
+            "val_source": self.val,
+            "format": self.format,
+            "columns": self.column_map or None,
+            "on_overflow": self.on_overflow,
+            "on_bad_row": self.on_bad_row,
+            "dedup": self.dedup,
+            "min_chars": self.min_chars,
+            "max_chars": self.max_chars,
+            "text_unit": self.text_unit,
+            "packing": self.packing,
+            "num_proc": self.num_proc,
+            "cache": self.cache,
+        }
 
 
 @attrs.frozen

@@ -26,6 +26,7 @@ from lorakit.errors import ConfigError
 from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
 
 if TYPE_CHECKING:
+    from lorakit.data import DataReport, PreparedData, Preview
     from lorakit.plan import Plan
     from lorakit.training import TrainResult
 
@@ -40,6 +41,13 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
+
+
+def _looks_like_a_file(path: str) -> bool:
+    """A path with a data-file extension or a separator-led form; other strings may be Hub dataset ids."""
+    from lorakit.data.load import SUFFIXES
+
+    return Path(path).suffix.lower() in SUFFIXES or path.startswith((".", "/", "~"))
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -119,25 +127,59 @@ class Pipeline:
         max_length: int = 1024,
         seed: int = 42,
         train_on_inputs: bool = False,
+        val: Any = None,
+        format: str | None = None,
+        columns: Mapping[str, str] | None = None,
+        on_overflow: str = "truncate_prompt",
+        on_bad_row: str = "error",
+        dedup: bool = True,
+        min_chars: int | None = None,
+        max_chars: int | None = None,
+        text_unit: str = "line",
+        packing: bool = False,
+        num_proc: int | None = None,
+        cache: bool = True,
     ) -> Pipeline:
         """Set the training data.
 
         Args:
-            source: a .json / .jsonl / .csv path, a list of dicts or a ``datasets.Dataset``, with rows in
-                alpaca (instruction / input / output), prompt / completion, or ``messages`` form.
+            source: a .json / .jsonl / .csv / .tsv / .parquet / .txt path, a directory (``save_to_disk`` output
+                or .txt files), a Hub dataset id, a list of dicts, a pandas DataFrame, or a
+                ``datasets.Dataset`` / ``DatasetDict`` (its ``train`` split). Rows in alpaca
+                (instruction / input / output), prompt / completion, ``messages``, ShareGPT
+                (``conversations``) or ``text`` form.
             template: a name from :mod:`lorakit.templates` (``"alpaca"``, ``"chatml"``, ``"llama2"``,
-                ``"model"`` for the tokenizer's own chat template) or a template object.
+                ``"llama3"``, ``"mistral"``, ``"zephyr"``, ``"gemma"``, ``"phi3"``, ``"vicuna"``, ``"model"``
+                for the tokenizer's own chat template), a Jinja chat template string, or a template object.
             val_split: fraction of rows held out for validation (0 for none).
-            max_length: longest tokenized example; longer ones lose prompt tokens from the left (counted).
+            max_length: longest tokenized example (see ``on_overflow``).
             seed: seed of the split.
             train_on_inputs: also train on prompt tokens (by default only responses and their EOS are trained).
+            val: an explicit validation source (any kind ``source`` accepts); replaces ``val_split``.
+            format: ``"alpaca"``, ``"prompt_completion"``, ``"messages"``, ``"sharegpt"`` or ``"text"``;
+                detected from the columns when None.
+            columns: ``{lorakit field: your column}``, e.g. ``{"instruction": "question", "output": "answer"}``.
+            on_overflow: ``"truncate_prompt"`` (keep the response, cut the prompt from the left),
+                ``"truncate"`` (cut the end), ``"drop"`` or ``"error"``. Cut and dropped rows are counted.
+            on_bad_row: ``"error"`` (raise on a malformed row) or ``"skip"`` (skip and count it).
+            dedup: drop exact duplicate rows (counted).
+            min_chars / max_chars: drop rows with less / more text than this (counted).
+            text_unit: plain-text files: one document per ``"line"`` or per ``"file"``.
+            packing: pack examples into ``max_length`` sequences; batches are padding-free with per-example
+                position ids, so packed examples never attend to each other.
+            num_proc: processes for tokenization.
+            cache: reuse the tokenized data of an identical earlier run.
         """
         from lorakit.templates import get_template
 
-        if isinstance(source, Path):
-            source = str(source)
-        if isinstance(source, str) and not Path(source).expanduser().is_file():
-            raise ConfigError(f"with_dataset({source!r}): no such file. Pass a .json, .jsonl or .csv path.")
+        for name, value in (("source", source), ("val", val)):
+            if isinstance(value, Path):
+                value = str(value)
+            if isinstance(value, str) and not Path(value).expanduser().exists() and _looks_like_a_file(value):
+                raise ConfigError(
+                    f"with_dataset({name}={value!r}): no such file. Pass a .json, .jsonl, .csv, .tsv, .parquet "
+                    "or .txt path, a directory, or a Hub dataset id."
+                )
         if isinstance(template, str):
             get_template(template)  # unknown names fail here, listing the known ones
         return attrs.evolve(
@@ -149,6 +191,18 @@ class Pipeline:
                 max_length=max_length,
                 seed=seed,
                 train_on_inputs=train_on_inputs,
+                val=val,
+                format=format,
+                columns=columns,
+                on_overflow=on_overflow,
+                on_bad_row=on_bad_row,
+                dedup=dedup,
+                min_chars=min_chars,
+                max_chars=max_chars,
+                text_unit=text_unit,
+                packing=packing,
+                num_proc=num_proc,
+                cache=cache,
             ),
         )
 
@@ -259,6 +313,54 @@ class Pipeline:
         from lorakit.training import run_training
 
         return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks)
+
+    def prepare_data(self) -> PreparedData:
+        """Tokenize the data exactly as ``train()`` would (loads the tokenizer only, no weights).
+
+        Returns a :class:`lorakit.data.PreparedData` with ``.train`` / ``.val`` (``datasets.Dataset`` with
+        ``input_ids`` and ``labels``) and ``.report``.
+        """
+        from lorakit.data import prepare_data
+
+        tokenizer, template = self._tokenizer_and_template()
+        assert self.data is not None
+        return prepare_data(
+            self.data.source, tokenizer=tokenizer, template=template, **self.data.prepare_kwargs()
+        )
+
+    def preview(self, n: int = 3) -> Preview:
+        """The first ``n`` training examples as the model sees them, trained tokens highlighted.
+
+        ``print()`` it in a terminal (trained tokens in green, or between ``[[ ]]`` without colour); a
+        notebook shows it as HTML. Examples are shown unpacked, even with ``packing=True``.
+        """
+        from lorakit.data import prepare_data, preview_examples
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"preview(n) needs a positive integer, got {n!r}.")
+        tokenizer, template = self._tokenizer_and_template()
+        assert self.data is not None
+        options = {**self.data.prepare_kwargs(), "packing": False}
+        prepared = prepare_data(self.data.source, tokenizer=tokenizer, template=template, **options)
+        return preview_examples(
+            prepared.train.select(range(min(n, len(prepared.train)))).to_list(), tokenizer
+        )
+
+    def audit(self) -> DataReport:
+        """Prepare the data and return its :class:`lorakit.data.DataReport` (rows dropped per reason, token
+        length percentiles, trained tokens per example, end-of-turn check, pad == EOS, double BOS).
+
+        ``report.problems()`` lists fatal problems and warnings; ``train()`` stops on the fatal ones.
+        """
+        return self.prepare_data().report
+
+    def _tokenizer_and_template(self) -> tuple[Any, Any]:
+        from lorakit.models import load_tokenizer, resolve_model_path
+        from lorakit.templates import get_template
+
+        self.require()
+        assert self.model is not None and self.data is not None
+        return load_tokenizer(resolve_model_path(self.model), self.model), get_template(self.data.template)
 
     # --- configs ------------------------------------------------------------------------------------------
 

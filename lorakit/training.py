@@ -129,8 +129,8 @@ def run_training(
     from peft import prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    from lorakit.collate import PadCollator, PaddingFreeCollator
     from lorakit.data import prepare_data
     from lorakit.models import (
         device_kind,
@@ -164,24 +164,21 @@ def run_training(
     # 2. Tokenizer and data: data errors surface before the (slow) weight load.
     tokenizer = load_tokenizer(base_path, pipeline.model)
     prepared = prepare_data(
-        data_spec.source,
-        tokenizer=tokenizer,
-        template=template,
-        val_split=data_spec.val_split,
-        max_length=data_spec.max_length,
-        seed=data_spec.seed,
-        train_on_inputs=data_spec.train_on_inputs,
+        data_spec.source, tokenizer=tokenizer, template=template, **data_spec.prepare_kwargs()
     )
 
     print("lorakit data: " + prepared.report.summary().replace("\n", "\n              "), flush=True)
     report = prepared.report
-    if report.truncated or report.dropped_empty_response or report.dropped_no_trainable_tokens:
+    # The audit: fatal problems (nothing trained, end-of-turn never trained) stop here, before any weights load.
+    report.raise_if_fatal()
+    _, problems = report.problems()
+    if problems:
         warnings.warn(
-            f"Data preparation cut or dropped rows ({report.truncated} truncated, "
-            f"{report.dropped_empty_response + report.dropped_no_trainable_tokens} dropped); see the data report "
-            "in lorakit_run.json. Raise max_length in with_dataset() to keep more.",
+            "Data preparation: " + " ".join(problems) + " See the data report in lorakit_run.json.",
             stacklevel=3,
         )
+    collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
+    collator = collator_class(pad_token_id=tokenizer.pad_token_id)
 
     # 3. Base model (optionally quantized), prepared for k-bit training.
     set_seed(train_spec.seed)
@@ -229,7 +226,7 @@ def run_training(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         train_dataset=prepared.train,
         eval_dataset=prepared.val if has_val else None,
         processing_class=tokenizer,

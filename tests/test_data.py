@@ -88,11 +88,11 @@ def test_load_source_fills_fields_missing_in_some_rows():
 def test_load_source_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"Data file .*missing\.jsonl does not exist .*Check the path"):
         load_source(tmp_path / "missing.jsonl")
-    (tmp_path / "d.parquet").write_text("")
+    (tmp_path / "d.xlsx").write_text("")
     with pytest.raises(
-        DataError, match=r"d\.parquet: unknown file type '\.parquet'. Use a \.json, \.jsonl or \.csv"
+        DataError, match=r"d\.xlsx: unknown file type '\.xlsx'. Use a \.json, \.jsonl, \.csv, \.tsv"
     ):
-        load_source(tmp_path / "d.parquet")
+        load_source(tmp_path / "d.xlsx")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": }\n')
     with pytest.raises(DataError, match=r"bad\.jsonl, line 3: not valid JSON \(Expecting value\)"):
@@ -333,7 +333,7 @@ def test_prepare_data_counts_everything(tiny_tokenizer):
     report = prepared.report
     assert prepared.val is None
     assert prepared.train.column_names == ["input_ids", "labels"]
-    assert report.to_dict() == {
+    expected = {
         "source": "the list of rows",
         "format": "alpaca",
         "max_length": 80,
@@ -346,7 +346,13 @@ def test_prepare_data_counts_everything(tiny_tokenizer):
         "val_rows": 0,
         "train_tokens": sum(len(ids) for ids in prepared.train["input_ids"]),
         "trained_tokens": sum(sum(t != IGNORE_INDEX for t in labels) for labels in prepared.train["labels"]),
+        "dropped": {"empty_response": 1, "no_trainable_tokens": 1},
+        "assistant_turns": 8,
+        "turns_ending_with_eot": 7,  # the reply cut at max_length lost its EOS ...
+        "turns_missing_eot": 0,  # ... and is not counted as missing it
+        "stripped_rows": 4,  # "   " and the three texts ending in a space
     }
+    assert {key: report.to_dict()[key] for key in expected} == expected
     assert all(len(ids) <= 80 for ids in prepared.train["input_ids"])
     first = prepared.train[0]
     assert first == {
@@ -428,7 +434,7 @@ def test_prepare_data_errors_surface_before_tokenizing(tmp_path, tiny_tokenizer)
         prepare_data(path, tokenizer=tiny_tokenizer, template="alpaca")
     with pytest.raises(ConfigError, match="Unknown template 'nope'"):
         prepare_data(alpaca_rows(2), tokenizer=tiny_tokenizer, template="nope")
-    with pytest.raises(DataError, match=r"d\.jsonl, row 0, messages\[0\]: unknown role 'bot'"):
+    with pytest.raises(DataError, match=r"d\.jsonl, line 1 \(row 0\), messages\[0\]: unknown role 'bot'"):
         path.write_text(json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
         count_rows(path, val_split=0, seed=0)
 
@@ -436,7 +442,7 @@ def test_prepare_data_errors_surface_before_tokenizing(tmp_path, tiny_tokenizer)
 def test_prepare_data_accepts_a_dataset_and_train_on_inputs(tiny_tokenizer):
     dataset = load_source([{"prompt": "Hi", "completion": "hello"}] * 3)
     prepared = prepare_data(
-        dataset, tokenizer=tiny_tokenizer, template="chatml", val_split=0, train_on_inputs=True
+        dataset, tokenizer=tiny_tokenizer, template="chatml", val_split=0, train_on_inputs=True, dedup=False
     )
     assert prepared.report.format == "prompt_completion"
     assert prepared.train["labels"] == prepared.train["input_ids"]

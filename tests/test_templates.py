@@ -229,9 +229,11 @@ def test_template_validation_names_the_field():
 
 def test_get_template_unknown_lists_known_names():
     with pytest.raises(
-        ConfigError, match="Unknown template 'vicuna'. Known templates: alpaca, chatml, llama2, model"
+        ConfigError,
+        match="Unknown template 'vicuna2'. Known templates: alpaca, chatml, gemma, llama2, llama3, mistral, "
+        "model, phi3, vicuna, zephyr",
     ):
-        get_template("vicuna")
+        get_template("vicuna2")
     with pytest.raises(ConfigError, match="`template` must be a name .* got int"):
         get_template(3)
 
@@ -244,9 +246,11 @@ def test_register_template_rejects_duplicates_and_non_templates(monkeypatch):
         register_template("chatml", ZEPHYR)
     with pytest.raises(ConfigError, match="needs an object with name, render"):
         register_template("nothing", object())
-    register_template("zephyr", ZEPHYR)
-    assert get_template("zephyr") is ZEPHYR
-    assert template_from_dict({"name": "zephyr"}) is ZEPHYR
+    with pytest.raises(ConfigError, match="A template named 'zephyr' is already registered"):
+        register_template("zephyr", ZEPHYR)
+    register_template("my-zephyr", ZEPHYR)
+    assert get_template("my-zephyr") is ZEPHYR
+    assert template_from_dict({"name": "my-zephyr"}) is ZEPHYR
 
 
 @attrs.frozen

@@ -1,34 +1,97 @@
-"""The three accepted row formats, and their conversion to a list of messages.
+"""The accepted row formats, and their conversion to a list of messages.
 
 - ``alpaca``: ``instruction``, ``output``; optional ``input`` and ``system``.
 - ``prompt_completion``: ``prompt``, ``completion``; optional ``system``. Both may also be lists of
   messages (TRL's conversational prompt-completion form).
-- ``messages``: ``messages``, a list of ``{"role": "system" | "user" | "assistant", "content": str}``.
+- ``messages``: ``messages``, a list of ``{"role": "system" | "user" | "assistant", "content": str}``
+  (OpenAI style).
+- ``sharegpt``: ``conversations``, a list of ``{"from": "system" | "human" | "gpt", "value": str}``.
+- ``text``: ``text``, raw text for continued pre-training: every token is trained, EOS is appended.
+
+Other column names are mapped with ``columns={"instruction": "question", "output": "answer"}``
+(:func:`rename_columns`).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from lorakit.errors import DataError
 
-__all__ = ["FORMATS", "Format", "detect_format", "to_messages"]
+__all__ = [
+    "FORMATS",
+    "SHAREGPT_ROLES",
+    "TEXT_ROLE",
+    "Format",
+    "detect_format",
+    "rename_columns",
+    "to_messages",
+]
 
-Format = Literal["alpaca", "prompt_completion", "messages"]
+Format = Literal["alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+
+TEXT_ROLE = "text"
+"""The role of the single message a ``text`` row becomes; encoding trains all of it and appends EOS."""
+
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+}
+"""ShareGPT ``from`` values and the role each becomes."""
 
 FORMATS: dict[str, str] = {
     "alpaca": "instruction, output (optional: input, system)",
     "prompt_completion": "prompt, completion (optional: system)",
     "messages": "messages: a list of {role, content} with roles system / user / assistant",
+    "sharegpt": "conversations: a list of {from, value} with from system / human / gpt",
+    "text": "text: raw text for continued pre-training (every token trained)",
 }
 """Each accepted format and the columns it reads."""
 
 _KEY_COLUMN: dict[str, Format] = {
     "messages": "messages",
+    "conversations": "sharegpt",
     "instruction": "alpaca",
     "prompt": "prompt_completion",
+    "text": "text",
 }
+
+
+def rename_columns(
+    rows: list[dict[str, Any]], columns: Mapping[str, str] | None, *, source_name: str
+) -> list[dict[str, Any]]:
+    """Rows with their fields renamed: ``columns`` maps lorakit's field name to the name in your data.
+
+    Raises:
+        DataError: a mapped column is in no row (the message lists the columns that exist).
+    """
+    if not columns:
+        return rows
+    present: dict[str, None] = {}
+    for row in rows:
+        present.update(dict.fromkeys(row))
+    missing = [theirs for theirs in columns.values() if theirs not in present]
+    if missing:
+        raise DataError(
+            f"{source_name}: columns= maps to {', '.join(repr(m) for m in missing)}, but the data has no such "
+            f"column (columns: {list(present)}). Fix the mapping {{lorakit name: your column}}."
+        )
+    renamed = []
+    for row in rows:
+        new = {key: value for key, value in row.items() if key not in columns.values()}
+        for ours, theirs in columns.items():
+            if theirs in row:
+                new[ours] = row[theirs]
+        renamed.append(new)
+    return renamed
 
 
 def detect_format(column_names: Iterable[str]) -> Format:
@@ -46,12 +109,19 @@ def detect_format(column_names: Iterable[str]) -> Format:
     accepted = "; ".join(f"{fmt}: {fields}" for fmt, fields in FORMATS.items())
     raise DataError(
         f"Cannot tell the data format from the columns {columns}. Accepted formats: {accepted}. "
-        "Rename your columns to one of these."
+        "Rename your columns to one of these, or map them: "
+        'with_dataset(..., columns={"instruction": "question", "output": "answer"}).'
     )
 
 
 def to_messages(
-    row: Mapping[str, Any], fmt: Format, *, row_index: int, source_name: str
+    row: Mapping[str, Any],
+    fmt: Format,
+    *,
+    row_index: int,
+    source_name: str,
+    line: int | None = None,
+    stats: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row as a conversation, with surrounding whitespace stripped from every text field.
 
@@ -59,11 +129,55 @@ def to_messages(
     can give it its own section. Empty replies are kept; :func:`lorakit.data.prepare_data` drops and counts
     them.
 
+    Text is stripped and Unicode-normalised to NFC; with ``stats`` given, ``stats["stripped"]`` and
+    ``stats["nfc_normalized"]`` count the rows these changed. ``line`` (the line in the file) is named in
+    errors when known.
+
     Raises:
         DataError: a missing or non-text field, an unknown role, or a conversation without an assistant reply
-            or starting with one; the message names the source, the row index and the field.
+            or starting with one; the message names the source, the row (and line), the field and the fix.
     """
-    where = f"{source_name}, row {row_index}"
+    where = (
+        f"{source_name}, row {row_index}" if line is None else f"{source_name}, line {line} (row {row_index})"
+    )
+    changes: set[str] = set()
+    messages = _convert(row, fmt, where, changes)
+    if stats is not None:
+        for change in changes:
+            stats[change] = stats.get(change, 0) + 1
+    return messages
+
+
+def _convert(row: Mapping[str, Any], fmt: Format, where: str, changes: set[str]) -> list[dict[str, Any]]:
+    def _text(row: Mapping[str, Any], field: str, where: str, *, required: bool = True) -> str:
+        return _clean_text(row, field, where, changes, required=required)
+
+    def _check_conversation(conversation: list[Any], where: str, field: str) -> list[dict[str, Any]]:
+        return _conversation(conversation, where, field, changes)
+
+    if fmt == "text":
+        return [{"role": TEXT_ROLE, "content": _text(row, "text", where)}]
+    if fmt == "sharegpt":
+        turns = row.get("conversations")
+        if not isinstance(turns, list):
+            raise DataError(
+                f"{where}: field 'conversations' must be a list of {{from, value}} dicts, got {turns!r}."
+            )
+        converted = []
+        for index, turn in enumerate(turns):
+            at = f"{where}, conversations[{index}]"
+            if not isinstance(turn, Mapping):
+                raise DataError(f"{at}: expected a {{from, value}} dict, got {turn!r}.")
+            speaker = turn.get("from")
+            if speaker not in SHAREGPT_ROLES:
+                raise DataError(
+                    f"{at}: unknown speaker 'from': {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)} "
+                    "(or convert the rows to the messages format)."
+                )
+            if "value" not in turn:
+                raise DataError(f"{at}: missing field 'value' (fields present: {sorted(turn)}).")
+            converted.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+        return _check_conversation(converted, where, "conversations")
     if fmt == "alpaca":
         system = _text(row, "system", where, required=False)
         user: dict[str, Any] = {"role": "user", "content": _text(row, "instruction", where)}
@@ -93,18 +207,35 @@ def to_messages(
     raise DataError(f"Unknown data format {fmt!r}; use one of {', '.join(FORMATS)}.")
 
 
-def _text(row: Mapping[str, Any], field: str, where: str, *, required: bool = True) -> str:
+def _clean_text(
+    row: Mapping[str, Any], field: str, where: str, changes: set[str], *, required: bool = True
+) -> str:
     value = row.get(field)
     if value is None:
         if required:
-            raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(row)}).")
+            raise DataError(
+                f"{where}: missing field {field!r} (fields present: {sorted(row)}). If your data names it "
+                f'differently, map it: columns={{"{field}": "<your column>"}}.'
+            )
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__} {value!r}.")
-    return str(value).strip()
+        raise DataError(
+            f"{where}: field {field!r} must be text, got {type(value).__name__} {value!r}. Give it a string."
+        )
+    raw = str(value)
+    text = raw.strip()
+    if text != raw:
+        changes.add("stripped")
+    normal = unicodedata.normalize("NFC", text)
+    if normal != text:
+        changes.add("nfc_normalized")
+    return normal
 
 
-def _check_conversation(conversation: list[Any], where: str, field: str) -> list[dict[str, Any]]:
+def _conversation(conversation: list[Any], where: str, field: str, changes: set[str]) -> list[dict[str, Any]]:
+    def _text(row: Mapping[str, Any], field: str, where: str) -> str:
+        return _clean_text(row, field, where, changes)
+
     messages: list[dict[str, Any]] = []
     for index, message in enumerate(conversation):
         at = f"{where}, {field}[{index}]"

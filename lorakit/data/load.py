@@ -1,7 +1,18 @@
-"""Reading rows from .json / .jsonl / .csv files, lists of dicts and ``datasets.Dataset`` objects.
+"""Reading rows from files, directories, in-memory tables and the Hugging Face Hub.
 
-Files are read with the standard library (no Hub, no cache directory), so what you see in the file is
-exactly what gets trained on.
+Accepted sources (:func:`read_source`):
+
+- ``.json`` (an array of objects, or JSON lines), ``.jsonl``, ``.csv``, ``.tsv``, ``.parquet`` files;
+- ``.txt`` / ``.md`` files for continued pre-training: one document per line (``text_unit="line"``, the
+  default) or the whole file as one document (``text_unit="file"``);
+- a directory: one written by ``datasets.save_to_disk`` (a ``DatasetDict`` gives its ``train`` split), or a
+  folder of ``.txt`` / ``.md`` files, one document per file;
+- a ``datasets.Dataset`` / ``DatasetDict``, a list of dicts, a ``pandas.DataFrame``;
+- a Hub dataset id such as ``"tatsu-lab/alpaca"`` (needs network; any string that is not an existing path
+  and has no data-file extension).
+
+JSON, CSV and text files are read with the standard library, so what you see in the file is exactly what
+gets trained on, and a bad line is named by its number.
 """
 
 from __future__ import annotations
@@ -13,27 +24,58 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from lorakit.errors import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-__all__ = ["SUFFIXES", "load_rows", "load_source", "rows_to_dataset"]
+__all__ = [
+    "SUFFIXES",
+    "TEXT_SUFFIXES",
+    "Source",
+    "load_rows",
+    "load_source",
+    "read_source",
+    "rows_to_dataset",
+]
 
-SUFFIXES = (".json", ".jsonl", ".csv")
+TEXT_SUFFIXES = (".txt", ".md")
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", *TEXT_SUFFIXES)
+TEXT_UNITS = ("line", "file")
+
+
+@attrs.frozen
+class Source:
+    """The rows of one source, how messages name it, and where each row came from."""
+
+    rows: list[dict[str, Any]]
+    """One dict of fields per row."""
+    label: str
+    """How error messages call the source (the path, or e.g. "the list of rows")."""
+    lines: list[int] | None = None
+    """The file line of each row (JSON lines, CSV, text lines); None when rows have no line."""
+    skipped_blank: int = 0
+    """Blank lines of a text file that were skipped (counted in the data report)."""
+
+    def where(self, index: int) -> str:
+        """``"data.jsonl, line 12 (row 10)"`` or ``"the list of rows, row 10"``."""
+        if self.lines is not None:
+            return f"{self.label}, line {self.lines[index]} (row {index})"
+        return f"{self.label}, row {index}"
 
 
 def load_source(source: Any, *, name: str | None = None) -> Dataset:
     """Load a data source as a ``datasets.Dataset``.
 
     Args:
-        source: a ``.json`` (an array of objects, or JSON lines), ``.jsonl`` or ``.csv`` path (str or Path),
-            a list of dicts, or a ``datasets.Dataset``.
+        source: any source :func:`read_source` accepts.
         name: how error messages call the source; defaults to the path, or "the list of rows".
 
     Raises:
-        DataError: a missing file, an unknown extension, a malformed line (named by number), a row that is
-            not an object, or no rows at all.
+        DataError: a missing file, an unknown extension, a malformed line (named by number), bytes that are
+            not UTF-8, a row that is not an object, or no rows at all.
 
     Example:
         >>> load_source([{"instruction": "Say hi.", "output": "hi"}]).column_names
@@ -55,29 +97,53 @@ def load_rows(source: Any, *, name: str | None = None) -> tuple[list[dict[str, A
     Raises:
         DataError: see :func:`load_source`.
     """
+    read = read_source(source, name=name)
+    return read.rows, read.label
+
+
+def read_source(source: Any, *, name: str | None = None, text_unit: str = "line") -> Source:
+    """Read any accepted source (see the module docstring) into a :class:`Source`.
+
+    Raises:
+        DataError: see :func:`load_source`; the message names the file, the line and the fix.
+    """
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"`text_unit` must be 'line' or 'file', got {text_unit!r}.")
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         label = name or str(source)
-        rows = _read_file(path, label)
+        if path.is_dir():
+            read = _read_directory(path, label)
+        elif path.suffix.lower() in SUFFIXES or path.exists() or isinstance(source, Path):
+            read = _read_file(path, label, text_unit)
+        else:
+            read = _read_hub(str(source), label)
     elif _is_dataset(source):
-        label = name or "the Dataset passed as source"
-        rows = source.to_list()
-    elif isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
+        read = Source(source.to_list(), name or "the Dataset passed as source")
+    elif _is_dataset_dict(source):
+        read = Source(_train_split(source, name or "the DatasetDict").to_list(), name or "the DatasetDict")
+    elif _is_dataframe(source):
+        label = name or "the DataFrame"
+        read = Source(_frame_rows(source), label)
+    elif isinstance(source, Sequence) and not isinstance(source, (str, bytes, bytearray)):
         label = name or "the list of rows"
         rows = list(source)
         for index, row in enumerate(rows):
             if not isinstance(row, Mapping):
                 raise DataError(f"{label}, row {index}: expected a dict of fields, got {type(row).__name__}.")
-        rows = [dict(row) for row in rows]
+        read = Source([dict(row) for row in rows], label)
     else:
-        hint = " Pass dataset['train'] instead of the DatasetDict." if _is_dataset_dict(source) else ""
         raise DataError(
-            f"Cannot read a dataset from {type(source).__name__}: pass a .json / .jsonl / .csv path, "
-            f"a list of dicts, or a datasets.Dataset.{hint}"
+            f"Cannot read a dataset from {type(source).__name__}: pass a file path (.json, .jsonl, .csv, "
+            ".tsv, .parquet, .txt), a directory, a Hub dataset id, a list of dicts, a pandas DataFrame, or a "
+            "datasets.Dataset / DatasetDict."
         )
-    if not rows:
-        raise DataError(f"{label} has no rows. Add at least one example (see the formats in lorakit.data).")
-    return rows, label
+    if not read.rows:
+        raise DataError(
+            f"{read.label} has no rows (the file or dataset is empty). Add at least one example (see the "
+            "formats in lorakit.data)."
+        )
+    return read
 
 
 def rows_to_dataset(rows: list[dict[str, Any]], label: str) -> Dataset:
@@ -96,19 +162,25 @@ def rows_to_dataset(rows: list[dict[str, Any]], label: str) -> Dataset:
         ) from error
 
 
-def _read_file(path: Path, label: str) -> list[dict[str, Any]]:
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def _read_file(path: Path, label: str, text_unit: str) -> Source:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(
-            f"{label}: unknown file type {path.suffix or '(no extension)'!r}. Use a .json, .jsonl or .csv "
-            "file, or pass a list of dicts / a datasets.Dataset."
+            f"{label}: unknown file type {path.suffix or '(no extension)'!r}. Use a .json, .jsonl, .csv, .tsv, "
+            ".parquet or .txt file, or pass a list of dicts / a datasets.Dataset."
         )
     if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise DataError(f"Data file {label} {what} (resolved to {path.resolve()}). Check the path.")
-    text = path.read_text(encoding="utf-8-sig")
-    if suffix == ".csv":
-        return _read_csv(text, label)
+        raise DataError(f"Data file {label} does not exist (resolved to {path.resolve()}). Check the path.")
+    if suffix == ".parquet":
+        return _read_parquet(path, label)
+    text = _read_text(path, label)
+    if suffix in TEXT_SUFFIXES:
+        return _read_plain_text(text, label, text_unit)
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(text, label, delimiter="\t" if suffix == ".tsv" else ",")
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -120,12 +192,25 @@ def _read_file(path: Path, label: str) -> list[dict[str, Any]]:
         for index, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise DataError(f"{label}, row {index}: expected a JSON object, got {type(row).__name__}.")
-        return rows
+        return Source(rows, label)
     return _read_json_lines(text, label)
 
 
-def _read_json_lines(text: str, label: str) -> list[dict[str, Any]]:
+def _read_text(path: Path, label: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{label}, line {line}: bytes that are not UTF-8 ({data[error.start : error.start + 4]!r} at byte "
+            f"{error.start}). Save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 in > out."
+        ) from error
+
+
+def _read_json_lines(text: str, label: str) -> Source:
     rows = []
+    lines = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -139,20 +224,107 @@ def _read_json_lines(text: str, label: str) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError(f"{label}, line {number}: expected a JSON object, got {type(row).__name__}.")
         rows.append(row)
-    return rows
+        lines.append(number)
+    return Source(rows, label, lines)
 
 
-def _read_csv(text: str, label: str) -> list[dict[str, Any]]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
+def _read_csv(text: str, label: str, *, delimiter: str) -> Source:
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
     rows = []
+    lines = []
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
     for row in reader:
         if None in row:
             raise DataError(
                 f"{label}, line {reader.line_num}: more cells than the {len(reader.fieldnames or [])} header "
-                "columns. Quote cells that contain commas."
+                f"columns ({kind}). Quote cells that contain the separator."
             )
         rows.append({key: "" if value is None else value for key, value in row.items()})
-    return rows
+        lines.append(reader.line_num)
+    return Source(rows, label, lines)
+
+
+def _read_plain_text(text: str, label: str, text_unit: str) -> Source:
+    if text_unit == "file":
+        return Source([{"text": text}] if text.strip() else [], label)
+    rows, lines, blank = [], [], 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            rows.append({"text": line})
+            lines.append(number)
+        else:
+            blank += 1
+    return Source(rows, label, lines, skipped_blank=blank)
+
+
+def _read_parquet(path: Path, label: str) -> Source:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid for a file that is not parquet
+        raise DataError(
+            f"{label}: cannot read it as Parquet ({type(error).__name__}: {error}). Check that the file is "
+            "a Parquet file (e.g. written by pandas.DataFrame.to_parquet)."
+        ) from error
+    return Source(table.to_pylist(), label)
+
+
+def _read_directory(path: Path, label: str) -> Source:
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        from datasets import load_from_disk
+
+        loaded = load_from_disk(str(path))
+        if _is_dataset_dict(loaded):
+            loaded = _train_split(loaded, label)
+        return Source(loaded.to_list(), label)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"{label} is a directory with neither a datasets.save_to_disk dataset (dataset_info.json) nor "
+            ".txt / .md files. Pass a data file, or a directory of text files (one document per file)."
+        )
+    rows = []
+    for file in files:
+        text = _read_text(file, str(file))
+        if text.strip():
+            rows.append({"text": text})
+    return Source(rows, label, skipped_blank=len(files) - len(rows))
+
+
+def _read_hub(dataset_id: str, label: str) -> Source:
+    from datasets import load_dataset
+
+    try:
+        loaded = load_dataset(dataset_id, split="train")
+    except Exception as error:  # no network, unknown id, gated dataset, ...
+        raise DataError(
+            f"Cannot load {label!r}: it is not a local file or directory, and loading it as a Hugging Face "
+            f"Hub dataset failed ({type(error).__name__}: {str(error)[:300]}). Check the path, or the dataset "
+            "id and your network / HF_TOKEN."
+        ) from error
+    return Source(loaded.to_list(), label)
+
+
+# --- in-memory tables -------------------------------------------------------------------------------------
+
+
+def _train_split(dataset_dict: Any, label: str) -> Any:
+    if "train" not in dataset_dict:
+        raise DataError(
+            f"{label} has no 'train' split (splits: {list(dataset_dict)}). Pass one split, e.g. "
+            f"dataset[{next(iter(dataset_dict), 'train')!r}]."
+        )
+    return dataset_dict["train"]
+
+
+def _frame_rows(frame: Any) -> list[dict[str, Any]]:
+    rows = frame.to_dict(orient="records")
+    return [{str(k): (None if _is_nan(v) else v) for k, v in row.items()} for row in rows]
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value
 
 
 def _is_dataset(source: Any) -> bool:
@@ -162,4 +334,9 @@ def _is_dataset(source: Any) -> bool:
 
 def _is_dataset_dict(source: Any) -> bool:
     datasets = sys.modules.get("datasets")
-    return datasets is not None and isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict))
+    return datasets is not None and isinstance(source, datasets.DatasetDict)
+
+
+def _is_dataframe(source: Any) -> bool:
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(source, pandas.DataFrame)

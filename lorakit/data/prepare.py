@@ -1,33 +1,57 @@
-"""From a source to tokenized train / validation sets, with a report of everything kept, cut or dropped."""
+"""From a source to tokenized train / validation sets, with a report of everything kept, cut or dropped.
+
+The steps of :func:`prepare_data`, each counted in the :class:`DataReport`:
+
+    read rows -> map columns -> convert to messages (strip, NFC; bad rows error or skip)
+      -> drop empty replies -> drop exact duplicates -> length filters -> split (seeded)
+      -> render + tokenize (batched, cached, ``num_proc``) -> overflow policy -> audit -> optional packing
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from lorakit.data.encode import Encoded, Encoder, _check_max_length
-from lorakit.data.formats import detect_format, to_messages
-from lorakit.data.load import load_rows
-from lorakit.errors import ConfigError, DataError
+from lorakit.data.encode import IGNORE_INDEX, Encoded, Encoder, _check_max_length, check_overflow
+from lorakit.data.formats import FORMATS, TEXT_ROLE, detect_format, rename_columns, to_messages
+from lorakit.data.load import read_source
+from lorakit.errors import ConfigError, DataError, LorakitError
 from lorakit.templates import PromptTemplate, get_template
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-__all__ = ["DataReport", "PreparedData", "count_rows", "prepare_data", "split_indices"]
+__all__ = [
+    "BAD_ROW_POLICIES",
+    "DataReport",
+    "PreparedData",
+    "cache_dir",
+    "count_rows",
+    "pack",
+    "prepare_data",
+    "split_indices",
+]
+
+BAD_ROW_POLICIES = ("error", "skip")
+CACHE_VERSION = 1
+_EXAMPLES_KEPT = 5
 
 
 @attrs.frozen
 class DataReport:
-    """What data preparation kept, cut and dropped. Every row and every cut is counted here."""
+    """What data preparation kept, cut and dropped, and what the audit found. Every row and cut is counted."""
 
     source: str
     """The training source, as error messages name it."""
     format: str
-    """The detected row format: ``alpaca``, ``prompt_completion`` or ``messages``."""
+    """The row format: ``alpaca``, ``prompt_completion``, ``messages``, ``sharegpt`` or ``text``."""
     max_length: int
     """The token limit rows were cut to."""
     rows_loaded: int
@@ -35,23 +59,130 @@ class DataReport:
     dropped_empty_response: int
     """Rows dropped because a reply was empty (after stripping whitespace)."""
     truncated: int
-    """Kept rows that lost tokens to ``max_length`` (prompt tokens from the left, or the reply's end)."""
+    """Kept rows that lost tokens to ``max_length`` (prompt tokens from the left, or the end)."""
     truncated_response: int
     """Of those, rows whose final reply lost its end (its EOS / end-of-turn is not trained)."""
     dropped_no_trainable_tokens: int
-    """Rows dropped because no trained token survived truncation."""
+    """Rows dropped because no trained token survived truncation (never trained silently)."""
     train_rows: int
-    """Rows in the training set."""
+    """Examples in the training set (before packing)."""
     val_rows: int
-    """Rows in the validation set."""
+    """Examples in the validation set."""
     train_tokens: int
     """Tokens in the training set."""
     trained_tokens: int
     """Training-set tokens that carry loss."""
+    skipped_bad_rows: int = 0
+    """Rows skipped under ``on_bad_row="skip"`` (malformed, unknown role, ...)."""
+    bad_row_examples: tuple[str, ...] = ()
+    """The first few skip reasons, with file, line / row and field."""
+    skipped_blank_lines: int = 0
+    """Blank lines (or empty files) of plain-text sources, skipped."""
+    stripped_rows: int = 0
+    """Rows whose text had surrounding whitespace stripped."""
+    nfc_normalized_rows: int = 0
+    """Rows whose text changed under Unicode NFC normalisation."""
+    dropped_duplicates: int = 0
+    """Rows dropped as exact duplicates of an earlier row (after cleaning)."""
+    dropped_too_short: int = 0
+    """Rows dropped by ``min_chars``."""
+    dropped_too_long_chars: int = 0
+    """Rows dropped by ``max_chars``."""
+    dropped_overflow: int = 0
+    """Rows longer than ``max_length`` dropped under ``on_overflow="drop"``."""
+    on_overflow: str = "truncate_prompt"
+    """The overflow policy used."""
+    token_lengths: dict[str, float] = attrs.field(factory=dict)
+    """Training example lengths in tokens: ``min``, ``p50``, ``p90``, ``p99``, ``max``."""
+    trained_per_example: dict[str, float] = attrs.field(factory=dict)
+    """Trained tokens per training example: ``min``, ``mean``, ``max``."""
+    assistant_turns: int = 0
+    """Trained spans (assistant replies, or text documents) in the kept examples."""
+    turns_ending_with_eot: int = 0
+    """Of those, spans whose last trained tokens are an end-of-turn / EOS string."""
+    turns_missing_eot: int = 0
+    """Spans not cut by truncation that still do not end with an end-of-turn / EOS (the model won't stop)."""
+    pad_is_eos: bool = False
+    """The tokenizer pads with its EOS token; safe here (labels are made per example, padding is by position)."""
+    double_bos: int = 0
+    """Examples starting with two BOS tokens (a template writing BOS that the tokenizer adds too)."""
+    packing: bool = False
+    """Examples were packed into sequences of up to ``max_length`` tokens."""
+    packed_sequences: int = 0
+    """Training sequences after packing."""
+    packing_efficiency: float = 0.0
+    """Real tokens / (sequences * max_length) after packing."""
+    cache_hit: bool = False
+    """The tokenized data came from the cache (same rows, tokenizer, template and settings)."""
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Rows dropped or skipped, per reason (reasons with a zero count left out)."""
+        reasons = {
+            "bad_row": self.skipped_bad_rows,
+            "empty_response": self.dropped_empty_response,
+            "duplicate": self.dropped_duplicates,
+            "too_short": self.dropped_too_short,
+            "too_long_chars": self.dropped_too_long_chars,
+            "overflow": self.dropped_overflow,
+            "no_trainable_tokens": self.dropped_no_trainable_tokens,
+        }
+        return {reason: count for reason, count in reasons.items() if count}
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        """``(fatal, warnings)``: fatal problems stop ``train()`` with a DataError."""
+        fatal, warnings = [], []
+        if self.trained_tokens == 0:
+            fatal.append("no training token carries loss: there is nothing to learn.")
+        if self.assistant_turns and self.turns_ending_with_eot == 0:
+            fatal.append(
+                f"no trained span of the {self.assistant_turns} ends with an end-of-turn / EOS token, so the "
+                "model never learns to stop. Use a template whose assistant part ends with {eos} or an "
+                "end-of-turn marker."
+            )
+        elif self.turns_missing_eot:
+            warnings.append(
+                f"{self.turns_missing_eot} of {self.assistant_turns} trained spans do not end with an "
+                "end-of-turn / EOS token (not counting spans cut by max_length)."
+            )
+        if self.double_bos:
+            warnings.append(
+                f"{self.double_bos} examples start with two BOS tokens: the template writes BOS and the "
+                "tokenizer adds one too. Remove {bos} from the template."
+            )
+        cut = self.truncated + self.dropped_overflow + self.dropped_no_trainable_tokens
+        if cut:
+            warnings.append(
+                f"{cut} examples were cut or dropped at max_length={self.max_length} "
+                f"({self.truncated} truncated, {self.truncated_response} lost the end of their reply, "
+                f"{self.dropped_overflow + self.dropped_no_trainable_tokens} dropped). Raise max_length to keep more."
+            )
+        if self.skipped_bad_rows:
+            warnings.append(
+                f"{self.skipped_bad_rows} bad rows skipped (on_bad_row='skip'), e.g. {self.bad_row_examples[0]}"
+            )
+        return fatal, warnings
+
+    def raise_if_fatal(self) -> None:
+        """Raise DataError listing the fatal problems, if any."""
+        fatal, _ = self.problems()
+        if fatal:
+            raise DataError(f"The data audit of {self.source} failed:\n  - " + "\n  - ".join(fatal))
 
     def to_dict(self) -> dict[str, Any]:
-        """The counts as a JSON-serialisable dict."""
-        return attrs.asdict(self)
+        """The counts as a JSON-serialisable dict, with ``dropped`` per reason."""
+        data = attrs.asdict(self)
+        data["bad_row_examples"] = list(self.bad_row_examples)
+        data["dropped"] = self.dropped
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataReport:
+        """Rebuild a report from :meth:`to_dict` output."""
+        fields = {a.name for a in attrs.fields(cls)}
+        values = {key: value for key, value in data.items() if key in fields}
+        values["bad_row_examples"] = tuple(values.get("bad_row_examples", ()))
+        return cls(**values)
 
     def summary(self) -> str:
         """A few lines for a terminal, e.g. ``900 train / 100 val rows (alpaca, 1,000 loaded)``."""
@@ -60,6 +191,11 @@ class DataReport:
             f"({self.format}, {self.rows_loaded:,} loaded from {self.source})",
             f"{self.train_tokens:,} train tokens, {self.trained_tokens:,} trained",
         ]
+        if self.token_lengths:
+            q = self.token_lengths
+            lines.append(
+                f"tokens per example: p50 {q['p50']:g}, p90 {q['p90']:g}, p99 {q['p99']:g}, max {q['max']:g}"
+            )
         if self.truncated:
             lines.append(
                 f"{self.truncated:,} rows cut to max_length={self.max_length}"
@@ -69,13 +205,28 @@ class DataReport:
                     else ""
                 )
             )
-        if self.dropped_empty_response:
-            lines.append(f"{self.dropped_empty_response:,} rows dropped: empty reply")
-        if self.dropped_no_trainable_tokens:
+        reasons = {
+            "bad_row": "skipped: bad row",
+            "empty_response": "dropped: empty reply",
+            "duplicate": "dropped: exact duplicate",
+            "too_short": "dropped: shorter than min_chars",
+            "too_long_chars": "dropped: longer than max_chars",
+            "overflow": f"dropped: longer than max_length={self.max_length} (on_overflow='drop')",
+            "no_trainable_tokens": f"dropped: no reply token left within max_length={self.max_length}",
+        }
+        for reason, count in self.dropped.items():
+            lines.append(f"{count:,} rows {reasons[reason]}")
+        if self.assistant_turns:
             lines.append(
-                f"{self.dropped_no_trainable_tokens:,} rows dropped: no reply token left within "
-                f"max_length={self.max_length}"
+                f"{self.turns_ending_with_eot:,} of {self.assistant_turns:,} trained turns end with a trained "
+                "end-of-turn token"
             )
+        if self.packing:
+            lines.append(
+                f"packed into {self.packed_sequences:,} sequences ({self.packing_efficiency:.0%} full)"
+            )
+        if self.cache_hit:
+            lines.append("tokenized data loaded from the cache")
         return "\n".join(lines)
 
 
@@ -84,7 +235,7 @@ class PreparedData:
     """Tokenized datasets ready for the trainer."""
 
     train: Dataset
-    """Columns ``input_ids`` and ``labels``."""
+    """Columns ``input_ids`` and ``labels`` (and ``seq_lengths`` when packed)."""
     val: Dataset | None
     """Same columns; None without a validation split."""
     report: DataReport
@@ -101,43 +252,98 @@ def prepare_data(
     seed: int = 42,
     train_on_inputs: bool = False,
     val_source: Any = None,
+    format: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    on_overflow: str = "truncate_prompt",
+    on_bad_row: str = "error",
+    dedup: bool = True,
+    min_chars: int | None = None,
+    max_chars: int | None = None,
+    text_unit: str = "line",
+    packing: bool = False,
+    num_proc: int | None = None,
+    cache: bool | str | Path = True,
 ) -> PreparedData:
-    """Load, clean, split and tokenize a dataset.
-
-    Steps: load the rows (:func:`lorakit.data.load_source`), convert each to messages with whitespace
-    stripped (:func:`lorakit.data.to_messages`), drop rows with an empty reply, split off ``val_split`` of the
-    rows with ``seed`` (before tokenizing; an explicit ``val_source`` replaces the split), then tokenize with
-    labels on the replies (:func:`lorakit.data.encode`) and drop rows with no trained token left.
+    """Load, clean, split, tokenize (and optionally pack) a dataset, counting everything on the way.
 
     Args:
-        source: a .json / .jsonl / .csv path, a list of dicts, or a ``datasets.Dataset``.
+        source: a file, directory, Hub id, list of dicts, DataFrame or Dataset (see :mod:`lorakit.data.load`).
         tokenizer: a ``transformers`` tokenizer.
-        template: a template name or object (see :mod:`lorakit.templates`).
+        template: a template name, Jinja string or object (see :mod:`lorakit.templates`).
         val_split: fraction of rows held out for validation, in ``[0, 1)``; 0 for none.
-        max_length: the longest tokenized row; longer ones are cut (and counted).
+        max_length: the longest tokenized example.
         seed: seed of the split.
         train_on_inputs: put labels on prompt tokens too.
-        val_source: a separate validation source; overrides ``val_split``.
+        val_source: a separate validation source (same options); overrides ``val_split``.
+        format: the row format; detected from the columns when None.
+        columns: ``{lorakit field: your column}``, e.g. ``{"instruction": "question", "output": "answer"}``.
+        on_overflow: ``"truncate_prompt"`` | ``"truncate"`` | ``"drop"`` | ``"error"`` (see
+            :func:`lorakit.data.encode`).
+        on_bad_row: ``"error"`` raises on the first bad row; ``"skip"`` skips and counts bad rows.
+        dedup: drop rows that are exact duplicates of an earlier row.
+        min_chars / max_chars: drop rows whose text (all messages) is shorter / longer.
+        text_unit: plain-text files: one document per ``"line"`` or per ``"file"``.
+        packing: pack examples into sequences of up to ``max_length`` tokens (column ``seq_lengths``); use
+            :class:`lorakit.collate.PaddingFreeCollator` so packed examples never attend to each other.
+        num_proc: tokenize in this many processes.
+        cache: reuse tokenized data from an earlier identical call: True (the default cache directory,
+            ``$LORAKIT_CACHE_DIR`` or the user cache), a directory, or False.
 
     Raises:
-        DataError: an unreadable source or row, or no training row left.
-        ConfigError: an invalid ``val_split`` / ``max_length`` or template.
+        DataError: an unreadable source or row (naming file, line / row, field and fix), an example over
+            ``max_length`` with ``on_overflow="error"``, or no training row left.
+        ConfigError: an invalid option or template.
     """
     template = get_template(template)
     _check_max_length(max_length)
-    train_convs, val_convs, counts = _conversations(
-        source, val_split=val_split, seed=seed, val_source=val_source
+    check_overflow(on_overflow)
+    _check_options(
+        format=format, on_bad_row=on_bad_row, num_proc=num_proc, min_chars=min_chars, max_chars=max_chars
     )
+    options = {
+        "format": format,
+        "columns": columns,
+        "on_bad_row": on_bad_row,
+        "dedup": dedup,
+        "min_chars": min_chars,
+        "max_chars": max_chars,
+        "text_unit": text_unit,
+    }
+    train_rows, val_rows, counts = _conversations(
+        source, val_split=val_split, seed=seed, val_source=val_source, **options
+    )
+    settings = {
+        "max_length": max_length,
+        "train_on_inputs": train_on_inputs,
+        "on_overflow": on_overflow,
+        "packing": packing,
+    }
+    directory = cache_dir(cache)
+    key = None
+    if directory is not None:
+        key = _cache_key(train_rows, val_rows, tokenizer, template, settings, counts)
+        cached = _cache_load(directory / key)
+        if cached is not None:
+            return cached
+
     encoder = Encoder(tokenizer)
-    train_encoded = encoder.encode_many(
-        train_convs, template, max_length=max_length, train_on_inputs=train_on_inputs
-    )
-    val_encoded = encoder.encode_many(
-        val_convs, template, max_length=max_length, train_on_inputs=train_on_inputs
-    )
-    every = train_encoded + val_encoded
-    train_kept = [e for e in train_encoded if e.has_trainable_tokens]
-    val_kept = [e for e in val_encoded if e.has_trainable_tokens]
+    encode_args = {"max_length": max_length, "train_on_inputs": train_on_inputs, "on_overflow": on_overflow}
+    train_encoded, bad_train = _encode(encoder, train_rows, template, encode_args, on_bad_row, num_proc)
+    val_encoded, bad_val = _encode(encoder, val_rows, template, encode_args, on_bad_row, num_proc)
+    counts["skipped_bad_rows"] += len(bad_train) + len(bad_val)
+    counts["bad_row_examples"] = (counts["bad_row_examples"] + bad_train + bad_val)[:_EXAMPLES_KEPT]
+
+    overflow = [(where, e) for where, e in [*train_encoded, *val_encoded] if e.overflow]
+    if overflow and on_overflow == "error":
+        where, first = overflow[0]
+        raise DataError(
+            f"{where}: {first.length_before} tokens, over max_length={max_length} "
+            f"({len(overflow)} example(s) are too long). Raise max_length, or pass "
+            "on_overflow='truncate_prompt' / 'truncate' / 'drop'."
+        )
+    every = [e for _, e in [*train_encoded, *val_encoded] if not e.overflow]
+    train_kept = [e for _, e in train_encoded if not e.overflow and e.has_trainable_tokens]
+    val_kept = [e for _, e in val_encoded if not e.overflow and e.has_trainable_tokens]
     report = DataReport(
         source=counts["source"],
         format=counts["format"],
@@ -151,32 +357,80 @@ def prepare_data(
         val_rows=len(val_kept),
         train_tokens=sum(len(e.input_ids) for e in train_kept),
         trained_tokens=sum(e.n_trained_tokens for e in train_kept),
+        skipped_bad_rows=counts["skipped_bad_rows"],
+        bad_row_examples=tuple(counts["bad_row_examples"]),
+        skipped_blank_lines=counts["skipped_blank_lines"],
+        stripped_rows=counts["stripped"],
+        nfc_normalized_rows=counts["nfc_normalized"],
+        dropped_duplicates=counts["dropped_duplicates"],
+        dropped_too_short=counts["dropped_too_short"],
+        dropped_too_long_chars=counts["dropped_too_long_chars"],
+        dropped_overflow=len(overflow),
+        on_overflow=on_overflow,
+        **_audit(train_kept + val_kept, train_kept, tokenizer, template),
     )
     if not train_kept:
         raise DataError(
             f"No training rows left from {report.source}: {report.rows_loaded} loaded, "
             f"{report.dropped_empty_response} with an empty reply, "
             f"{report.dropped_no_trainable_tokens} with no reply token within max_length={max_length}, "
-            f"{len(val_kept)} in validation. Raise max_length, fix the replies, or lower val_split."
+            f"{report.dropped_overflow} over max_length dropped, {report.dropped_duplicates} duplicates, "
+            f"{report.skipped_bad_rows} bad rows skipped, {len(val_kept)} in validation. Raise max_length, "
+            "fix the replies, or lower val_split."
         )
     use_val = val_source is not None or val_split > 0
-    return PreparedData(
-        train=_to_dataset(train_kept),
-        val=_to_dataset(val_kept) if use_val and val_kept else None,
-        report=report,
-    )
+    train_set = _to_dataset(train_kept, packing=packing, max_length=max_length)
+    val_set = _to_dataset(val_kept, packing=packing, max_length=max_length) if use_val and val_kept else None
+    if packing:
+        report = attrs.evolve(
+            report,
+            packing=True,
+            packed_sequences=len(train_set),
+            packing_efficiency=round(report.train_tokens / (len(train_set) * max_length), 4),
+        )
+    prepared = PreparedData(train=train_set, val=val_set, report=report)
+    if directory is not None and key is not None:
+        _cache_store(directory / key, prepared)
+    return prepared
 
 
-def count_rows(source: Any, *, val_split: float, seed: int, val_source: Any = None) -> tuple[int, int]:
+def count_rows(
+    source: Any,
+    *,
+    val_split: float,
+    seed: int,
+    val_source: Any = None,
+    format: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    on_bad_row: str = "error",
+    dedup: bool = True,
+    min_chars: int | None = None,
+    max_chars: int | None = None,
+    text_unit: str = "line",
+    **_ignored: Any,
+) -> tuple[int, int]:
     """``(train_rows, val_rows)`` before tokenizing, for a plan: cheap, no tokenizer needed.
 
-    Rows with an empty reply are already left out; rows that truncation empties are not (that needs the
-    tokenizer), so ``prepare_data`` may report fewer.
+    Rows with an empty reply, duplicates and rows outside the length filters are already left out; rows
+    that the token limit removes are not (that needs the tokenizer), so ``prepare_data`` may report fewer.
+    Accepts the keyword arguments of :func:`prepare_data` (tokenizer-side ones are ignored).
 
     Raises:
         DataError: an unreadable source or row.
     """
-    train, val, _ = _conversations(source, val_split=val_split, seed=seed, val_source=val_source)
+    train, val, _ = _conversations(
+        source,
+        val_split=val_split,
+        seed=seed,
+        val_source=val_source,
+        format=format,
+        columns=columns,
+        on_bad_row=on_bad_row,
+        dedup=dedup,
+        min_chars=min_chars,
+        max_chars=max_chars,
+        text_unit=text_unit,
+    )
     return len(train), len(val)
 
 
@@ -195,52 +449,396 @@ def split_indices(n_rows: int, val_split: float, seed: int) -> tuple[list[int], 
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def pack(examples: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Pack ``(input_ids, labels)`` examples into rows of at most ``max_length`` tokens (first-fit decreasing).
+
+    Each row holds ``input_ids``, ``labels`` and ``seq_lengths`` (the length of each example in it). The first
+    label of every example is set to :data:`~lorakit.data.IGNORE_INDEX`: nothing predicts an example's first
+    token (unpacked, it is shifted out), and packed it would otherwise be predicted from the previous example.
+    Order is deterministic.
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        length = len(examples[index][0])
+        for b, free in enumerate(room):
+            if length <= free:
+                bins[b].append(index)
+                room[b] -= length
+                break
+        else:
+            bins.append([index])
+            room.append(max_length - length)
+    rows = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        for index in sorted(members):
+            example_ids, example_labels = examples[index]
+            ids.extend(example_ids)
+            labels.extend([IGNORE_INDEX, *example_labels[1:]])
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "seq_lengths": [len(examples[i][0]) for i in sorted(members)],
+            }
+        )
+    return rows
+
+
+def cache_dir(cache: bool | str | Path | None = True) -> Path | None:
+    """The directory tokenized data is cached in: ``$LORAKIT_CACHE_DIR``, else the user cache; None if off."""
+    if cache is False or cache is None:
+        return None
+    if cache is not True:
+        return Path(cache).expanduser()
+    if os.environ.get("LORAKIT_CACHE_DIR"):
+        return Path(os.environ["LORAKIT_CACHE_DIR"]).expanduser() / "data"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("lorakit")) / "data"
+
+
+# --- steps ------------------------------------------------------------------------------------------------
+
+_Row = tuple[str, list[dict[str, Any]]]  # (where, messages)
+
+
 def _check_val_split(val_split: Any) -> None:
     if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 <= val_split < 1:
         raise ConfigError(f"`val_split` must be in [0, 1), got {val_split!r}. Use e.g. 0.1, or 0 for none.")
 
 
+def _check_options(**options: Any) -> None:
+    fmt = options["format"]
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"`format` must be one of {', '.join(FORMATS)} or None (detect), got {fmt!r}.")
+    if options["on_bad_row"] not in BAD_ROW_POLICIES:
+        raise ConfigError(f"`on_bad_row` must be 'error' or 'skip', got {options['on_bad_row']!r}.")
+    num_proc = options["num_proc"]
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise ConfigError(f"`num_proc` must be a positive integer or None, got {num_proc!r}.")
+    for name in ("min_chars", "max_chars"):
+        value = options[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"`{name}` must be a non-negative integer or None, got {value!r}.")
+
+
 def _conversations(
-    source: Any, *, val_split: float, seed: int, val_source: Any
-) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]], dict[str, Any]]:
-    """Train and validation conversations (empty replies dropped), and the counts so far."""
+    source: Any, *, val_split: float, seed: int, val_source: Any, **options: Any
+) -> tuple[list[_Row], list[_Row], dict[str, Any]]:
+    """Cleaned train and validation conversations (each with its location), and the counts so far."""
     _check_val_split(val_split)
-    conversations, label, fmt = _read(source)
-    kept = [c for c in conversations if _has_replies(c)]
     counts: dict[str, Any] = {
-        "source": label,
-        "format": fmt,
-        "rows_loaded": len(conversations),
-        "dropped_empty_response": len(conversations) - len(kept),
+        "rows_loaded": 0,
+        "skipped_bad_rows": 0,
+        "bad_row_examples": [],
+        "skipped_blank_lines": 0,
+        "stripped": 0,
+        "nfc_normalized": 0,
+        "dropped_empty_response": 0,
+        "dropped_duplicates": 0,
+        "dropped_too_short": 0,
+        "dropped_too_long_chars": 0,
     }
+    kept, label, fmt = _read(source, counts, **options)
+    counts["source"], counts["format"] = label, fmt
     if val_source is not None:
-        val_conversations, _, _ = _read(val_source)
-        val_kept = [c for c in val_conversations if _has_replies(c)]
-        counts["rows_loaded"] += len(val_conversations)
-        counts["dropped_empty_response"] += len(val_conversations) - len(val_kept)
+        val_kept, _, _ = _read(val_source, counts, **options)
         return kept, val_kept, counts
     train_idx, val_idx = split_indices(len(kept), val_split, seed)
     return [kept[i] for i in train_idx], [kept[i] for i in val_idx], counts
 
 
-def _read(source: Any) -> tuple[list[list[dict[str, Any]]], str, str]:
-    rows, label = load_rows(source)
-    columns: dict[str, None] = {}
+def _read(
+    source: Any,
+    counts: dict[str, Any],
+    *,
+    format: str | None,
+    columns: Mapping[str, str] | None,
+    on_bad_row: str,
+    dedup: bool,
+    min_chars: int | None,
+    max_chars: int | None,
+    text_unit: str,
+) -> tuple[list[_Row], str, str]:
+    read = read_source(source, text_unit=text_unit)
+    rows = rename_columns(read.rows, columns, source_name=read.label)
+    present: dict[str, None] = {}
     for row in rows:
-        columns.update(dict.fromkeys(row))
-    fmt = detect_format(columns)
-    conversations = [to_messages(row, fmt, row_index=i, source_name=label) for i, row in enumerate(rows)]
-    return conversations, label, fmt
+        present.update(dict.fromkeys(row))
+    fmt = format or detect_format(present)
+    counts["rows_loaded"] += len(rows)
+    counts["skipped_blank_lines"] += read.skipped_blank
+    conversations: list[_Row] = []
+    for index, row in enumerate(rows):
+        line = read.lines[index] if read.lines is not None else None
+        try:
+            messages = to_messages(
+                row,
+                fmt,
+                row_index=index,
+                source_name=read.label,
+                line=line,
+                stats=counts,  # type: ignore[arg-type]
+            )
+        except DataError as error:
+            if on_bad_row == "error":
+                raise
+            counts["skipped_bad_rows"] += 1
+            counts["bad_row_examples"].append(str(error))
+            continue
+        conversations.append((read.where(index), messages))
+    seen: set[str] = set()
+    kept: list[_Row] = []
+    for where, messages in conversations:
+        if not _has_replies(messages):
+            counts["dropped_empty_response"] += 1
+            continue
+        if dedup:
+            fingerprint = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            if fingerprint in seen:
+                counts["dropped_duplicates"] += 1
+                continue
+            seen.add(fingerprint)
+        chars = sum(len(m["content"]) + len(m.get("input") or "") for m in messages)
+        if min_chars is not None and chars < min_chars:
+            counts["dropped_too_short"] += 1
+            continue
+        if max_chars is not None and chars > max_chars:
+            counts["dropped_too_long_chars"] += 1
+            continue
+        kept.append((where, messages))
+    return kept, read.label, fmt
 
 
 def _has_replies(messages: Sequence[dict[str, Any]]) -> bool:
-    return all(m["content"] for m in messages if m["role"] == "assistant")
+    return all(m["content"] for m in messages if m["role"] in ("assistant", TEXT_ROLE))
 
 
-def _to_dataset(rows: list[Encoded]) -> Dataset:
+def _encode(
+    encoder: Encoder,
+    rows: list[_Row],
+    template: PromptTemplate,
+    encode_args: dict[str, Any],
+    on_bad_row: str,
+    num_proc: int | None,
+) -> tuple[list[tuple[str, Encoded]], list[str]]:
+    """Encoded rows with their locations, and the reasons of rows skipped for failing to render."""
+    if num_proc is not None and num_proc > 1 and len(rows) > num_proc:
+        return _encode_parallel(encoder, rows, template, encode_args, on_bad_row, num_proc)
+    rendered = []
+    bad: list[str] = []
+    for where, messages in rows:
+        try:
+            rendered.append((where, encoder.render(messages, template)))
+        except LorakitError as error:
+            message = f"{where}: the template {template.name!r} cannot render this conversation: {error}"
+            if on_bad_row == "error":
+                raise DataError(
+                    message + " Fix the row, pick another template, or on_bad_row='skip'."
+                ) from error
+            bad.append(message)
+    flat = encoder.tokenize([text for _, segments in rendered for text, _ in segments])
+    encoded = []
+    offset = 0
+    for where, segments in rendered:
+        ids, trained = encoder.join(segments, flat[offset : offset + len(segments)])
+        offset += len(segments)
+        encoded.append((where, encoder.fit(ids, trained, **encode_args)))
+    return encoded, bad
+
+
+def _encode_parallel(
+    encoder: Encoder,
+    rows: list[_Row],
+    template: PromptTemplate,
+    encode_args: dict[str, Any],
+    on_bad_row: str,
+    num_proc: int,
+) -> tuple[list[tuple[str, Encoded]], list[str]]:
+    from datasets import Dataset
+
+    def work(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        chunk = [(w, json.loads(m)) for w, m in zip(batch["where"], batch["messages"], strict=True)]
+        try:
+            done, bad = _encode(encoder, chunk, template, encode_args, on_bad_row, None)
+        except DataError as error:
+            return {"result": [json.dumps({"error": str(error)})]}
+        results = [json.dumps({"where": w, "encoded": attrs.asdict(e)}) for w, e in done]
+        return {"result": results + [json.dumps({"bad": b}) for b in bad]}
+
+    table = Dataset.from_dict(
+        {"where": [w for w, _ in rows], "messages": [json.dumps(m, ensure_ascii=False) for _, m in rows]}
+    )
+    out = table.map(
+        work,
+        batched=True,
+        batch_size=max(1, -(-len(rows) // num_proc)),
+        num_proc=num_proc,
+        remove_columns=table.column_names,
+        load_from_cache_file=False,
+        keep_in_memory=True,
+        desc="lorakit: tokenizing",
+    )
+    encoded: list[tuple[str, Encoded]] = []
+    bad: list[str] = []
+    for item in out["result"]:
+        result = json.loads(item)
+        if "error" in result:
+            raise DataError(result["error"])
+        if "bad" in result:
+            bad.append(result["bad"])
+            continue
+        fields = result["encoded"]
+        fields["spans"] = tuple(tuple(span) for span in fields["spans"])
+        encoded.append((result["where"], Encoded(**fields)))
+    return encoded, bad
+
+
+def _audit(
+    kept: list[Encoded], train: list[Encoded], tokenizer: Any, template: PromptTemplate
+) -> dict[str, Any]:
+    """The audit numbers of :class:`DataReport` for the kept examples."""
+    stops = [s for s in (*template.stop_strings(tokenizer), tokenizer.eos_token) if s]
+    turns = ending = missing = 0
+    for example in kept:
+        for start, end in example.spans:
+            turns += 1
+            text = tokenizer.decode(example.input_ids[start:end], skip_special_tokens=False).rstrip()
+            if any(text.endswith(stop) for stop in stops):
+                ending += 1
+            elif not (example.end_cut and end == len(example.input_ids)):
+                missing += 1
+    lengths = sorted(len(e.input_ids) for e in train)
+    trained = [e.n_trained_tokens for e in train]
+    bos = tokenizer.bos_token_id
+    return {
+        "token_lengths": _quantiles(lengths),
+        "trained_per_example": (
+            {"min": min(trained), "mean": round(sum(trained) / len(trained), 2), "max": max(trained)}
+            if trained
+            else {}
+        ),
+        "assistant_turns": turns,
+        "turns_ending_with_eot": ending,
+        "turns_missing_eot": missing,
+        "pad_is_eos": tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id,
+        "double_bos": sum(bos is not None and e.input_ids[:2] == [bos, bos] for e in kept),
+    }
+
+
+def _quantiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+
+    def at(q: float) -> float:
+        return float(values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))])
+
+    return {
+        "min": float(values[0]),
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "max": float(values[-1]),
+    }
+
+
+def _to_dataset(rows: list[Encoded], *, packing: bool, max_length: int) -> Dataset:
     from datasets import Dataset, Features, List, Value
 
+    if packing:
+        packed = pack([(e.input_ids, e.labels) for e in rows], max_length)
+        features = Features(
+            {
+                "input_ids": List(Value("int64")),
+                "labels": List(Value("int64")),
+                "seq_lengths": List(Value("int64")),
+            }
+        )
+        return Dataset.from_dict(
+            {key: [row[key] for row in packed] for key in ("input_ids", "labels", "seq_lengths")},
+            features=features,
+        )
     features = Features({"input_ids": List(Value("int64")), "labels": List(Value("int64"))})
     return Dataset.from_dict(
         {"input_ids": [e.input_ids for e in rows], "labels": [e.labels for e in rows]}, features=features
     )
+
+
+# --- cache ------------------------------------------------------------------------------------------------
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    parts = [type(tokenizer).__name__]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(backend.to_str())
+    else:
+        parts.append(json.dumps(sorted(tokenizer.get_vocab().items())))
+    parts.append(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str))
+    parts.append(str(getattr(tokenizer, "chat_template", None)))
+    parts.append(str(getattr(tokenizer, "add_bos_token", None)))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _cache_key(
+    train: list[_Row],
+    val: list[_Row],
+    tokenizer: Any,
+    template: PromptTemplate,
+    settings: dict[str, Any],
+    counts: dict[str, Any],
+) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, settings, counts], sort_keys=True, default=str).encode())
+    digest.update(_tokenizer_fingerprint(tokenizer).encode())
+    digest.update(json.dumps(template.to_dict(), sort_keys=True, default=repr).encode())
+    for rows in (train, val):
+        digest.update(b"\x01")
+        for where, messages in rows:
+            digest.update(json.dumps([where, messages], sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()[:32]
+
+
+def _cache_load(path: Path) -> PreparedData | None:
+    if not (path / "report.json").is_file():
+        return None
+    from datasets import load_from_disk
+
+    try:
+        report = DataReport.from_dict(json.loads((path / "report.json").read_text()))
+        train = load_from_disk(str(path / "train"))
+        val = load_from_disk(str(path / "val")) if (path / "val").is_dir() else None
+    except Exception:  # a partial or stale entry: recompute
+        return None
+    return PreparedData(train=train, val=val, report=attrs.evolve(report, cache_hit=True))
+
+
+def _cache_store(path: Path, prepared: PreparedData) -> None:
+    import shutil
+    import tempfile
+
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = not are_progress_bars_disabled()
+    try:
+        if quiet:
+            disable_progress_bars()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        prepared.train.save_to_disk(str(staging / "train"))
+        if prepared.val is not None:
+            prepared.val.save_to_disk(str(staging / "val"))
+        (staging / "report.json").write_text(json.dumps(prepared.report.to_dict()))
+        if path.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        staging.rename(path)
+    except OSError:  # a read-only or full disk must not stop training
+        return
+    finally:
+        if quiet:
+            enable_progress_bars()

@@ -6,7 +6,11 @@ A template is any object with ``name``, ``render()``, ``stop_strings()`` and ``t
 - ``"alpaca"``: the Stanford Alpaca instruction prompt.
 - ``"chatml"``: ``<|im_start|>role ... <|im_end|>`` (Qwen, SmolLM2, Hermes).
 - ``"llama2"``: ``<s>[INST] <<SYS>> ... [/INST] reply </s>``.
+- ``"llama3"``, ``"mistral"``, ``"zephyr"``, ``"gemma"``, ``"phi3"``, ``"vicuna"``: those model families' formats.
 - ``"model"``: the tokenizer's own ``chat_template``.
+
+A Jinja chat template string (anything containing ``{%`` or ``{{``) is used like ``"model"`` with that string
+in place of the tokenizer's template.
 
 Formats of your own: ``Template(name, user=..., assistant=..., ...)`` from format strings, optionally
 registered under a name with :func:`register_template`.
@@ -25,7 +29,18 @@ from typing import Any
 
 from lorakit.errors import ConfigError
 from lorakit.templates.base import Message, PromptTemplate, Segment
-from lorakit.templates.builtin import ALPACA, CHATML, LLAMA2, AlpacaTemplate
+from lorakit.templates.builtin import (
+    ALPACA,
+    CHATML,
+    GEMMA,
+    LLAMA2,
+    LLAMA3,
+    MISTRAL,
+    PHI3,
+    VICUNA,
+    ZEPHYR,
+    AlpacaTemplate,
+)
 from lorakit.templates.format import Template
 from lorakit.templates.model import ModelTemplate
 
@@ -46,6 +61,12 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "alpaca": ALPACA,
     "chatml": CHATML,
     "llama2": LLAMA2,
+    "llama3": LLAMA3,
+    "mistral": MISTRAL,
+    "zephyr": ZEPHYR,
+    "gemma": GEMMA,
+    "phi3": PHI3,
+    "vicuna": VICUNA,
     "model": ModelTemplate(),
 }
 """Every template known by name. Add to it with :func:`register_template`."""
@@ -73,12 +94,14 @@ def register_template(name: str, template: PromptTemplate) -> None:
 
 
 def get_template(name_or_template: str | Mapping[str, Any] | PromptTemplate) -> PromptTemplate:
-    """The template registered under a name, one rebuilt from ``to_dict()`` output, or the object itself.
+    """The template registered under a name, a Jinja chat template string, one rebuilt from ``to_dict()`` output, or the object itself.
 
     Raises:
         ConfigError: an unknown name (the message lists the known ones) or an object that is not a template.
     """
     if isinstance(name_or_template, str):
+        if "{%" in name_or_template or "{{" in name_or_template:
+            return ModelTemplate(name="jinja", chat_template=name_or_template)
         template = TEMPLATES.get(name_or_template)
         if template is None:
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""The built-in templates: alpaca, chatml, llama2."""
+"""The built-in templates: alpaca, chatml, llama2, llama3, mistral, zephyr, gemma, phi3, vicuna."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import attrs
 from lorakit.templates.base import Message, Segment, check_messages, merge_segments
 from lorakit.templates.format import Template
 
-__all__ = ["ALPACA", "CHATML", "LLAMA2", "AlpacaTemplate"]
+__all__ = [
+    "ALPACA",
+    "CHATML",
+    "GEMMA",
+    "LLAMA2",
+    "LLAMA3",
+    "MISTRAL",
+    "PHI3",
+    "VICUNA",
+    "ZEPHYR",
+    "AlpacaTemplate",
+]
 
 PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -97,3 +108,74 @@ LLAMA2 = Template(
 
 The trained part is `` {reply} </s>`` (space included), so generation continues right after ``[/INST]``.
 """
+
+LLAMA3 = Template(
+    "llama3",
+    begin="{bos}",
+    system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+    user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+    generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    assistant="{content}<|eot_id|>",
+    stop=("<|eot_id|>", "{eos}"),
+)
+"""Llama 3 / 3.1 / 3.2 instruct: ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``."""
+
+MISTRAL = Template(
+    "mistral",
+    begin="{bos}",
+    system="{content}\n\n",
+    system_in_first_user=True,
+    user="[INST] {content} [/INST]",
+    assistant="{content}{eos}",
+    stop=("{eos}",),
+)
+"""Mistral / Mixtral instruct (v0.1 form): ``<s>[INST] {user} [/INST]{reply}</s>``; a system message is put
+in front of the first user message, as Mistral's own chat template does."""
+
+ZEPHYR = Template(
+    "zephyr",
+    system="<|system|>\n{content}{eos}\n",
+    user="<|user|>\n{content}{eos}\n",
+    generation_prompt="<|assistant|>\n",
+    assistant="{content}{eos}",
+    after_assistant="\n",
+    stop=("{eos}",),
+)
+"""Zephyr: ``<|user|>\\n{content}</s>\\n<|assistant|>\\n{reply}</s>\\n``."""
+
+GEMMA = Template(
+    "gemma",
+    begin="{bos}",
+    system="{content}\n\n",
+    system_in_first_user=True,
+    user="<start_of_turn>user\n{content}<end_of_turn>\n",
+    generation_prompt="<start_of_turn>model\n",
+    assistant="{content}<end_of_turn>",
+    after_assistant="\n",
+    stop=("<end_of_turn>", "{eos}"),
+)
+"""Gemma / Gemma 2: ``<start_of_turn>user\\n{content}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n``;
+Gemma has no system role, so a system message opens the first user turn."""
+
+PHI3 = Template(
+    "phi3",
+    system="<|system|>\n{content}<|end|>\n",
+    user="<|user|>\n{content}<|end|>\n",
+    generation_prompt="<|assistant|>\n",
+    assistant="{content}<|end|>",
+    after_assistant="\n",
+    stop=("<|end|>", "{eos}"),
+)
+"""Phi-3 / Phi-3.5: ``<|user|>\\n{content}<|end|>\\n<|assistant|>\\n{reply}<|end|>\\n``."""
+
+VICUNA = Template(
+    "vicuna",
+    system="{content} ",
+    user="USER: {content} ",
+    generation_prompt="ASSISTANT:",
+    assistant=" {content}{eos}",
+    stop=("{eos}", "USER:"),
+)
+"""Vicuna v1.1: ``{system} USER: {user} ASSISTANT: {reply}</s>USER: ...``. Vicuna's usual system prompt ("A
+chat between a curious user and an artificial intelligence assistant. ...") is not added for you: put it in a
+system message if you want it."""

@@ -17,7 +17,7 @@ _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "l
 
 @attrs.frozen
 class ModelTemplate:
-    """The tokenizer's ``chat_template``, rendered with ``apply_chat_template(..., tokenize=False)``.
+    """The tokenizer's ``chat_template`` (or a Jinja string of your own), rendered with ``apply_chat_template(..., tokenize=False)``.
 
     Chat templates only produce text, so the trained spans are found by rendering incrementally: for the
     assistant message ``i``, ``messages[:i]`` with the generation prompt is the prefix and ``messages[:i+1]``
@@ -31,6 +31,8 @@ class ModelTemplate:
 
     name: str = "model"
     """Shown in plans and saved with the run."""
+    chat_template: str | None = None
+    """A Jinja chat template to use instead of the tokenizer's own (``get_template("{% for ... %}")``)."""
 
     def render(
         self, messages: Sequence[Message], *, tokenizer: Any, add_generation_prompt: bool = False
@@ -46,8 +48,8 @@ class ModelTemplate:
         for index, message in enumerate(plain):
             if message["role"] != "assistant":
                 continue
-            prefix = _apply(tokenizer, plain[:index], add_generation_prompt=True)
-            full = _apply(tokenizer, plain[: index + 1], add_generation_prompt=False)
+            prefix = _apply(tokenizer, plain[:index], True, self.chat_template)
+            full = _apply(tokenizer, plain[: index + 1], False, self.chat_template)
             _check_extends(done, prefix, index)
             _check_extends(prefix, full, index + 1)
             reply = full[len(prefix) :]
@@ -60,7 +62,7 @@ class ModelTemplate:
                 segments.append((trained, True))
             segments.append((reply[len(trained) :], False))
             done = full
-        final = _apply(tokenizer, plain, add_generation_prompt=add_generation_prompt)
+        final = _apply(tokenizer, plain, add_generation_prompt, self.chat_template)
         _check_extends(done, final, len(plain))
         segments.append((final[len(done) :], False))
         return merge_segments(segments)
@@ -69,8 +71,8 @@ class ModelTemplate:
         """The end-of-turn text the template puts after a reply (e.g. ``<|im_end|>``), and EOS."""
         stops: list[str] = []
         try:
-            prefix = _apply(tokenizer, _PROBE[:1], add_generation_prompt=True)
-            full = _apply(tokenizer, _PROBE, add_generation_prompt=False)
+            prefix = _apply(tokenizer, _PROBE[:1], True, self.chat_template)
+            full = _apply(tokenizer, _PROBE, False, self.chat_template)
         except ConfigError:
             full = prefix = ""
         reply = full[len(prefix) :] if full.startswith(prefix) else ""
@@ -81,12 +83,21 @@ class ModelTemplate:
         return list(dict.fromkeys(s for s in stops if s))
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name": "model"}``: the chat template itself travels with the saved tokenizer."""
-        return {"name": self.name}
+        """``{"name": "model"}`` (the chat template travels with the saved tokenizer), or with a Jinja string
+        of its own, the class and both fields."""
+        if self.chat_template is None:
+            return {"name": self.name}
+        return {
+            "class": "lorakit.templates.model:ModelTemplate",
+            "name": self.name,
+            "chat_template": self.chat_template,
+        }
 
 
-def _apply(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
+def _apply(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool, chat_template: str | None
+) -> str:
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "template='model' needs a tokenizer with a chat_template, and this tokenizer has none "
             f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}). "
@@ -96,7 +107,10 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_pro
         return ""
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **({"chat_template": chat_template} if chat_template is not None else {}),
         )
     except Exception as error:  # jinja raises its own errors, e.g. "roles must alternate"
         raise ConfigError(
