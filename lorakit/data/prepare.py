@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from lorakit.data.encode import IGNORE_INDEX, Encoded, Encoder, _check_max_length, check_overflow
-from lorakit.data.formats import FORMATS, TEXT_ROLE, detect_format, rename_columns, to_messages
+from lorakit.data.formats import FORMATS, TEXT_ROLE, Format, detect_format, rename_columns, to_messages
 from lorakit.data.load import read_source
 from lorakit.errors import ConfigError, DataError, LorakitError
 from lorakit.templates import PromptTemplate, get_template
@@ -569,7 +569,7 @@ def _read(
     present: dict[str, None] = {}
     for row in rows:
         present.update(dict.fromkeys(row))
-    fmt = format or detect_format(present)
+    fmt: Format = format or detect_format(present)  # type: ignore[assignment]  # checked by _check_options
     counts["rows_loaded"] += len(rows)
     counts["skipped_blank_lines"] += read.skipped_blank
     conversations: list[_Row] = []
@@ -681,6 +681,9 @@ def _encode_parallel(
         remove_columns=table.column_names,
         load_from_cache_file=False,
         keep_in_memory=True,
+        new_fingerprint=hashlib.sha256(os.urandom(16)).hexdigest()[
+            :16
+        ],  # lorakit caches; skip hashing `work`
         desc="lorakit: tokenizing",
     )
     encoded: list[tuple[str, Encoded]] = []

@@ -31,7 +31,10 @@ class PromptTemplate(Protocol):
     with the other keys.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Shown in plans and saved with the run."""
+        ...
 
     def render(
         self, messages: Sequence[Message], *, tokenizer: Any, add_generation_prompt: bool = False
