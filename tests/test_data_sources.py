@@ -364,3 +364,28 @@ def test_a_template_that_never_ends_turns_is_a_fatal_audit_problem(tiny_tokenize
     assert report.assistant_turns == 1 and report.turns_ending_with_eot == 0
     fatal, _ = report.problems()
     assert "never learns to stop" in fatal[0]
+
+
+def test_openai_content_parts_are_joined_and_other_parts_rejected(tiny_tokenizer):
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]},
+            CHAT[1],
+        ]
+    }
+    assert to_messages(parts, "messages", row_index=0, source_name="s") == CHAT
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, CHAT[1]]}
+    with pytest.raises(DataError, match=r"row 3, messages\[0\], content\[0\]: only text parts"):
+        to_messages(image, "messages", row_index=3, source_name="s")
+
+
+def test_count_rows_takes_the_spec_options(tiny_tokenizer):
+    """plan() can count with every with_dataset() option: count_rows(spec.source, **spec.prepare_kwargs())."""
+    from lorakit.config import DataSpec
+
+    spec = DataSpec(
+        [{"q": "Say hi.", "a": "hi"}] * 3 + [{"q": f"Say {i}.", "a": str(i)} for i in range(7)],
+        columns={"instruction": "q", "output": "a"},
+        val_split=0.25,
+    )
+    assert count_rows(spec.source, **spec.prepare_kwargs()) == (6, 2)  # 2 duplicates dropped, then split

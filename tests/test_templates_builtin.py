@@ -82,8 +82,16 @@ EXPECTED: dict[str, tuple[str, str]] = {
         "<s>Be brief. USER: Hi ASSISTANT:[[ hello</s>]]USER: And? ASSISTANT:[[ world</s>]]",
     ),
 }
+# A Llama-3-style Jinja chat template without {% generation %} markers: the spans are found by rendering.
+LLAMA3_JINJA = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 EXPECTED["model"] = EXPECTED["chatml"]  # the tiny tokenizer's chat_template is ChatML
 EXPECTED[CHATML_TEMPLATE] = EXPECTED["chatml"]  # a Jinja string is used like the tokenizer's own
+EXPECTED[LLAMA3_JINJA] = EXPECTED["llama3"]
+JINJA_IDS = {CHATML_TEMPLATE: "jinja-chatml", LLAMA3_JINJA: "jinja-llama3"}
 
 # What each template trains for an assistant reply `c`: the reply and its end-of-turn text.
 REPLY = {
@@ -98,6 +106,7 @@ REPLY = {
     "vicuna": " {c}</s>",
     "model": "{c}<|im_end|>",
 }
+REPLY_ANY = {**REPLY, CHATML_TEMPLATE: REPLY["chatml"], LLAMA3_JINJA: REPLY["llama3"]}
 
 
 def expected_encoding(tokenizer: Any, marked: str) -> tuple[list[int], list[int]]:
@@ -112,11 +121,11 @@ def expected_encoding(tokenizer: Any, marked: str) -> tuple[list[int], list[int]
 
 
 def test_every_registered_template_has_an_expected_rendering():
-    assert set(TEMPLATES) == set(EXPECTED) - {CHATML_TEMPLATE}
+    assert set(TEMPLATES) == set(EXPECTED) - set(JINJA_IDS)
     assert set(TEMPLATES) == set(REPLY)
 
 
-@pytest.mark.parametrize("name", list(EXPECTED), ids=lambda n: "jinja" if "{%" in n else n)
+@pytest.mark.parametrize("name", list(EXPECTED), ids=lambda n: JINJA_IDS.get(n, n))
 @pytest.mark.parametrize("turns", ["single", "multi"])
 def test_exact_ids_and_labels(tiny_tokenizer, name, turns):
     messages, marked = (SINGLE, EXPECTED[name][0]) if turns == "single" else (MULTI, EXPECTED[name][1])
@@ -128,7 +137,7 @@ def test_exact_ids_and_labels(tiny_tokenizer, name, turns):
     assert ids[:2] != [tiny_tokenizer.bos_token_id] * 2  # no double BOS
 
 
-@pytest.mark.parametrize("name", list(EXPECTED), ids=lambda n: "jinja" if "{%" in n else n)
+@pytest.mark.parametrize("name", list(EXPECTED), ids=lambda n: JINJA_IDS.get(n, n))
 def test_generation_prompt_is_the_training_prompt(tiny_tokenizer, name):
     template = get_template(name)
     row = encode(MULTI, template, tiny_tokenizer, max_length=1024)
@@ -189,14 +198,14 @@ def trained_runs(labels: list[int]) -> list[list[int]]:
     return runs
 
 
-@pytest.mark.parametrize("name", list(REPLY))
+@pytest.mark.parametrize("name", list(REPLY_ANY), ids=lambda n: JINJA_IDS.get(n, n))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(messages=conversations())
 def test_trained_tokens_are_exactly_the_replies_and_their_end_of_turn(tiny_tokenizer, name, messages):
     row = encode(messages, get_template(name), tiny_tokenizer, max_length=4096)
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     expected = [
-        tiny_tokenizer(REPLY[name].format(c=reply), add_special_tokens=False)["input_ids"]
+        tiny_tokenizer(REPLY_ANY[name].format(c=reply), add_special_tokens=False)["input_ids"]
         for reply in replies
     ]
     assert trained_runs(row.labels) == expected

@@ -246,6 +246,9 @@ def _conversation(conversation: list[Any], where: str, field: str, changes: set[
             raise DataError(f"{at}: unknown role {role!r}; use 'system', 'user' or 'assistant'.")
         if role == "system" and index > 0:
             raise DataError(f"{at}: a system message may only come first.")
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": "..."}, ...]
+            message = {"content": _join_text_parts(content, at)}
         messages.append({"role": role, "content": _text(message, "content", at)})
     turns = [m for m in messages if m["role"] != "system"]
     if not turns or turns[0]["role"] == "assistant":
@@ -256,3 +259,19 @@ def _conversation(conversation: list[Any], where: str, field: str, changes: set[
     if not any(m["role"] == "assistant" for m in turns):
         raise DataError(f"{where}, field {field!r}: the conversation has no assistant turn to train on.")
     return messages
+
+
+def _join_text_parts(parts: list[Any], where: str) -> str:
+    texts = []
+    for index, part in enumerate(parts):
+        if (
+            not isinstance(part, Mapping)
+            or part.get("type") != "text"
+            or not isinstance(part.get("text"), str)
+        ):
+            raise DataError(
+                f"{where}, content[{index}]: only text parts ({{'type': 'text', 'text': ...}}) can be trained "
+                f"on, got {part!r}. Remove image / audio parts or convert them to text."
+            )
+        texts.append(part["text"])
+    return "".join(texts)

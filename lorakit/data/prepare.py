@@ -796,7 +796,11 @@ def _cache_key(
     counts: dict[str, Any],
 ) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_VERSION, settings, counts], sort_keys=True, default=str).encode())
+    from lorakit import __version__
+
+    digest.update(
+        json.dumps([CACHE_VERSION, __version__, settings, counts], sort_keys=True, default=str).encode()
+    )
     digest.update(_tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(template.to_dict(), sort_keys=True, default=repr).encode())
     for rows in (train, val):
