@@ -124,3 +124,10 @@ def test_with_dataset_options_validate_and_round_trip(tiny_model_dir, tmp_path):
         lk.Pipeline.from_model(tiny_model_dir).with_dataset("tatsu-lab/alpaca").data.source
         == "tatsu-lab/alpaca"
     )
+
+
+def test_preview_shows_itself_in_a_repl(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    preview = pipeline(tiny_model_dir, template="chatml", val_split=0).preview(n=1)
+    assert repr(preview) == str(preview) == preview.render(color=False)
+    assert repr(preview).startswith("lorakit preview: 1 example(s), trained tokens between [[ and ]]")

@@ -34,7 +34,7 @@ class PreviewExample:
         return "".join(f"{start}{text}{end}" if trained else text for text, trained in self.pieces)
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)
 class Preview:
     """The first training examples as the model sees them. ``str()`` for a terminal, HTML in a notebook."""
 
@@ -55,6 +55,9 @@ class Preview:
         return "\n".join(blocks)
 
     def __str__(self) -> str:
+        return self.render()
+
+    def __repr__(self) -> str:  # what a REPL shows for ``pipeline.preview()``
         return self.render()
 
     def _repr_html_(self) -> str:
