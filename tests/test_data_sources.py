@@ -356,6 +356,12 @@ def test_num_proc_gives_the_same_data(tiny_tokenizer):
     assert two.report == one.report
     with pytest.raises(ConfigError, match="`num_proc` must be a positive integer or None, got 0"):
         prep(rows, tiny_tokenizer, num_proc=0)
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ m['content'] }}\n{% endfor %}"
+    bad = [{"messages": CHAT}] * 3 + [{"messages": [{"role": "system", "content": "x"}, *CHAT]}]
+    with pytest.raises(DataError, match=r"the list of rows, row 3: the template 'jinja' cannot render"):
+        prep(bad, tiny_tokenizer, template=strict, num_proc=2, dedup=False)
+    skipped = prep(bad, tiny_tokenizer, template=strict, num_proc=2, dedup=False, on_bad_row="skip")
+    assert skipped.report.train_rows == 3 and skipped.report.skipped_bad_rows == 1
 
 
 def test_a_template_that_never_ends_turns_is_a_fatal_audit_problem(tiny_tokenizer):
@@ -389,3 +395,22 @@ def test_count_rows_takes_the_spec_options(tiny_tokenizer):
         val_split=0.25,
     )
     assert count_rows(spec.source, **spec.prepare_kwargs()) == (6, 2)  # 2 duplicates dropped, then split
+
+
+def test_continued_pretraining_on_a_directory_of_text_files(tiny_model_dir, tmp_path):
+    import lorakit as lk
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog.\nhello world {i}")
+    run = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_lora(r=4, targets=("q_proj", "v_proj"))
+        .with_dataset(docs, val_split=0.25, max_length=64, cache=False)
+        .with_training(max_steps=2, batch_size=2, logging_steps=1)
+        .train(tmp_path / "run")
+    )
+    assert run.data_report["format"] == "text" and run.data_report["train_rows"] == 3
+    assert run.data_report["turns_ending_with_eot"] == run.data_report["assistant_turns"] == 4
+    assert run.metrics["train_steps"] == 2 and run.metrics["eval_loss"] > 0
