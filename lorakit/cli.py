@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         help="fine-tune the embedded SmolLM2-135M on the bundled ticket data and show before/after",
     )
     quick.add_argument("--output", default="runs/quickstart", help="run directory (default: runs/quickstart)")
-    quick.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
+    quick.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
     quick.add_argument(
         "--eval-rows", type=int, default=None, help="evaluate on the first N held-out rows only"
     )

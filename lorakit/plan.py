@@ -125,7 +125,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
     template = "-"
     if pipeline.data is not None:
         spec = pipeline.data
-        train_rows, val_rows = count_rows(spec.source, val_split=spec.val_split, seed=spec.seed)
+        train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())
         t = pipeline.training
         per_epoch, total_steps = steps_for(
             train_rows,

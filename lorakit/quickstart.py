@@ -45,7 +45,7 @@ def run_quickstart(
     output_dir: str | Path = "runs/quickstart",
     *,
     model: str = "smollm2-135m",
-    max_steps: int = 60,
+    max_steps: int = 100,
     eval_rows: int | None = None,
     overwrite: bool = True,
 ) -> dict[str, Any]:

@@ -100,7 +100,8 @@ def _describe_source(source: Any) -> str:
 def _source_for_config(source: Any, output_dir: Path) -> str:
     """A path that reloads the training rows: the file itself, or a copy of in-memory rows in the run."""
     if isinstance(source, str):
-        return str(Path(source).expanduser().resolve())
+        path = Path(source).expanduser()
+        return str(path.resolve()) if path.exists() else source  # a Hub dataset id stays an id
     rows = source if isinstance(source, list) else source.to_list()
     path = output_dir / "data" / "source.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
