@@ -60,7 +60,7 @@ def run_quickstart(
         .with_lora(r=16, alpha=32, targets="all-linear")
         .with_dataset(str(sample_path("train")), template="alpaca", val_split=0.1, max_length=256)
         .with_training(
-            max_steps=max_steps, lr=3e-4, batch_size=8, grad_accum=1, warmup_ratio=0.05, logging_steps=10
+            max_steps=max_steps, lr=4e-4, batch_size=8, scheduler="linear", warmup_ratio=0.1, logging_steps=10
         )
     )
     print(pipeline.explain(), flush=True)
