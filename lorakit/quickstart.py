@@ -101,10 +101,13 @@ def run_quickstart(
     print(
         f"\n  adapter saved in {result.output_dir}; load it with lk.InferenceModel.load({str(result.output_dir)!r})"
     )
-    return {
+    summary = {
         "before": before,
         "after": after,
         "minutes": minutes,
+        "test_rows": len(test_rows),
         "metrics": result.metrics,
         "output_dir": str(result.output_dir),
     }
+    (Path(result.output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
