@@ -5,7 +5,6 @@ Everything here imports torch / transformers lazily; :mod:`lorakit` itself stays
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +82,7 @@ def resolve_model_path(spec: ModelSpec) -> str:
                 "Point at a transformers model directory (what save_pretrained writes)."
             )
         return str(path)
-    if spec.name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in spec.name_or_path:
+    if spec.name_or_path.startswith((".", "/", "~")):  # clearly a path, not a Hub id
         raise ConfigError(f"from_model({spec.name_or_path!r}): no such directory.")
     return spec.name_or_path  # a Hub id
 
