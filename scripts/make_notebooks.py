@@ -220,6 +220,72 @@ ticket = Template(
 custom = lk.Pipeline.from_model(MODEL).with_lora().with_dataset(alpaca_rows, template=ticket, val_split=0)
 print(custom.preview(1))"""),
     ],
+    "03_qlora_on_colab": [
+        md("""
+# 03 · QLoRA on a Colab T4
+
+QLoRA keeps the frozen base weights in 4 bits (nf4 with double quantization, through bitsandbytes) and trains
+a LoRA adapter on top. On a 16 GB T4 it fits models that do not fit in 16-bit. lorakit:
+
+- prepares the quantized model for training;
+- keeps the adapter in fp32 on fp32 runs;
+- merges into an un-quantized reload of the base, never into the 4-bit weights, which would round the update
+  away.
+
+On a GPU this notebook fine-tunes Qwen2.5-1.5B-Instruct. On a CPU it runs the same steps on SmolLM2-135M:
+bitsandbytes 0.50 runs nf4 on CPUs too.
+"""),
+        code(INSTALL),
+        code(
+            PARAMETERS.format(name="qlora")
+            + """
+STEPS = 4 if SMALL else (60 if GPU else 30)"""
+        ),
+        code("""
+import lorakit as lk
+from lorakit.quickstart import sample_path
+
+pipeline = (
+    lk.Pipeline.from_model(MODEL)
+    .with_lora(r=16, alpha=32, targets="all-linear")
+    .quantize_4bit()                          # nf4 + double quant; compute dtype follows the device
+    .with_dataset(str(sample_path("train")), template="chatml", val_split=0.1, max_length=256)
+    .with_training(max_steps=STEPS, lr=2e-4, batch_size=4, grad_accum=2, logging_steps=1)
+)
+print(pipeline.explain())"""),
+        md("## Train\n\nOn a T4, lorakit picks fp16 (the T4 has no bf16). On a CPU it trains in fp32."),
+        code("""
+result = pipeline.train(OUT, overwrite=True)
+print(result.metrics)"""),
+        md("## What was trained: 4-bit base layers, full-precision adapters"),
+        code('''
+from collections import Counter
+
+model = lk.InferenceModel.load(OUT)
+def linear_kinds(module):
+    """Linear layers by library: bitsandbytes' 4-bit base layers, PEFT's LoRA wrappers, torch's Linear."""
+    return Counter(
+        f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" for m in module.modules() if "Linear" in type(m).__name__
+    )
+
+
+kinds = linear_kinds(model.model)
+adapter_dtypes = Counter(str(p.dtype) for n, p in model.model.named_parameters() if "lora_" in n)
+print("linear layer types:", dict(kinds))
+print("adapter parameter dtypes:", dict(adapter_dtypes))
+print(f"weights in memory: {model.model.get_memory_footprint() / 2**20:.0f} MiB")
+print(model.generate({"instruction": "Which queue should handle this ticket: billing, shipping, technical, "
+                      "account or returns? Answer with the queue name only.",
+                      "input": "The app crashes when I open settings."}))'''),
+        md("## Merge: into an un-quantized reload of the base"),
+        code("""
+merged = model.merge()
+merged_kinds = linear_kinds(merged.model)
+print("after merge:", dict(merged_kinds), "| dtype:", next(merged.model.parameters()).dtype)
+print(f"weights in memory: {merged.model.get_memory_footprint() / 2**20:.0f} MiB")
+path = merged.save(OUT + "-merged")
+print("plain transformers model in", path)"""),
+    ],
 }
 
 
