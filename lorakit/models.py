@@ -142,8 +142,8 @@ def load_tokenizer(path: str, spec: ModelSpec) -> Any:
     return tokenizer
 
 
-def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
-    """The ``BitsAndBytesConfig`` for a quantization spec."""
+def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype, quant_storage: str | None = None) -> Any:
+    """The ``BitsAndBytesConfig`` for a quantization spec (``quant_storage``: 4-bit storage dtype, for FSDP)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
@@ -159,18 +159,29 @@ def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype) if quant.compute_dtype else compute_dtype,
+        **({"bnb_4bit_quant_storage": torch_dtype(quant_storage)} if quant_storage else {}),
     )
 
 
-def load_base_model(path: str, spec: ModelSpec, *, dtype: torch.dtype, quant: QuantSpec | None = None) -> Any:
-    """Load the causal LM in ``dtype`` (or quantized with bitsandbytes) on the training device."""
+def load_base_model(
+    path: str,
+    spec: ModelSpec,
+    *,
+    dtype: torch.dtype,
+    quant: QuantSpec | None = None,
+    quant_storage: str | None = None,
+) -> Any:
+    """Load the causal LM in ``dtype`` (or quantized with bitsandbytes) on the training device.
+
+    ``quant_storage`` stores 4-bit weights in that dtype so FSDP / ZeRO-3 can shard them (QLoRA on many GPUs).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, **_hub_kwargs(spec)}
     if spec.dtype != "auto":
         kwargs["dtype"] = torch_dtype(spec.dtype)
     if quant is not None:
-        kwargs["quantization_config"] = bnb_config(quant, kwargs["dtype"])
+        kwargs["quantization_config"] = bnb_config(quant, kwargs["dtype"], quant_storage)
         kwargs["device_map"] = {"": 0} if device_kind() == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
