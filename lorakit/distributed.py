@@ -252,7 +252,7 @@ def training_arguments(pipeline: Pipeline, *, layer_classes: Sequence[str] | Non
     """
     spec = pipeline.distribution
     if spec is None:
-        return {}
+        return {"ddp_find_unused_parameters": False}
     check_spec_against(pipeline, spec)
     grad_ckpt = pipeline.training.grad_checkpointing
     kwargs: dict[str, Any] = {"ddp_find_unused_parameters": False}
@@ -333,6 +333,7 @@ def accelerate_config(
         "rdzv_backend": "static",
         "same_network": True,
         "use_cpu": False,
+        "debug": False,
         "gpu_ids": "all",
     }
     if spec.num_machines > 1:
@@ -340,10 +341,11 @@ def accelerate_config(
     arguments = training_arguments(pipeline, layer_classes=layer_classes) if pipeline.distribution else {}
     if spec.strategy == "fsdp":
         config["distributed_type"] = "FSDP"
-        config["fsdp_config"] = {
-            f"fsdp_{key}": value for key, value in arguments["fsdp_config"].items() if key != "cpu_offload"
-        }
-        config["fsdp_config"]["fsdp_offload_params"] = spec.cpu_offload
+        fsdp = dict(arguments["fsdp_config"])
+        fsdp["offload_params"] = fsdp.pop("cpu_offload")
+        if "transformer_layer_cls_to_wrap" in fsdp:  # accelerate's file takes a comma-separated string
+            fsdp["transformer_layer_cls_to_wrap"] = ",".join(fsdp["transformer_layer_cls_to_wrap"])
+        config["fsdp_config"] = {f"fsdp_{key}": value for key, value in fsdp.items()}
     elif spec.strategy == "deepspeed":
         config["distributed_type"] = "DEEPSPEED"
         config["deepspeed_config"] = {
@@ -447,7 +449,11 @@ def launch(
     elif isinstance(pipeline, Mapping):
         config = dict(pipeline)
     else:
-        config = json.loads(Path(pipeline).read_text())
+        path = Path(pipeline)
+        try:
+            config = json.loads((path / "lorakit_run.json" if path.is_dir() else path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"launch(): cannot read the pipeline config {path}: {error}") from error
         config = config.get("pipeline", config)
     built = Pipeline.from_config(config)
     spec = built.distribution

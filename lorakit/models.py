@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "cpu_has_native_bf16",
     "device_kind",
     "load_base_model",
     "load_model_config",
@@ -51,16 +52,29 @@ def resolve_precision(precision: str) -> str:
         if not cuda:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16" and not cuda and cpu_has_native_bf16():
+        return "bf16"  # fp32 weights, bf16 autocast (see docs/benchmarks.md)
     if precision in ("bf16", "fp16") and not cuda:
         raise ConfigError(
-            f"with_training(precision={precision!r}) needs a CUDA GPU and none is available. "
-            "Use precision='auto' (fp32 on CPU)."
+            f"with_training(precision={precision!r}) needs a CUDA GPU"
+            + (" (or, for bf16, a CPU with native bf16: AVX512-BF16 or AMX)" if precision == "bf16" else "")
+            + " and none is available. Use precision='auto' (fp32 on CPU)."
         )
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             "with_training(precision='bf16'): this GPU has no bf16 support. Use precision='fp16'."
         )
     return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX), so bf16 autocast can pay on it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
 
 
 def torch_dtype(name: str) -> torch.dtype:

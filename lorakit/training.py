@@ -198,7 +198,8 @@ def run_training(
     model = load_base_model(
         base_path,
         pipeline.model,
-        dtype=torch_dtype(precision),
+        # On CPU, bf16 is autocast over fp32 weights (the Trainer's bf16=True); GPUs load the weights in it.
+        dtype=torch_dtype(precision if device == "cuda" else "fp32"),
         quant=pipeline.quant,
         quant_storage=quantization_storage(pipeline),
     )
