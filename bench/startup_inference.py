@@ -50,7 +50,9 @@ def startup() -> dict[str, Any]:
     code = "import time; t = time.perf_counter(); import lorakit; print(time.perf_counter() - t)"
     in_process = []
     for _ in range(9):
-        out = subprocess.run([sys.executable, "-c", code], env=_env(), check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=_env(), check=True, capture_output=True, text=True
+        )
         in_process.append(float(out.stdout.strip()))
     script = shutil.which("lorakit")
     cli = _wall([script, "--help"]) if script else _wall([sys.executable, "-m", "lorakit.cli", "--help"])
