@@ -32,8 +32,8 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        prompt_words = int(min(max(rng.lognormvariate(3.55, 0.9), 4), 600))
-        reply_words = int(min(max(rng.lognormvariate(4.5, 0.85), 3), 700))
+        prompt_words = int(min(max(rng.lognormvariate(3.55, 0.9), 4), 350))
+        reply_words = int(min(max(rng.lognormvariate(4.5, 0.85), 3), 550))
         rows.append(
             {
                 "instruction": " ".join(rng.choice(WORDS) for _ in range(prompt_words)),
