@@ -417,7 +417,14 @@ def main() -> None:
         for repeat in range(repeats):
             order = configs if repeat % 2 == 0 else list(reversed(configs))
             for config in order:
-                result = run_worker(script, ["train", model_name, config])
+                try:
+                    result = run_worker(script, ["train", model_name, config])
+                except RuntimeError as error:  # keep the other configurations' numbers
+                    print(f"{model_name} {config} r{repeat} FAILED: {error}", flush=True)
+                    payload.setdefault("failures", []).append(
+                        f"{model_name} {config} r{repeat}: {error}"[-3000:]
+                    )
+                    continue
                 result["repeat"] = repeat
                 runs.append(result)
                 print(
@@ -426,7 +433,11 @@ def main() -> None:
                     f"{result['runtime_s']:.1f} s, loss {result['train_loss']:.4f}, RSS {result['peak_rss_mb']} MB",
                     flush=True,
                 )
-        agreement = run_worker(script, ["agree", model_name])
+        try:
+            agreement = run_worker(script, ["agree", model_name])
+        except RuntimeError as error:
+            print(f"{model_name} loss agreement FAILED: {error}", flush=True)
+            agreement = {"rows": 0, "losses": {}, "error": str(error)[-3000:]}
         print(
             f"{model_name:8s} losses on the same {agreement['rows']} rows: {agreement['losses']}", flush=True
         )

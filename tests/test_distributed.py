@@ -62,7 +62,12 @@ AUDIT = textwrap.dedent(
     def _hook(event, args):
         if event in ("open", "os.mkdir", "os.rename", "os.replace", "os.remove") and args:
             path = str(args[0])
-            writing = event != "open" or (len(args) > 1 and any(c in str(args[1] or "r") for c in "wax+"))
+            mode, flags = (args[1], args[2]) if event == "open" and len(args) > 2 else (None, 0)
+            writing = event != "open" or (
+                any(c in mode for c in "wax+")
+                if isinstance(mode, str)
+                else bool((flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            )
             if writing and path.startswith(_out):
                 with open(f"{_log}-{_rank}", "a") as handle:
                     handle.write(f"{event} {path}\\n")
