@@ -24,24 +24,43 @@ WORDS = (
 ).split()
 
 
-def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Alpaca rows whose lengths spread like chat data: log-normal prompt and reply word counts.
+def tokens_per_word(tokenizer: Any) -> float:
+    """How many tokens this tokenizer spends on one of the bench's words."""
+    text = " ".join(WORDS * 20)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) / (len(WORDS) * 20)
 
-    Prompts ~ 35 words (median), replies ~ 90 (median), with long tails; about 20-1000 tokens in all.
+
+def synthetic_rows(n: int, seed: int = 0, tokens_per_word: float = 1.0) -> list[dict[str, str]]:
+    """Alpaca rows whose token lengths spread like chat data: log-normal prompt and reply lengths.
+
+    Prompts ~ 35 tokens (median), replies ~ 90 (median), with long tails, about 40-1000 tokens with the
+    template; word counts are divided by the tokenizer's ``tokens_per_word`` so every model sees the same
+    distribution in tokens.
     """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        prompt_words = int(min(max(rng.lognormvariate(3.55, 0.9), 4), 350))
-        reply_words = int(min(max(rng.lognormvariate(4.5, 0.85), 3), 550))
+        prompt_tokens = min(max(rng.lognormvariate(3.55, 0.9), 4), 350)
+        reply_tokens = min(max(rng.lognormvariate(4.5, 0.85), 3), 550)
         rows.append(
             {
-                "instruction": " ".join(rng.choice(WORDS) for _ in range(prompt_words)),
+                "instruction": " ".join(
+                    rng.choice(WORDS) for _ in range(max(1, int(prompt_tokens / tokens_per_word)))
+                ),
                 "input": "",
-                "output": " ".join(rng.choice(WORDS) for _ in range(reply_words)),
+                "output": " ".join(
+                    rng.choice(WORDS) for _ in range(max(1, int(reply_tokens / tokens_per_word)))
+                ),
             }
         )
     return rows
+
+
+def bench_rows(n: int, path: str, seed: int = 1) -> list[dict[str, str]]:
+    """``n`` synthetic rows sized for the tokenizer of the model at ``path``."""
+    from transformers import AutoTokenizer
+
+    return synthetic_rows(n, seed, tokens_per_word(AutoTokenizer.from_pretrained(path)))
 
 
 def tiny_model_dir(root: Path) -> str:

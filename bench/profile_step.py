@@ -15,7 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, model_dir, synthetic_rows  # noqa: E402
+from bench.common import RESULTS, bench_rows, model_dir  # noqa: E402
 from bench.train_throughput import (  # noqa: E402
     SETTINGS,
     lorakit_pipeline,
@@ -61,8 +61,8 @@ def main() -> None:
     scratch = Path(tempfile.gettempdir()) / "lorakit-bench"
     scratch.mkdir(exist_ok=True)
     settings = SETTINGS[args.model]
-    rows = synthetic_rows(settings["rows"], seed=1)
     path = model_dir(args.model, scratch)
+    rows = bench_rows(settings["rows"], path)
     batch_size = settings["batch_size"]
     callback = profiler_callback(1, args.steps)
     out = Path(tempfile.mkdtemp(prefix="bench-profile-"))

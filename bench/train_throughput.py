@@ -35,20 +35,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    bench_rows,
     emit,
     machine,
     matmul_peak,
     model_dir,
     peak_rss_mb,
     run_worker,
-    synthetic_rows,
     write_result,
 )
 
 CONFIGS = ("a_seeds", "b_trl", "b_trl_nogc", "c_lorakit", "c_packed", "c_bf16")
 SETTINGS = {
     # rows per timed epoch and batch size per model: SmolLM2 runs a few steps only, to finish in minutes.
-    "tiny": {"rows": 512, "batch_size": 8},
+    "tiny": {"rows": 256, "batch_size": 8},
     "smollm2": {"rows": 24, "batch_size": 4},
 }
 MAX_LENGTH = 512
@@ -215,8 +215,8 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     settings = SETTINGS[model_name]
-    rows = synthetic_rows(settings["rows"], seed=1)
     path = model_dir(model_name, scratch)
+    rows = bench_rows(settings["rows"], path)
     batch_size = settings["batch_size"]
     out = Path(tempfile.mkdtemp(prefix=f"bench-{config}-"))
     threads = torch.get_num_threads()
@@ -287,7 +287,10 @@ def agreement_worker(model_name: str, scratch: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = [r for r in synthetic_rows(200, seed=1) if len((r["instruction"] + r["output"]).split()) < 200]
+    # Rows within max_length (the pipelines cut longer ones differently), the same rows for every pipeline.
+    rows = [
+        r for r in bench_rows(200, path) if len(tokenizer(r["instruction"] + r["output"])["input_ids"]) < 400
+    ]
     rows = rows[:AGREEMENT_ROWS]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     keys = ("input_ids", "attention_mask", "labels", "position_ids")
