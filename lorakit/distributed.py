@@ -231,14 +231,19 @@ def _mixed_precision(pipeline: Pipeline) -> str:
 
 
 def _layer_classes(pipeline: Pipeline) -> list[str]:
-    """The decoder layer class to wrap per FSDP unit, from the model config (no weights)."""
+    """The blocks FSDP wraps one per unit: the model class's ``_no_split_modules`` (its decoder layer), read
+    from the model config without loading weights."""
+    from transformers import AutoModelForCausalLM
+
     from lorakit.models import load_model_config
 
     assert pipeline.model is not None
     config = load_model_config(pipeline.model)
-    architecture = (getattr(config, "architectures", None) or [""])[0]
-    prefix = architecture.replace("ForCausalLM", "")
-    return [f"{prefix}DecoderLayer"] if prefix else []
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return []
+    return list(getattr(model_class, "_no_split_modules", None) or [])
 
 
 def training_arguments(pipeline: Pipeline, *, layer_classes: Sequence[str] | None = None) -> dict[str, Any]:
