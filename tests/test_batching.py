@@ -11,6 +11,7 @@ import torch
 import lorakit as lk
 from lorakit.batching import GroupedSampler, grouped_indices, token_counts
 from lorakit.data import IGNORE_INDEX
+from lorakit.models import cpu_has_native_bf16
 
 # Rows of very different lengths, so padding and grouping matter.
 ROWS = [
@@ -155,3 +156,31 @@ def test_grouping_cuts_padding_in_training(tiny_model_dir, tmp_path):
 def test_group_by_length_is_validated():
     with pytest.raises(lk.ConfigError, match="`group_by_length` must be True or False, got 'yes'"):
         lk.Pipeline().with_training(group_by_length="yes")
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not cpu_has_native_bf16(),
+    reason="needs a CPU with native bf16 and no GPU",
+)
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(runs, tiny_model_dir, tmp_path):
+    result = _pipeline(tiny_model_dir, precision="bf16").train(tmp_path / "bf16")
+    fp32 = _logged_losses(runs["grouped"])
+    bf16 = _logged_losses(result)
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert bf16 != pytest.approx(fp32, rel=1e-6)  # autocast did run in bf16
+    assert json.loads((result.output_dir / "lorakit_run.json").read_text())["precision"] == "bf16"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert {value.dtype for value in weights.values()} == {torch.float32}  # fp32 master weights
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
+    from lorakit import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(lk.ConfigError, match=r"needs a CUDA GPU \(or, for bf16, a CPU with native bf16"):
+        models.resolve_precision("bf16")
+    with pytest.raises(lk.ConfigError, match=r"precision='fp16'\) needs a CUDA GPU and none is available"):
+        models.resolve_precision("fp16")
