@@ -293,7 +293,9 @@ def agreement_worker(model_name: str, scratch: Path) -> dict[str, Any]:
     ]
     rows = rows[:AGREEMENT_ROWS]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    keys = ("input_ids", "attention_mask", "labels", "position_ids")
+    # use_cache=False from the padding-free collator: an eval-mode model would otherwise build a KV cache and
+    # attend across the packed examples.
+    keys = ("input_ids", "attention_mask", "labels", "position_ids", "use_cache")
 
     def loss(batch: dict[str, Any]) -> float:
         with torch.no_grad():
