@@ -49,7 +49,7 @@ CONFIGS = ("a_seeds", "b_trl", "b_trl_nogc", "c_lorakit", "c_packed", "c_bf16")
 SETTINGS = {
     # rows per timed epoch and batch size per model: SmolLM2 runs a few steps only, to finish in minutes.
     "tiny": {"rows": 256, "batch_size": 8},
-    "smollm2": {"rows": 24, "batch_size": 4},
+    "smollm2": {"rows": 16, "batch_size": 4},
 }
 MAX_LENGTH = 512
 LR = 2e-4
@@ -455,8 +455,9 @@ def main() -> None:
             "summary": summary,
             "loss_agreement": agreement,
         }
+        write_result(f"train_throughput-{args.models.replace(',', '-')}", payload)  # partial, per model
     payload["machine_after"] = machine()
-    print(f"wrote {write_result('train_throughput', payload)}")
+    print(f"wrote {write_result(f'train_throughput-{args.models.replace(chr(44), chr(45))}', payload)}")
 
 
 if __name__ == "__main__":
