@@ -210,6 +210,29 @@ def packed_batch_size(rows: list[dict[str, str]], path: str, batch_size: int) ->
 # --- workers ---------------------------------------------------------------------------------------------
 
 
+def clock_callback() -> Any:
+    """Process CPU seconds (user + system, all threads) between the start and the end of training: less
+    sensitive than wall-clock time to other jobs on a shared machine."""
+    import resource
+
+    from transformers import TrainerCallback
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    class Clock(TrainerCallback):
+        cpu_s = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = cpu()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.cpu_s = cpu() - self.started
+
+    return Clock()
+
+
 def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
@@ -220,10 +243,11 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
     batch_size = settings["batch_size"]
     out = Path(tempfile.mkdtemp(prefix=f"bench-{config}-"))
     threads = torch.get_num_threads()
+    clock = clock_callback()
     if config.startswith("c_"):
         if config == "c_packed":
             batch_size = packed_batch_size(rows, path, batch_size)
-        result = lorakit_pipeline(path, rows, batch_size, config).train(out / "run")
+        result = lorakit_pipeline(path, rows, batch_size, config).train(out / "run", callbacks=[clock])
         metrics = result.metrics
         tokens, computed, loss_tokens = (
             metrics["train_tokens"],
@@ -246,6 +270,7 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
                 path, tokenizer, pairs, batch_size, out, gc=None if config == "b_trl" else False
             )
         params = matmul_params(trainer.model.get_base_model())
+        trainer.add_callback(clock)
         started = time.perf_counter()
         output = trainer.train()
         runtime = time.perf_counter() - started
@@ -264,6 +289,8 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
         "computed_tokens": computed,
         "loss_tokens": loss_tokens,
         "tokens_per_s": round(tokens / runtime, 1),
+        "cpu_s": round(clock.cpu_s, 2),
+        "tokens_per_cpu_s": round(tokens / clock.cpu_s, 1) if clock.cpu_s else None,
         "loss_tokens_per_s": round(loss_tokens / runtime, 1),
         "non_pad_fraction": round(tokens / computed, 4),
         "model_gflops_per_s": round(flops / runtime / 1e9, 2),
@@ -375,6 +402,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "median": round(statistics.median(per_repeat), 2),
                 "all": [round(x, 2) for x in per_repeat],
             }
+            per_cpu = [
+                c["tokens_per_cpu_s"] / o["tokens_per_cpu_s"]
+                for c, o in zip(by_config["c_lorakit"], by_config[other], strict=False)
+                if c.get("tokens_per_cpu_s") and o.get("tokens_per_cpu_s")
+            ]
+            if per_cpu:
+                ratios[f"c_lorakit/{other} (CPU time)"] = {
+                    "median": round(statistics.median(per_cpu), 2),
+                    "all": [round(x, 2) for x in per_cpu],
+                }
     if "c_bf16" in by_config and "c_lorakit" in by_config:
         per_repeat = [
             b["tokens_per_s"] / c["tokens_per_s"]
@@ -435,7 +472,7 @@ def main() -> None:
                 print(
                     f"{model_name:8s} {config:11s} r{repeat}: {result['tokens_per_s']:9.1f} tok/s, "
                     f"{result['non_pad_fraction']:.1%} non-pad, {result['steps']} steps in "
-                    f"{result['runtime_s']:.1f} s, loss {result['train_loss']:.4f}, RSS {result['peak_rss_mb']} MB",
+                    f"{result['runtime_s']:.1f} s ({result.get('cpu_s')} CPU s), loss {result['train_loss']:.4f}, RSS {result['peak_rss_mb']} MB",
                     flush=True,
                 )
         try:

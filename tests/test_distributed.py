@@ -257,12 +257,14 @@ def test_training_arguments_are_accepted_by_transformers(tmp_path):
         ("deepspeed", {"zero_stage": 3}, ("use_deepspeed",)),
     ],
 )
-def test_accelerate_config_passes_accelerate_launch_validation(tmp_path, strategy, options, flags):
+def test_accelerate_config_passes_accelerate_launch_validation(
+    tiny_model_dir, tmp_path, strategy, options, flags
+):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     pipe = (
-        lk.Pipeline.from_model("smollm2-135m")
+        lk.Pipeline.from_model(tiny_model_dir)
         .quantize_4bit()
         .with_training(precision="bf16")
         .distributed(strategy, num_processes=4, num_machines=2, main_process_ip="10.0.0.1", **options)
