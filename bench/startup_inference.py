@@ -5,8 +5,8 @@
 - ``import lorakit`` (in-process seconds) and ``lorakit --help`` (wall clock of the console script), each the
   median of 9 fresh processes, next to a bare ``python -c pass``;
 - SmolLM2-135M generating 32 new tokens (``min_new_tokens`` = ``max_new_tokens``, greedy) for one prompt: the
-  base model, the base + an r=16 all-linear LoRA adapter (unmerged) and the merged model, interleaved, 7 rounds;
-- 16 prompts as one batch vs a loop of 16 single calls (merged model), alternating, 3 rounds.
+  base model, the base + an r=16 all-linear LoRA adapter (unmerged) and the merged model, interleaved, 5 rounds;
+- 16 prompts as one batch vs a loop of 16 single calls (merged model), alternating, 2 rounds.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _time(fn: Any) -> float:
     return time.perf_counter() - started
 
 
-def generation(rounds: int = 7, batch_rounds: int = 3) -> dict[str, Any]:
+def generation(rounds: int = 5, batch_rounds: int = 2) -> dict[str, Any]:
     import lorakit as lk
 
     base_dir = smollm2_dir()
