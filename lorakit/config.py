@@ -354,6 +354,14 @@ class TrainSpec:
         default=None, validator=optional_positive_int("Or None for no checkpoints.")
     )
     """Write a checkpoint every N steps; ``None`` saves only the final adapter."""
+    group_by_length: bool = attrs.field(default=True)
+    """Batch examples of similar length together (seeded, random order of batches), so dynamic padding computes
+    few pad tokens; ``False`` batches in random order. Ignored with ``packing=True`` (padding-free)."""
+
+    @group_by_length.validator
+    def _check_grouping(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, bool):
+            _fail(attribute, value, "True or False", "")
 
     @grad_checkpointing.validator
     def _check_gc(self, attribute: attrs.Attribute, value: Any) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "cpu_has_native_bf16",
     "device_kind",
     "load_base_model",
     "load_model_config",
@@ -51,16 +52,29 @@ def resolve_precision(precision: str) -> str:
         if not cuda:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16" and not cuda and cpu_has_native_bf16():
+        return "bf16"  # fp32 weights, bf16 autocast (see docs/benchmarks.md)
     if precision in ("bf16", "fp16") and not cuda:
         raise ConfigError(
-            f"with_training(precision={precision!r}) needs a CUDA GPU and none is available. "
-            "Use precision='auto' (fp32 on CPU)."
+            f"with_training(precision={precision!r}) needs a CUDA GPU"
+            + (" (or, for bf16, a CPU with native bf16: AVX512-BF16 or AMX)" if precision == "bf16" else "")
+            + " and none is available. Use precision='auto' (fp32 on CPU)."
         )
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             "with_training(precision='bf16'): this GPU has no bf16 support. Use precision='fp16'."
         )
     return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX), so bf16 autocast can pay on it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -142,8 +156,8 @@ def load_tokenizer(path: str, spec: ModelSpec) -> Any:
     return tokenizer
 
 
-def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
-    """The ``BitsAndBytesConfig`` for a quantization spec."""
+def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype, quant_storage: str | None = None) -> Any:
+    """The ``BitsAndBytesConfig`` for a quantization spec (``quant_storage``: 4-bit storage dtype, for FSDP)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
@@ -159,18 +173,29 @@ def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype) if quant.compute_dtype else compute_dtype,
+        **({"bnb_4bit_quant_storage": torch_dtype(quant_storage)} if quant_storage else {}),
     )
 
 
-def load_base_model(path: str, spec: ModelSpec, *, dtype: torch.dtype, quant: QuantSpec | None = None) -> Any:
-    """Load the causal LM in ``dtype`` (or quantized with bitsandbytes) on the training device."""
+def load_base_model(
+    path: str,
+    spec: ModelSpec,
+    *,
+    dtype: torch.dtype,
+    quant: QuantSpec | None = None,
+    quant_storage: str | None = None,
+) -> Any:
+    """Load the causal LM in ``dtype`` (or quantized with bitsandbytes) on the training device.
+
+    ``quant_storage`` stores 4-bit weights in that dtype so FSDP / ZeRO-3 can shard them (QLoRA on many GPUs).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, **_hub_kwargs(spec)}
     if spec.dtype != "auto":
         kwargs["dtype"] = torch_dtype(spec.dtype)
     if quant is not None:
-        kwargs["quantization_config"] = bnb_config(quant, kwargs["dtype"])
+        kwargs["quantization_config"] = bnb_config(quant, kwargs["dtype"], quant_storage)
         kwargs["device_map"] = {"": 0} if device_kind() == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -27,6 +27,7 @@ from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
+    from lorakit.distributed import DistributedSpec
     from lorakit.plan import Plan
     from lorakit.training import TrainResult
 
@@ -54,6 +55,14 @@ def _given(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not _UNSET}
 
 
+def _distribution(section: Mapping[str, Any] | None) -> DistributedSpec | None:
+    if not section:
+        return None
+    from lorakit.distributed import DistributedSpec
+
+    return DistributedSpec(**section)
+
+
 @attrs.frozen
 class Pipeline:
     """A description of a fine-tuning run. Build it with :meth:`from_model` and the ``with_*`` calls."""
@@ -70,6 +79,8 @@ class Pipeline:
     """Optimisation settings."""
     tracking: TrackSpec = attrs.field(factory=TrackSpec)
     """Experiment tracking backend."""
+    distribution: DistributedSpec | None = None
+    """Multi-process / multi-machine set-up (set by :meth:`distributed`); None trains as launched."""
 
     # --- building -----------------------------------------------------------------------------------------
 
@@ -223,13 +234,15 @@ class Pipeline:
         logging_steps: int = _UNSET,
         eval_steps: int | None = _UNSET,
         save_steps: int | None = _UNSET,
+        group_by_length: bool = _UNSET,
     ) -> Pipeline:
         """Set optimisation hyper-parameters; arguments not passed keep their current value.
 
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
         precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
-        epoch), save_steps=None (final adapter only). See :class:`lorakit.config.TrainSpec`.
+        epoch), save_steps=None (final adapter only), group_by_length=True (batches of similar lengths, little
+        padding). See :class:`lorakit.config.TrainSpec`.
         """
         changes = _given(
             epochs=epochs,
@@ -246,6 +259,7 @@ class Pipeline:
             logging_steps=logging_steps,
             eval_steps=eval_steps,
             save_steps=save_steps,
+            group_by_length=group_by_length,
         )
         return attrs.evolve(self, training=attrs.evolve(self.training, **changes))
 
@@ -256,6 +270,39 @@ class Pipeline:
         ``entity``, ``tags``); secrets are refused: put API keys in the environment.
         """
         return attrs.evolve(self, tracking=TrackSpec(backend, options))
+
+    def distributed(
+        self,
+        strategy: str = "ddp",
+        *,
+        num_processes: int = 2,
+        num_machines: int = 1,
+        main_process_ip: str | None = None,
+        main_process_port: int = 29500,
+        zero_stage: int | None = None,
+        sharding: str = "full_shard",
+        cpu_offload: bool = False,
+    ) -> Pipeline:
+        """Train data-parallel through accelerate: ``"ddp"``, ``"fsdp"`` (QLoRA shards too) or ``"deepspeed"``.
+
+        ``lorakit.distributed.launch(pipeline, dir)`` starts the processes (torchrun + gloo on CPU, accelerate
+        on GPUs); ``lorakit.distributed.accelerate_config(pipeline)`` / ``training_arguments(pipeline)`` give the
+        generated configuration. FSDP and DeepSpeed need CUDA GPUs. See docs/distributed.md.
+        """
+        from lorakit.distributed import DistributedSpec, check_spec_against
+
+        spec = DistributedSpec(
+            strategy,
+            num_processes=num_processes,
+            num_machines=num_machines,
+            main_process_ip=main_process_ip,
+            main_process_port=main_process_port,
+            zero_stage=zero_stage,
+            sharding=sharding,
+            cpu_offload=cpu_offload,
+        )
+        check_spec_against(self, spec)
+        return attrs.evolve(self, distribution=spec)
 
     def _with_method(self, spec: MethodSpec) -> Pipeline:
         if self.method is not None and self.method.name != spec.name:
@@ -381,6 +428,7 @@ class Pipeline:
             data["source"] = source
             template = self.data.template
             data["template"] = template if isinstance(template, str) else get_template(template).to_dict()
+        extra = {"distributed": attrs.asdict(self.distribution)} if self.distribution is not None else {}
         return {
             "lorakit_config": CONFIG_VERSION,
             "model": attrs.asdict(self.model) if self.model is not None else None,
@@ -389,6 +437,7 @@ class Pipeline:
             "data": data,
             "training": attrs.asdict(self.training),
             "tracking": {"backend": self.tracking.backend, **self.tracking.option_dict},
+            **extra,
         }
 
     @classmethod
@@ -406,7 +455,8 @@ class Pipeline:
                 raise ConfigError(f"Cannot read pipeline config {path}: {error}") from error
             config = loaded.get("pipeline", loaded)
         assert isinstance(config, Mapping)
-        unknown = set(config) - {"lorakit_config", "model", "method", "quant", "data", "training", "tracking"}
+        known = {"lorakit_config", "model", "method", "quant", "data", "training", "tracking", "distributed"}
+        unknown = set(config) - known
         if unknown:
             raise ConfigError(f"Unknown config sections: {', '.join(sorted(unknown))}.")
         data = config.get("data")
@@ -423,6 +473,7 @@ class Pipeline:
                 data=DataSpec(**data) if data else None,
                 training=TrainSpec(**(config.get("training") or {})),
                 tracking=TrackSpec(tracking.pop("backend"), tracking),
+                distribution=_distribution(config.get("distributed")),
             )
         except TypeError as error:
             raise ConfigError(f"Invalid pipeline config: {error}") from error

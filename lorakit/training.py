@@ -29,8 +29,9 @@ class TrainResult:
     output_dir: Path
     """The run directory (adapter, tokenizer, config, metrics)."""
     metrics: dict[str, float]
-    """``train_loss``, ``train_runtime`` (s), ``train_steps``, and with a validation split ``eval_loss`` and
-    ``eval_perplexity``."""
+    """``train_loss``, ``train_runtime`` (s), ``train_steps``, ``train_tokens`` (real, non-padding tokens trained
+    on, all processes), ``train_computed_tokens`` (padding included), ``train_loss_tokens`` (tokens carrying
+    loss), ``train_tokens_per_second``, and with a validation split ``eval_loss`` and ``eval_perplexity``."""
     data_report: dict[str, Any]
     """What data preparation kept, cut and dropped (see :class:`lorakit.data.DataReport`)."""
 
@@ -131,8 +132,16 @@ def run_training(
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from lorakit.batching import lorakit_trainer
     from lorakit.collate import PadCollator, PaddingFreeCollator
     from lorakit.data import prepare_data
+    from lorakit.distributed import (
+        check_launch,
+        is_main_process,
+        preflight,
+        quantization_storage,
+        training_arguments,
+    )
     from lorakit.models import (
         device_kind,
         load_base_model,
@@ -157,6 +166,9 @@ def run_training(
     grad_ckpt = (
         train_spec.grad_checkpointing if train_spec.grad_checkpointing is not None else device == "cuda"
     )
+    preflight(pipeline, cuda=device == "cuda")
+    distributed_args = training_arguments(pipeline)
+    grad_ckpt = distributed_args.pop("gradient_checkpointing", grad_ckpt)
     template = get_template(data_spec.template)
     base_path = resolve_model_path(pipeline.model)
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
@@ -183,14 +195,18 @@ def run_training(
 
     # 3. Base model (optionally quantized), prepared for k-bit training.
     set_seed(train_spec.seed)
-    model = load_base_model(base_path, pipeline.model, dtype=torch_dtype(precision), quant=pipeline.quant)
+    model = load_base_model(
+        base_path,
+        pipeline.model,
+        # On CPU, bf16 is autocast over fp32 weights (the Trainer's bf16=True); GPUs load the weights in it.
+        dtype=torch_dtype(precision if device == "cuda" else "fp32"),
+        quant=pipeline.quant,
+        quant_storage=quantization_storage(pipeline),
+    )
     if pipeline.quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
 
     # 4. TRL's SFTTrainer with our tokenized rows (labels already masked) and a pad-only collator.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE):
-        (output_dir / stale).unlink(missing_ok=True)
     has_val = prepared.val is not None and len(prepared.val) > 0
     args = SFTConfig(
         output_dir=str(output_dir / "checkpoints"),
@@ -221,10 +237,20 @@ def run_training(
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=os.environ.get("LORAKIT_PROGRESS", "1") == "0",
+        **distributed_args,
     )
-    tracker_callbacks, close_tracker = _tracker_callbacks(pipeline, output_dir)
+    # Creating the arguments joined the process group of a distributed launch; refuse unsynchronised copies.
+    check_launch(args)
+    main = is_main_process()
+    if main:  # only after every process has checked the (still untouched) directory
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE):
+            (output_dir / stale).unlink(missing_ok=True)
+    tracker_callbacks, close_tracker = (
+        _tracker_callbacks(pipeline, output_dir) if main else ([], lambda: None)
+    )
     set_seed(train_spec.seed)
-    trainer = SFTTrainer(
+    trainer = lorakit_trainer(SFTTrainer)(
         model=model,
         args=args,
         data_collator=collator,
@@ -234,6 +260,9 @@ def run_training(
         peft_config=pipeline.resolved_method.to_peft_config(),
         callbacks=[_metrics_log_callback(output_dir / METRICS_LOG), *tracker_callbacks, *(callbacks or [])],
     )
+    if train_spec.group_by_length and not data_spec.packing:
+        # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
+        trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
     if pipeline.quant is not None and precision == "fp32":
         # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
         for param in trainer.model.parameters():
@@ -244,10 +273,16 @@ def run_training(
     started = time.perf_counter()
     try:
         output = trainer.train()
+        runtime = time.perf_counter() - started
+        counted = trainer.token_totals()
         metrics: dict[str, float] = {
             "train_loss": float(output.training_loss),
             "train_steps": int(output.global_step),
-            "train_runtime": round(time.perf_counter() - started, 3),
+            "train_runtime": round(runtime, 3),
+            "train_tokens": counted["tokens"],
+            "train_computed_tokens": counted["computed_tokens"],
+            "train_loss_tokens": counted["loss_tokens"],
+            "train_tokens_per_second": round(counted["tokens"] / runtime, 2) if runtime > 0 else 0.0,
         }
         if has_val:
             eval_metrics = trainer.evaluate()
@@ -256,6 +291,9 @@ def run_training(
     finally:
         close_tracker()
 
+    if not main:  # the run directory is written by the main process only
+        del trainer, model
+        return TrainResult(output_dir=output_dir, metrics=metrics, data_report=prepared.report.to_dict())
     trainer.model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     config = pipeline.to_config()
