@@ -47,6 +47,10 @@ def _check_environment(pipeline: Pipeline) -> None:
         problems.append("track('wandb') needs wandb: pip install 'lorakit[wandb]'")
     if backend == "tensorboard" and find_spec("tensorboard") is None:
         problems.append("track('tensorboard') needs tensorboard: pip install 'lorakit[tensorboard]'")
+    if pipeline.evaluation is not None:
+        from lorakit.metrics.builtin import missing_packages
+
+        problems.extend(missing_packages(pipeline.evaluation.metrics))
     if problems:
         raise MissingDependencyError("Cannot start training:\n  - " + "\n  - ".join(problems))
 
@@ -66,35 +70,6 @@ def _metrics_log_callback(path: Path) -> Any:
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
     return MetricsLog()
-
-
-def _tracker_callbacks(pipeline: Pipeline, output_dir: Path) -> tuple[list[Any], Any]:
-    """Callbacks for the chosen tracker and a function that closes it."""
-    spec = pipeline.tracking
-    options = spec.option_dict
-    if spec.backend == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-        return [TensorBoardCallback(tb_writer=writer)], writer.close
-    if spec.backend == "wandb":
-        import wandb
-        from transformers.integrations import WandbCallback
-
-        mode = options.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        config = pipeline.to_config()
-        if config.get("data"):
-            config["data"]["source"] = _describe_source(pipeline.data.source)  # type: ignore[union-attr]
-        wandb.init(dir=str(output_dir), mode=mode, config=config, **options)
-        return [WandbCallback()], wandb.finish
-    return [], lambda: None
-
-
-def _describe_source(source: Any) -> str:
-    if isinstance(source, str):
-        return source
-    return f"<{type(source).__name__} with {len(source)} rows>"
 
 
 def _source_for_config(source: Any, output_dir: Path) -> str:
@@ -124,13 +99,19 @@ def _versions() -> dict[str, str]:
 
 
 def run_training(
-    pipeline: Pipeline, output_dir: Path, *, overwrite: bool = False, callbacks: list[Any] | None = None
+    pipeline: Pipeline,
+    output_dir: Path,
+    *,
+    overwrite: bool = False,
+    callbacks: list[Any] | None = None,
+    resume: bool | str | Path = False,
 ) -> TrainResult:
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from lorakit import checkpoints as ckpt
     from lorakit.collate import PadCollator, PaddingFreeCollator
     from lorakit.data import prepare_data
     from lorakit.models import (
@@ -149,7 +130,9 @@ def run_training(
     pipeline.require()
     assert pipeline.model is not None and pipeline.data is not None
     output_dir = output_dir.expanduser()
-    check_output_dir(output_dir, overwrite=overwrite)
+    resume_from = ckpt.find_resume_checkpoint(output_dir, resume) if resume else None
+    if resume_from is None:
+        check_output_dir(output_dir, overwrite=overwrite)
     _check_environment(pipeline)
     train_spec, data_spec = pipeline.training, pipeline.data
     precision = resolve_precision(train_spec.precision)
@@ -180,6 +163,10 @@ def run_training(
         )
     collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
     collator = collator_class(pad_token_id=tokenizer.pad_token_id)
+    # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
+    checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None
+    meta = ckpt.resume_meta(pipeline, prepared.train) if checkpointing or resume_from else None
+    resumed = ckpt.check_resume(resume_from, meta) if resume_from is not None and meta is not None else None
 
     # 3. Base model (optionally quantized), prepared for k-bit training.
     set_seed(train_spec.seed)
@@ -189,8 +176,12 @@ def run_training(
 
     # 4. TRL's SFTTrainer with our tokenized rows (labels already masked) and a pad-only collator.
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE):
-        (output_dir / stale).unlink(missing_ok=True)
+    if resume_from is None:
+        for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE, *ckpt.RUN_OUTPUTS):
+            (output_dir / stale).unlink(missing_ok=True)
+        ckpt.remove_checkpoints(output_dir / ckpt.CHECKPOINTS_DIR)
+    else:
+        ckpt.prepare_resume(output_dir, resume_from)
     has_val = prepared.val is not None and len(prepared.val) > 0
     args = SFTConfig(
         output_dir=str(output_dir / "checkpoints"),
@@ -222,9 +213,14 @@ def run_training(
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=os.environ.get("LORAKIT_PROGRESS", "1") == "0",
     )
-    tracker_callbacks, close_tracker = _tracker_callbacks(pipeline, output_dir)
+    args = ckpt.trainer_arguments(args, pipeline, has_val=has_val)
+    from lorakit.tracking import Tracker
+
+    tracker = Tracker(pipeline, output_dir)
+    tracker_callbacks, close_tracker = tracker.callbacks, tracker.close
+    hooks = ckpt.training_hooks(pipeline, prepared.val if has_val else None, tokenizer, template, tracker)
     set_seed(train_spec.seed)
-    trainer = SFTTrainer(
+    trainer = ckpt.trainer_class(SFTTrainer)(
         model=model,
         args=args,
         data_collator=collator,
@@ -232,8 +228,14 @@ def run_training(
         eval_dataset=prepared.val if has_val else None,
         processing_class=tokenizer,
         peft_config=pipeline.resolved_method.to_peft_config(),
-        callbacks=[_metrics_log_callback(output_dir / METRICS_LOG), *tracker_callbacks, *(callbacks or [])],
+        callbacks=[
+            _metrics_log_callback(output_dir / METRICS_LOG),
+            *tracker_callbacks,
+            *hooks.callbacks,
+            *(callbacks or []),
+        ],
     )
+    hooks.install(trainer, meta, resumed)
     if pipeline.quant is not None and precision == "fp32":
         # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
         for param in trainer.model.parameters():
@@ -243,16 +245,18 @@ def run_training(
     # 5. Train, evaluate, save.
     started = time.perf_counter()
     try:
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         metrics: dict[str, float] = {
             "train_loss": float(output.training_loss),
             "train_steps": int(output.global_step),
             "train_runtime": round(time.perf_counter() - started, 3),
         }
+        metrics.update(hooks.summary(trainer))
         if has_val:
             eval_metrics = trainer.evaluate()
             metrics["eval_loss"] = float(eval_metrics["eval_loss"])
             metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))
+            metrics.update(hooks.final_metrics(eval_metrics))
     finally:
         close_tracker()
 
@@ -272,6 +276,15 @@ def run_training(
         },
     )
     write_json_atomic(output_dir / METRICS_FILE, metrics)
+    from lorakit.tracking import write_run_report
+
+    write_run_report(
+        output_dir,
+        pipeline=pipeline,
+        metrics=metrics,
+        data_report=report.to_dict(),
+        trackers=tracker.describe(),
+    )
     del trainer, model
     if device == "cuda":
         torch.cuda.empty_cache()

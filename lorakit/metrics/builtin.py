@@ -126,7 +126,9 @@ _SPACES = re.compile(r"\s+")
 _EDGE_PUNCTUATION = string.punctuation + string.whitespace
 
 
-def normalize(text: str, *, ignore_case: bool = True, strip_punctuation: bool = True, first_line: bool = False) -> str:
+def normalize(
+    text: str, *, ignore_case: bool = True, strip_punctuation: bool = True, first_line: bool = False
+) -> str:
     """Whitespace collapsed and trimmed; optionally case-folded, edge punctuation removed, first line only."""
     text = text.strip()
     if first_line:
@@ -144,8 +146,14 @@ class ExactMatch:
     needs = "text"
     requires: tuple[tuple[str, str], ...] = ()
 
-    def __init__(self, ignore_case: bool = True, strip_punctuation: bool = True, first_line: bool = False) -> None:
-        self.options = {"ignore_case": ignore_case, "strip_punctuation": strip_punctuation, "first_line": first_line}
+    def __init__(
+        self, ignore_case: bool = True, strip_punctuation: bool = True, first_line: bool = False
+    ) -> None:
+        self.options = {
+            "ignore_case": ignore_case,
+            "strip_punctuation": strip_punctuation,
+            "first_line": first_line,
+        }
 
     def compute(self, *, predictions: list[str], references: list[list[str]], **_: Any) -> dict[str, float]:
         hits = 0
