@@ -76,18 +76,27 @@ def _format(key: str, value: float, percent: bool) -> str:
     return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
 
 
-def compare(*results: EvalResult, metrics: Sequence[str] | None = None, percent: bool = True) -> str:
+def compare(
+    *results: EvalResult, metrics: Sequence[str] | Mapping[str, str] | None = None, percent: bool = True
+) -> str:
     """A Markdown table with one row per result and one column per metric.
 
     Args:
         results: :class:`EvalResult` objects (e.g. before and after fine-tuning).
-        metrics: the columns, in order; by default every key of the first result except ``rows``.
+        metrics: the columns, in order (a dict maps each key to its column title); by default every key of the
+            first result except ``rows``.
         percent: show 0-1 scores (exact match, accuracy, ROUGE) as percentages.
     """
     if not results:
         raise ConfigError("compare() needs at least one EvalResult.")
-    keys = list(metrics) if metrics is not None else [k for k in results[0].metrics if k != "rows"]
-    header = ["model", *keys]
+    if metrics is None:
+        titles = {k: k for k in results[0].metrics if k != "rows"}
+    elif isinstance(metrics, Mapping):
+        titles = dict(metrics)
+    else:
+        titles = {k: k for k in metrics}
+    keys = list(titles)
+    header = ["model", *titles.values()]
     body = [
         [r.name, *(_format(k, r.metrics[k], percent) if k in r.metrics else "-" for k in keys)]
         for r in results
