@@ -6,8 +6,9 @@ dict of floats::
 
     import lorakit.metrics as lm
 
-    lm.compute(["rouge", "bleu", "exact_match"], predictions=["the cat sat"], references=["the cat sat down"])
-    # {'rouge1': 0.857..., 'rouge2': 0.8, 'rougeL': 0.857..., 'rougeLsum': 0.857..., 'bleu': 47.7...,
+    lm.compute(["rouge", "bleu", "exact_match"],
+               predictions=["the cat sat on the mat"], references=["the cat sat on a mat"])
+    # {'rouge1': 0.833..., 'rouge2': 0.6, 'rougeL': 0.833..., 'rougeLsum': 0.833..., 'bleu': 53.73...,
     #  'exact_match': 0.0}
     lm.compute(["perplexity"], loss=2.0)          # {'perplexity': 7.389...}
 

@@ -263,7 +263,7 @@ class EvaluateModule:
         result = self._module.compute(
             predictions=list(predictions), references=_single_or_lists(references), **self.compute_kwargs
         )
-        return flatten(result or {}, self.name)
+        return flatten(result) if isinstance(result, Mapping) else flatten(result, self.name)
 
 
 def missing_packages(metrics: Sequence[Any]) -> list[str]:
