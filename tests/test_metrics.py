@@ -64,7 +64,9 @@ def test_bleu_with_two_reference_streams():
     import sacrebleu
 
     second = ["Cats run fast across green fields.", "Paris is France's capital.", "Fine, thanks.", "a dog"]
-    got = lm.compute(["bleu"], predictions=PREDICTIONS, references=[list(p) for p in zip(REFERENCES, second)])
+    got = lm.compute(
+        ["bleu"], predictions=PREDICTIONS, references=[list(p) for p in zip(REFERENCES, second, strict=True)]
+    )
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES, second]).score)
     with pytest.raises(ConfigError, match="same number of references"):
         lm.compute(["bleu"], predictions=["a", "b"], references=[["a"], ["b", "c"]])
