@@ -224,8 +224,9 @@ class EarlyStopper:
 # --- trainer arguments ----------------------------------------------------------------------------------
 
 
-def trainer_arguments(args: Any, pipeline: Any, *, has_val: bool) -> Any:
-    """The SFTConfig with evaluation / checkpoint / best-model settings from the pipeline's specs."""
+def check_specs(pipeline: Any, *, has_val: bool) -> None:
+    """Evaluation / checkpoint / early-stopping settings that cannot work with this data: raised before any
+    weights load."""
     evaluation, checkpoints, early = pipeline.evaluation, pipeline.checkpoints, pipeline.early_stop
     if not has_val:
         for name, spec in (("with_eval()", evaluation), ("early_stopping()", early)):
@@ -234,30 +235,56 @@ def trainer_arguments(args: Any, pipeline: Any, *, has_val: bool) -> Any:
                     f"{name} needs a validation split, but this run has none. Set with_dataset(val_split=0.1) "
                     "or with_dataset(val=...)."
                 )
+        return
+    if checkpoints is not None and checkpoints.best_metric is not None:
+        eval_every = _eval_every(pipeline)
+        if checkpoints.every % eval_every:
+            raise ConfigError(
+                f"with_checkpoints(every={checkpoints.every}) must be a multiple of the evaluation interval "
+                f"({eval_every} steps) so each checkpoint has a {checkpoints.best_metric!r} to compare. "
+                "Change one of the two."
+            )
+    known = known_eval_keys(pipeline)
+    watched = [("early_stopping(metric=...)", early.metric if early else None)]
+    if checkpoints is not None:
+        watched.append(("with_checkpoints(best_metric=...)", checkpoints.best_metric))
+    for call, metric in watched:
+        if metric is not None and known is not None and eval_key(metric) not in known:
+            raise ConfigError(
+                f"{call}: {metric!r} is not among the evaluation results {sorted(known)}. Pick one of those, "
+                "or add its metric to with_eval(metrics=...)."
+            )
+
+
+def _eval_every(pipeline: Any) -> int:
+    """Steps between evaluations when checkpoints pick the best: with_eval(every=), else eval_steps, else the
+    checkpoint interval."""
+    evaluation = pipeline.evaluation
+    if evaluation is not None and evaluation.every:
+        return int(evaluation.every)
+    return int(pipeline.training.eval_steps or pipeline.checkpoints.every)
+
+
+def trainer_arguments(args: Any, pipeline: Any, *, has_val: bool) -> Any:
+    """The SFTConfig with evaluation / checkpoint / best-model settings from the pipeline's specs."""
+    check_specs(pipeline, has_val=has_val)
+    evaluation, checkpoints, early = pipeline.evaluation, pipeline.checkpoints, pipeline.early_stop
     changes: dict[str, Any] = {}
-    eval_every = evaluation.every if evaluation is not None and evaluation.every else None
-    if eval_every is not None:
-        changes.update(eval_strategy="steps", eval_steps=eval_every)
+    if has_val and evaluation is not None and evaluation.every:
+        changes.update(eval_strategy="steps", eval_steps=evaluation.every)
     if checkpoints is not None:
         changes.update(save_strategy="steps", save_steps=checkpoints.every, save_total_limit=checkpoints.keep)
         if has_val and checkpoints.best_metric is not None:
-            eval_every = eval_every or pipeline.training.eval_steps or checkpoints.every
-            if checkpoints.every % eval_every:
-                raise ConfigError(
-                    f"with_checkpoints(every={checkpoints.every}) must be a multiple of the evaluation interval "
-                    f"({eval_every} steps) so each checkpoint has a {checkpoints.best_metric!r} to compare. "
-                    "Change one of the two."
-                )
             key = eval_key(checkpoints.best_metric)
             lowered = key.lower()
             changes.update(
                 eval_strategy="steps",
-                eval_steps=eval_every,
+                eval_steps=_eval_every(pipeline),
                 metric_for_best_model=key,
                 greater_is_better=not ("loss" in lowered or "perplexity" in lowered),
                 load_best_model_at_end=checkpoints.load_best,
             )
-    if early is not None and "eval_strategy" not in changes and args.eval_strategy == "no":
+    if early is not None and "eval_strategy" not in changes and str(args.eval_strategy).endswith("no"):
         changes.update(eval_strategy="epoch")
     return dataclasses.replace(args, **changes) if changes else args
 
@@ -448,18 +475,6 @@ class TrainingHooks:
         self.callbacks: list[Any] = []
         self.evaluator: Any = None
         self.stopper = EarlyStopper(pipeline.early_stop) if pipeline.early_stop is not None else None
-        known = known_eval_keys(pipeline)
-        watched = [
-            ("early_stopping(metric=...)", pipeline.early_stop.metric if pipeline.early_stop else None)
-        ]
-        if pipeline.checkpoints is not None and val is not None:
-            watched.append(("with_checkpoints(best_metric=...)", pipeline.checkpoints.best_metric))
-        for call, metric in watched:
-            if metric is not None and known is not None and eval_key(metric) not in known:
-                raise ConfigError(
-                    f"{call}: {metric!r} is not among the evaluation results {sorted(known)}. Pick one of those, "
-                    "or add its metric to with_eval(metrics=...)."
-                )
         spec = pipeline.evaluation
         if spec is not None:
             from lorakit.metrics import get_metric

@@ -167,6 +167,7 @@ def run_training(
     checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None
     meta = ckpt.resume_meta(pipeline, prepared.train) if checkpointing or resume_from else None
     resumed = ckpt.check_resume(resume_from, meta) if resume_from is not None and meta is not None else None
+    ckpt.check_specs(pipeline, has_val=prepared.val is not None and len(prepared.val) > 0)
 
     # 3. Base model (optionally quantized), prepared for k-bit training.
     set_seed(train_spec.seed)
