@@ -284,9 +284,17 @@ def trainer_arguments(args: Any, pipeline: Any, *, has_val: bool) -> Any:
                 greater_is_better=not ("loss" in lowered or "perplexity" in lowered),
                 load_best_model_at_end=checkpoints.load_best,
             )
-    if early is not None and "eval_strategy" not in changes and str(args.eval_strategy).endswith("no"):
+    if (
+        early is not None
+        and "eval_strategy" not in changes
+        and getattr(args.eval_strategy, "value", args.eval_strategy) == "no"
+    ):
         changes.update(eval_strategy="epoch")
-    return dataclasses.replace(args, **changes) if changes else args
+    if not changes:
+        return args
+    with warnings.catch_warnings():  # re-passing every field repeats transformers' deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        return dataclasses.replace(args, **changes)
 
 
 # --- the trainer ----------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_wandb_offline_without_login_logs_loss_and_samples_and_no_secrets(
         monkeypatch.setenv(name, value)
     result = (
         _pipeline(tiny_model_dir, max_steps=3)
-        .log_samples(["Say hello."], max_new_tokens=4)
+        .log_samples(["Say hello."], max_new_tokens=4, every=3)
         .track("wandb", project="lorakit-test", name="offline")
         .train(tmp_path / "wb")
     )
