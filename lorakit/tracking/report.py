@@ -103,14 +103,14 @@ def write_run_report(
     entries = read_log(output_dir / "metrics.jsonl")
     curves = write_curves(output_dir, entries)
     model = pipeline.model.name_or_path if pipeline.model is not None else "?"
-    method = pipeline.resolved_method.to_dict()
+    method = pipeline.resolved_method.describe()
     train = pipeline.training
     lines = [
         f"# lorakit run: {output_dir.name}",
         "",
         f"- base model: `{model}`"
         + (f" ({pipeline.quant.method_name})" if pipeline.quant is not None else ""),
-        "- method: " + ", ".join(f"{k}={v}" for k, v in method.items()),
+        f"- method: {method}",
         f"- training: lr {train.lr}, batch {train.batch_size} x grad_accum {train.grad_accum}, "
         f"scheduler {train.scheduler}, seed {train.seed}",
     ]
