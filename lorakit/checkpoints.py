@@ -106,7 +106,7 @@ def find_resume_checkpoint(output_dir: Path, resume: bool | str | Path) -> Path:
     if resume is True:
         where = output_dir / CHECKPOINTS_DIR
     else:
-        where = Path(resume).expanduser()
+        where = Path(str(resume)).expanduser()
         if (where / STATE_FILE).is_file():
             return where
         if (where / CHECKPOINTS_DIR).is_dir():

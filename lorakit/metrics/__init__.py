@@ -52,8 +52,9 @@ class Metric(Protocol):
     needs: str
     """``"text"`` or ``"loss"``."""
 
-    def compute(self, **inputs: Any) -> dict[str, float]:
-        """A flat dict of numbers."""
+    @property
+    def compute(self) -> Callable[..., dict[str, float]]:
+        """``compute(predictions=, references=)`` or ``compute(loss=)`` -> a flat dict of numbers."""
         ...
 
 

@@ -88,7 +88,7 @@ class Tracker:
                     config["data"]["val"] = _describe_source(pipeline.data.val)
             run = wandb.init(
                 dir=str(output_dir),
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]
                 config=redact(config),
                 save_code=False,
                 settings=wandb.Settings(disable_git=True, x_save_requirements=False),

@@ -37,7 +37,7 @@ def _series(entries: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]
             is_train_loss = key == "loss"
             is_eval = key.startswith("eval_") and not any(word in key for word in _NOT_METRICS)
             if is_train_loss or is_eval:
-                series.setdefault(key, []).append((int(step), float(value)))
+                series.setdefault(key, []).append((int(step or 0), float(value)))
     return series
 
 
