@@ -13,6 +13,7 @@ so a crash (even SIGKILL) in the middle of a save leaves the previous checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -273,7 +274,9 @@ def trainer_arguments(args: Any, pipeline: Any, *, has_val: bool) -> Any:
     if has_val and evaluation is not None and evaluation.every:
         changes.update(eval_strategy="steps", eval_steps=evaluation.every)
     if checkpoints is not None:
-        changes.update(save_strategy="steps", save_steps=checkpoints.every, save_total_limit=checkpoints.keep)
+        # No save_total_limit here: lorakit rotates (the trainer's own rotation would, with a limit of 1,
+        # delete the latest checkpoint at the end of training; lorakit keeps the best and the latest).
+        changes.update(save_strategy="steps", save_steps=checkpoints.every, save_total_limit=None)
         if has_val and checkpoints.best_metric is not None:
             key = eval_key(checkpoints.best_metric)
             lowered = key.lower()
@@ -310,6 +313,7 @@ def trainer_class(base: type) -> type:
         lorakit_evaluator: Any = None
         lorakit_early_stop: EarlyStopper | None = None
         lorakit_resume_meta: dict[str, Any] | None = None
+        lorakit_keep: int | None = None
         _lorakit_staging = False
 
         def _get_output_dir(self, trial: Any) -> str:
@@ -344,9 +348,11 @@ def trainer_class(base: type) -> type:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(staged, final)
+            with contextlib.suppress(OSError):
+                (run_dir / STAGING_DIR).rmdir()  # only when empty
             rotate_checkpoints(
                 output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
+                save_total_limit=self.lorakit_keep or self.args.save_total_limit,
                 best_model_checkpoint=self.state.best_model_checkpoint,
             )
 
@@ -483,6 +489,7 @@ class TrainingHooks:
         self.callbacks: list[Any] = []
         self.evaluator: Any = None
         self.stopper = EarlyStopper(pipeline.early_stop) if pipeline.early_stop is not None else None
+        self.keep = pipeline.checkpoints.keep if pipeline.checkpoints is not None else None
         spec = pipeline.evaluation
         if spec is not None:
             from lorakit.metrics import get_metric
@@ -513,6 +520,7 @@ class TrainingHooks:
                 )
 
     def install(self, trainer: Any, meta: dict[str, Any] | None, resumed: dict[str, Any] | None) -> None:
+        trainer.lorakit_keep = self.keep
         trainer.lorakit_evaluator = self.evaluator
         trainer.lorakit_early_stop = self.stopper
         trainer.lorakit_resume_meta = meta

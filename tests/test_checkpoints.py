@@ -183,6 +183,7 @@ def test_sigkill_during_a_save_then_resume_equals_the_uninterrupted_run(
     assert not (checkpoints / "checkpoint-6").exists()
     assert not (out / "adapter_model.safetensors").exists()
 
+    initial = _adapter(checkpoints / "checkpoint-3")
     with pytest.warns(UserWarning, match="incomplete checkpoint left by a crash"):
         resumed = resumable(tiny_model_dir, rows_file).train(out, resume=True)
     assert not (checkpoints / ".partial").exists()
@@ -191,8 +192,8 @@ def test_sigkill_during_a_save_then_resume_equals_the_uninterrupted_run(
     assert whole.keys() == after.keys() and len(whole) == 28
     for name in whole:
         torch.testing.assert_close(after[name], whole[name], rtol=1e-5, atol=1e-6)
-    initial = _adapter(checkpoints / "checkpoint-3")
     assert not all(torch.equal(initial[k], after[k]) for k in after)  # steps 4-8 really ran after the resume
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-6", "checkpoint-8"]  # keep=2
     # One loss per step in the log (lines past checkpoint-3 from the killed run were dropped), equal to the
     # uninterrupted run's.
     losses = {e["step"]: e["loss"] for e in _log(out) if "loss" in e}
@@ -209,7 +210,7 @@ def test_resume_refuses_another_config_or_other_data(tiny_model_dir, rows_file, 
     with pytest.raises(ConfigError) as error:
         changed.train(run, resume=True)
     message = str(error.value)
-    assert "Cannot resume from" in message and "checkpoint-6" in message
+    assert f"Cannot resume from {run / 'checkpoints' / 'checkpoint-8'}: this run differs" in message
     assert "training.lr: 0.005 in the checkpoint, 0.001 now" in message
     assert "method.r: 8 in the checkpoint, 4 now" in message
     other_rows = tmp_path / "other.jsonl"
