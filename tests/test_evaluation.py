@@ -162,22 +162,31 @@ SECRETS = {"HF_TOKEN": "hf_SECRETsecretSECRET123", "MY_SERVICE_API_KEY": "sk-SEC
 
 
 def _wandb_history(path):
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
+    """History rows of a W&B ``.wandb`` file (a LevelDB-style log of protobuf records, 32 KiB blocks)."""
+    import struct
 
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
-    rows = []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {
-                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                    for item in record.history.item
-                }
-            )
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, pending, rows = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                )
     return rows
 
 
@@ -200,8 +209,10 @@ def test_wandb_offline_without_login_logs_loss_and_samples_and_no_secrets(
     losses = [row["train/loss"] for row in history if "train/loss" in row]
     logged = [e["loss"] for e in _log(result.output_dir / "metrics.jsonl") if "loss" in e]
     assert losses == pytest.approx(logged) and len(losses) == 3
-    tables = [row["samples"] for row in history if "samples" in row]
-    assert len(tables) == 1 and tables[0]["_type"] == "table-file" and tables[0]["nrows"] == 1
+    tables = [row for row in history if "samples/_type" in row]
+    assert len(tables) == 1 and tables[0]["samples/_type"] == "table-file" and tables[0]["samples/nrows"] == 1
+    table = json.loads((runs[0] / "files" / tables[0]["samples/path"]).read_text())
+    assert table["columns"] == ["step", "prompt", "generation"] and table["data"][0][:2] == [3, "Say hello."]
     report = (result.output_dir / "report.md").read_text()
     assert f"wandb sync {runs[0]}" in report
     # No secret from the environment reaches any file of the run (configs, logs, W&B files, report).
