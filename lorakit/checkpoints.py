@@ -53,13 +53,24 @@ _FREE_DATA_FIELDS = ("source", "val", "cache", "num_proc")
 
 
 def data_fingerprint(dataset: Any) -> str:
-    """SHA-256 of the tokenized training rows (every column, in order)."""
+    """SHA-256 of the tokenized training rows: every column's values and row lengths, in order (independent
+    of how Arrow chunks or types the integers)."""
+    import numpy as np
+    import pyarrow as pa
+
     digest = hashlib.sha256()
     columns = sorted(dataset.column_names)
     digest.update(json.dumps([columns, len(dataset)]).encode())
-    for batch in dataset.iter(batch_size=1024):
-        for column in columns:
-            digest.update(json.dumps(batch[column], separators=(",", ":")).encode())
+    table = dataset.with_format("arrow")[:]  # the rows as shown (a selected / shuffled view included)
+    for column in columns:
+        array = table.column(column).combine_chunks()
+        if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+            digest.update(np.asarray(array.value_lengths().fill_null(0), dtype=np.int64).tobytes())
+            digest.update(
+                np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).tobytes()
+            )
+        else:
+            digest.update(json.dumps(array.to_pylist(), default=str).encode())
     return digest.hexdigest()
 
 

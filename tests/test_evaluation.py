@@ -46,13 +46,16 @@ def _log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+STEPS, EVERY = 24, 8
+
+
 @pytest.fixture(scope="module")
 def eval_run(tiny_model_dir, tmp_path_factory):
     pipeline = (
-        _pipeline(tiny_model_dir)
+        _pipeline(tiny_model_dir, max_steps=STEPS, lr=1e-2)
         .with_eval(
-            ["perplexity", "rouge", "exact_match", answer_length],
-            every=4,
+            ["perplexity", "rouge", "chrf", "exact_match", answer_length],
+            every=EVERY,
             samples=3,
             max_new_tokens=8,
             batch_size=2,
@@ -69,13 +72,14 @@ def test_eval_metrics_are_logged_at_each_evaluation(eval_run):
     for entry in log:
         if any(key.startswith("eval_") for key in entry):
             by_step.setdefault(entry["step"], {}).update(entry)
-    assert sorted(by_step) == [4, 8, 12]
+    assert sorted(by_step) == [8, 16, 24]
     for merged in by_step.values():
         assert merged["eval_perplexity"] == pytest.approx(math.exp(merged["eval_loss"]))
         for key in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_exact_match"):
             assert 0.0 <= merged[key] <= 1.0
-        assert merged["eval_answer_length"] > 0
-    assert by_step[12]["eval_loss"] < by_step[4]["eval_loss"]  # the tiny model learns its rows
+        assert merged["eval_answer_length"] > 0 and 0 <= merged["eval_chrf"] <= 100
+    assert by_step[24]["eval_loss"] < by_step[8]["eval_loss"]  # the tiny model learns its rows
+    assert by_step[24]["eval_rouge1"] > 0.5 and by_step[24]["eval_chrf"] > by_step[8]["eval_chrf"]
 
 
 def test_training_eval_numbers_equal_standalone_evaluate(eval_run):
@@ -83,9 +87,12 @@ def test_training_eval_numbers_equal_standalone_evaluate(eval_run):
     # the same rows must give the same numbers.
     final = eval_run.metrics
     standalone = lk.evaluate(
-        eval_run.output_dir, ROWS[:3], metrics=["rouge", "exact_match", answer_length], max_new_tokens=8
+        eval_run.output_dir,
+        ROWS[:3],
+        metrics=["rouge", "chrf", "exact_match", answer_length],
+        max_new_tokens=8,
     )
-    for key in ("rouge1", "rouge2", "rougeL", "exact_match", "answer_length"):
+    for key in ("rouge1", "rouge2", "rougeL", "chrf", "exact_match", "answer_length"):
         assert final[f"eval_{key}"] == pytest.approx(standalone.metrics[key], abs=1e-9), key
     assert standalone.metrics["rows"] == 3 and len(standalone.predictions) == 3
 
@@ -94,7 +101,7 @@ def test_generation_samples_go_to_the_local_log_and_tensorboard(eval_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     samples = _log(eval_run.output_dir / "samples.jsonl")
-    assert [s["step"] for s in samples] == [4, 4, 8, 8, 12, 12]
+    assert [s["step"] for s in samples] == [8, 8, 16, 16, 24, 24]
     assert "What is the capital of France?" in samples[0]["prompt"]
     assert "Say hello." in samples[1]["prompt"]
     model = lk.InferenceModel.load(eval_run.output_dir)
@@ -108,10 +115,10 @@ def test_generation_samples_go_to_the_local_log_and_tensorboard(eval_run):
     events.Reload()
     logged = {e["step"]: e["loss"] for e in _log(eval_run.output_dir / "metrics.jsonl") if "loss" in e}
     scalars = {s.step: s.value for s in events.Scalars("train/loss")}
-    assert scalars == pytest.approx(logged, rel=1e-6) and len(scalars) == 12
-    assert [s.step for s in events.Scalars("eval/rouge1")][:3] == [4, 8, 12]
+    assert scalars == pytest.approx(logged, rel=1e-6) and len(scalars) == STEPS
+    assert [s.step for s in events.Scalars("eval/rouge1")][:3] == [8, 16, 24]
     texts = events.Tensors("samples/text_summary")
-    assert [t.step for t in texts] == [4, 8, 12]
+    assert [t.step for t in texts] == [8, 16, 24]
     assert "What is the capital of France?" in texts[0].tensor_proto.string_val[0].decode()
 
 
@@ -121,8 +128,8 @@ def test_run_report_and_curves(eval_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     report = (out / "report.md").read_text()
     assert f"| train_loss | {eval_run.metrics['train_loss']:.4g} |" in report
-    assert "## Evaluations" in report and "eval_rouge1" in report and "| 12 |" in report
-    assert "## Samples at step 12" in report and "![loss and metrics](curves.png)" in report
+    assert "## Evaluations" in report and "eval_rouge1" in report and "| 24 |" in report
+    assert "## Samples at step 24" in report and "![loss and metrics](curves.png)" in report
     assert f"tensorboard --logdir {out / 'tensorboard'}" in report
 
 
