@@ -252,3 +252,17 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_
     kept = _adapter(out / "checkpoints" / "checkpoint-4")
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert not (out / "adapter_model.safetensors").exists()  # no NaN adapter was saved as the result
+
+
+def test_data_fingerprint_depends_on_rows_not_on_their_arrow_layout():
+    from datasets import Dataset
+
+    from lorakit.checkpoints import data_fingerprint
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    listed = data_fingerprint(Dataset.from_list(rows))
+    assert listed == data_fingerprint(Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]}))
+    assert listed == data_fingerprint(Dataset.from_list(rows[::-1]).select([1, 0]))
+    assert listed != data_fingerprint(Dataset.from_list(rows[::-1]))  # order matters (data position)
+    moved = [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3, 4], "labels": [3, 4]}]
+    assert listed != data_fingerprint(Dataset.from_list(moved))  # same tokens, other row boundaries
