@@ -61,19 +61,23 @@ def write_curves(output_dir: Path, entries: list[dict[str, Any]] | None = None) 
         )
         return None
     losses = {k: v for k, v in series.items() if k in ("loss", "eval_loss")}
-    others = {k: v for k, v in series.items() if k not in losses}
-    panels = 2 if others else 1
-    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    for axis, group, title in ((axes[0][0], losses, "loss"), (axes[0][-1], others, "eval metrics")):
-        if not group:
-            continue
+    rest = {k: v for k, v in series.items() if k not in losses}
+    # Scores in [0, 1] (ROUGE, exact match, accuracy) and the rest (BLEU / chrF 0-100, perplexity, custom)
+    # get separate panels so neither flattens the other.
+    unit = {k: v for k, v in rest.items() if all(0.0 <= value <= 1.0 for _, value in v)}
+    other = {k: v for k, v in rest.items() if k not in unit}
+    groups = [
+        (g, t) for g, t in ((losses, "loss"), (unit, "eval scores (0-1)"), (other, "other eval metrics")) if g
+    ]
+    figure, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for axis, (group, title) in zip(axes[0], groups, strict=True):
         for key, points in group.items():
             steps, values = zip(*points, strict=True)
             axis.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
         axis.set_xlabel("step")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=8)
     figure.tight_layout()
     path = output_dir / CURVES_FILE
     tmp = path.with_name(f".{path.name}.tmp.png")
