@@ -189,7 +189,8 @@ class Pipeline:
                 ``"truncate"`` (cut the end), ``"drop"`` or ``"error"``. Cut and dropped rows are counted.
             on_bad_row: ``"error"`` (raise on a malformed row) or ``"skip"`` (skip and count it).
             dedup: drop exact duplicate rows (counted).
-            min_chars / max_chars: drop rows with less / more text than this (counted).
+            min_chars: drop rows with less text than this (counted).
+            max_chars: drop rows with more text than this (counted).
             text_unit: plain-text files: one document per ``"line"`` or per ``"file"``.
             packing: pack examples into ``max_length`` sequences; batches are padding-free with per-example
                 position ids, so packed examples never attend to each other.

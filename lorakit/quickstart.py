@@ -48,6 +48,7 @@ def run_quickstart(
     *,
     model: str = "smollm2-135m",
     max_steps: int = 100,
+    template: str = "chatml",
     eval_rows: int | None = None,
     overwrite: bool = True,
 ) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def run_quickstart(
     pipeline = (
         lk.Pipeline.from_model(model)
         .with_lora(r=16, alpha=32, targets="all-linear")
-        .with_dataset(str(sample_path("train")), template="alpaca", val_split=0.1, max_length=256)
+        .with_dataset(str(sample_path("train")), template=template, val_split=0.1, max_length=256)
         .with_training(
             max_steps=max_steps, lr=4e-4, batch_size=8, scheduler="linear", warmup_ratio=0.1, logging_steps=10
         )
@@ -68,7 +69,7 @@ def run_quickstart(
     print(pipeline.explain(), flush=True)
 
     print(f"\n[1/3] zero-shot exact match of {model} on {len(test_rows)} held-out tickets ...", flush=True)
-    base = lk.InferenceModel.from_model(model, template="alpaca")
+    base = lk.InferenceModel.from_model(model, template=template)
     before_result = _evaluate(base, test_rows, f"{model} (base)")
     before = before_result.metrics["exact_match"]
     del base

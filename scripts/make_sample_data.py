@@ -191,8 +191,16 @@ TRAIN_DETAILS = [
 ]
 TRAIN_FILL = {
     "name": ["Alice", "Marco", "Priya", "Tom", "Keiko", "Daniel", "Fatima", "Lukas", "Sara", "Ben"],
-    "product": ["wireless earbuds", "yoga mat", "coffee grinder", "desk lamp", "rain jacket", "running shoes",
-                "blender", "laptop sleeve"],
+    "product": [
+        "wireless earbuds",
+        "yoga mat",
+        "coffee grinder",
+        "desk lamp",
+        "rain jacket",
+        "running shoes",
+        "blender",
+        "laptop sleeve",
+    ],
     "device": ["smart speaker", "fitness tracker", "tablet", "router"],
     "plan": ["Premium", "Family", "Pro", "Basic"],
     "place": ["Canada", "Norway", "Ireland", "Mexico"],
@@ -294,8 +302,14 @@ TEST_RAMBLE = [
 ]
 TEST_FILL = {
     "name": ["Oluwaseun", "Greta", "Ravi", "Ines", "Bartholomew", "Mei", "Jonas", "Carmen"],
-    "product": ["robot vacuum", "camping stove", "linen duvet cover", "ski goggles", "standing desk",
-                "ceramic teapot"],
+    "product": [
+        "robot vacuum",
+        "camping stove",
+        "linen duvet cover",
+        "ski goggles",
+        "standing desk",
+        "ceramic teapot",
+    ],
     "device": ["thermostat", "doorbell camera", "e-reader", "smartwatch"],
     "place": ["New Zealand", "Portugal", "Chile", "Singapore"],
     "amount": ["£31.40", "€19.95", "£64.00", "€112.50"],
@@ -333,8 +347,9 @@ def make_train_ticket(queue: str, issue: str, rng: random.Random) -> str:
         second = f(other)
         return join([f(rng.choice(TRAIN_GREETINGS)), core, "Also, " + second[0].lower() + second[1:]])
     if style == "full":
-        return join([f(rng.choice(TRAIN_GREETINGS)), f(rng.choice(TRAIN_DETAILS)), core,
-                     f(rng.choice(TRAIN_CLOSERS))])
+        return join(
+            [f(rng.choice(TRAIN_GREETINGS)), f(rng.choice(TRAIN_DETAILS)), core, f(rng.choice(TRAIN_CLOSERS))]
+        )
     # "lower": a casual, unpunctuated version of the issue
     return re.sub(r"[.?!]+$", "", core).lower()
 
@@ -347,9 +362,9 @@ def add_typos(text: str, rng: random.Random, rate: float = 0.18) -> str:
             i = rng.randrange(1, len(word) - 2)
             kind = rng.randrange(3)
             if kind == 0:
-                word = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+                word = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
             elif kind == 1:
-                word = word[:i] + word[i + 1:]
+                word = word[:i] + word[i + 1 :]
             else:
                 word = word[:i] + word[i] + word[i:]
         out.append(word)
@@ -370,24 +385,43 @@ def make_test_ticket(queue: str, issue: str, style: str, rng: random.Random) -> 
     if style == "terse":
         return re.sub(r"[.?!]+$", "", core).lower()
     if style == "angry":
-        return join([f(rng.choice(["URGENT:", "Yo.", ""])), shout(core, rng), f(rng.choice(TEST_DETAILS)),
-                     "Sort this out today or I'm leaving."])
+        return join(
+            [
+                f(rng.choice(["URGENT:", "Yo.", ""])),
+                shout(core, rng),
+                f(rng.choice(TEST_DETAILS)),
+                "Sort this out today or I'm leaving.",
+            ]
+        )
     if style == "ramble":
-        return join([f(rng.choice(TEST_GREETINGS)), rng.choice(TEST_RAMBLE), core,
-                     f(rng.choice(TEST_DETAILS)),
-                     "Sorry for the long message!"])
+        return join(
+            [
+                f(rng.choice(TEST_GREETINGS)),
+                rng.choice(TEST_RAMBLE),
+                core,
+                f(rng.choice(TEST_DETAILS)),
+                "Sorry for the long message!",
+            ]
+        )
     if style == "polite":
-        return join(["To whom it may concern:", core, f(rng.choice(TEST_DETAILS)),
-                     f("Much obliged, {name}.")])
+        return join(
+            ["To whom it may concern:", core, f(rng.choice(TEST_DETAILS)), f("Much obliged, {name}.")]
+        )
     if style == "typos":
         return add_typos(join([f(rng.choice(TEST_GREETINGS)), core, f(rng.choice(TEST_CLOSERS))]), rng)
     # "mixed"
-    return join([f(rng.choice(TEST_GREETINGS)), f(rng.choice(TEST_DETAILS)), core,
-                 f(rng.choice(TEST_CLOSERS))])
+    return join(
+        [f(rng.choice(TEST_GREETINGS)), f(rng.choice(TEST_DETAILS)), core, f(rng.choice(TEST_CLOSERS))]
+    )
 
 
-def build_split(per_queue: int, issues: dict[str, list[str]], make, rng: random.Random,
-                styles: tuple[str, ...] | None = None) -> list[dict]:
+def build_split(
+    per_queue: int,
+    issues: dict[str, list[str]],
+    make,
+    rng: random.Random,
+    styles: tuple[str, ...] | None = None,
+) -> list[dict]:
     rows = []
     for queue in QUEUES:
         seen: set[str] = set()
@@ -418,7 +452,7 @@ def words(text: str) -> list[str]:
 
 def shingles(text: str, n: int = SHINGLE) -> set[tuple[str, ...]]:
     w = words(text)
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def check_disjoint(train: list[dict], test: list[dict]) -> None:
@@ -449,8 +483,9 @@ def render(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="only verify the files on disk are up to date")
     args = parser.parse_args()
 
@@ -472,8 +507,10 @@ def main() -> int:
     lengths = sorted(len(r["input"].split()) for r in train + test)
     print(f"wrote {len(train)} train rows -> {TRAIN_PATH.relative_to(ROOT)}")
     print(f"wrote {len(test)} test rows -> {TEST_PATH.relative_to(ROOT)}")
-    print(f"queues: {', '.join(QUEUES)}; input words min/median/max: "
-          f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}")
+    print(
+        f"queues: {', '.join(QUEUES)}; input words min/median/max: "
+        f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}"
+    )
     print(f"shingle check: no {SHINGLE}-word shingle of any test input appears in any train input")
     return 0
 

