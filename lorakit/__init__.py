@@ -21,21 +21,33 @@ __all__ = [
     "Pipeline",
     "TrainResult",
     "__version__",
+    "evaluate",
 ]
 
 _LAZY = {
     "Pipeline": "lorakit.pipeline",
     "InferenceModel": "lorakit.inference",
     "TrainResult": "lorakit.training",
+    "evaluate": "lorakit.evaluation",
 }
 
 if TYPE_CHECKING:
+    from lorakit.evaluation import evaluate
     from lorakit.inference import InferenceModel
     from lorakit.pipeline import Pipeline
     from lorakit.training import TrainResult
 
 
 def __getattr__(name: str) -> Any:
+    if name in (
+        "metrics",
+        "evaluation",
+        "tracking",
+        "checkpoints",
+    ):  # subpackages, importable on attribute access
+        import importlib
+
+        return importlib.import_module(f"lorakit.{name}")
     if name in _LAZY:
         import importlib
 

@@ -396,3 +396,114 @@ class TrackSpec:
     @property
     def option_dict(self) -> dict[str, Any]:
         return dict(self.options)
+
+
+# --- evaluation, samples, checkpoints, early stopping (issue 5) -------------------------------------------
+
+__all__ += ["CheckpointSpec", "EarlyStopSpec", "EvalSpec", "SampleSpec"]
+
+
+def _to_metric_specs(value: Any) -> tuple[Any, ...]:
+    from pathlib import Path
+
+    if isinstance(value, (str, Path)) or callable(value):
+        value = (value,)
+    try:
+        specs = tuple(str(v) if isinstance(v, Path) else v for v in value)
+    except TypeError:
+        raise ConfigError(
+            f"`metrics` must be a metric or a list of them, e.g. ('perplexity', 'rouge'); got {value!r}."
+        ) from None
+    return specs
+
+
+@attrs.frozen
+class EvalSpec:
+    """Evaluation during training: loss / perplexity on the validation split, generation metrics on a subset."""
+
+    metrics: tuple[Any, ...] = attrs.field(default=("perplexity",), converter=_to_metric_specs)
+    """Metric specs (see :mod:`lorakit.metrics`): names, callables, ``"module:function"``, evaluate paths."""
+    every: int | None = attrs.field(default=None, validator=optional_positive_int("Or None for each epoch."))
+    """Evaluate every N optimizer steps; ``None`` keeps ``with_training(eval_steps=...)`` (or each epoch)."""
+    samples: int = attrs.field(default=64, validator=positive_int("Use e.g. samples=64."))
+    """Validation rows (the first N, a fixed subset) generated for the text metrics."""
+    max_new_tokens: int = attrs.field(default=64, validator=positive_int("Use e.g. max_new_tokens=64."))
+    """Longest generated answer for the text metrics."""
+    batch_size: int = attrs.field(default=8, validator=positive_int("Use e.g. batch_size=8."))
+    """Prompts generated together; memory stays bounded by this, not by ``samples``."""
+
+    @metrics.validator
+    def _check_metrics(self, attribute: attrs.Attribute, value: tuple[Any, ...]) -> None:
+        from lorakit.metrics import get_metric
+
+        if not value:
+            _fail(attribute, value, "at least one metric", "Use e.g. metrics=('perplexity', 'rouge').")
+        for spec in value:
+            get_metric(spec)  # unknown names and missing evaluate scripts fail at the builder call
+
+
+@attrs.frozen
+class SampleSpec:
+    """Generation samples during training: fixed prompts, their generations logged at each evaluation."""
+
+    prompts: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    """Prompt strings or rows; empty takes the first ``n`` validation rows."""
+    n: int = attrs.field(default=4, validator=positive_int("Use e.g. n=4."))
+    """How many validation rows to use when ``prompts`` is empty."""
+    max_new_tokens: int = attrs.field(default=64, validator=positive_int("Use e.g. max_new_tokens=64."))
+    """Longest generated sample."""
+    every: int | None = attrs.field(
+        default=None, validator=optional_positive_int("Or None to log at each evaluation.")
+    )
+    """Log every N optimizer steps; ``None`` logs at each evaluation (or, without one, every logging step x 10)."""
+
+    @prompts.validator
+    def _check_prompts(self, attribute: attrs.Attribute, value: tuple[Any, ...]) -> None:
+        for index, prompt in enumerate(value):
+            if not isinstance(prompt, (str, Mapping)):
+                raise ConfigError(
+                    f"`prompts[{index}]` must be a prompt string or a row dict, got {type(prompt).__name__}."
+                )
+
+
+@attrs.frozen
+class CheckpointSpec:
+    """Checkpoints: written atomically every N steps, best + latest kept, the best loaded at the end."""
+
+    every: int = attrs.field(validator=positive_int("Use e.g. every=100."))
+    """Write a checkpoint every N optimizer steps (evaluation then runs at the same steps)."""
+    keep: int = attrs.field(default=2, validator=positive_int("2 keeps the best and the latest."))
+    """``save_total_limit``: checkpoints kept on disk; the best and the latest are never deleted."""
+    best_metric: str | None = attrs.field(default="eval_loss")
+    """The metric that picks the best checkpoint (``eval_``-prefixed, e.g. ``"eval_rougeL"``); None for none."""
+    load_best: bool = attrs.field(default=True, converter=bool)
+    """Load the best checkpoint's adapter at the end and save that one in the run directory."""
+
+
+@attrs.frozen
+class EarlyStopSpec:
+    """Stop when the watched metric has not improved for ``patience`` evaluations in a row."""
+
+    patience: int = attrs.field(validator=positive_int("Use e.g. patience=3."))
+    """Evaluations without improvement before stopping."""
+    metric: str = attrs.field(default="eval_loss")
+    """The metric watched (``"eval_loss"``, ``"eval_perplexity"``, ``"eval_rougeL"``, ...)."""
+    mode: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(one_of(("min", "max"), "Or None to infer it."))
+    )
+    """``"min"`` or ``"max"``; ``None`` infers ``min`` for losses and perplexity, ``max`` otherwise."""
+    min_delta: float = attrs.field(default=0.0, converter=_to_float, validator=number_in(0.0, 1e9))
+    """An improvement must beat the best so far by more than this."""
+
+    @property
+    def direction(self) -> str:
+        """``"min"`` or ``"max"``."""
+        if self.mode is not None:
+            return self.mode
+        lowered = self.metric.lower()
+        return "min" if ("loss" in lowered or "perplexity" in lowered) else "max"
+
+
+def eval_key(metric: str) -> str:
+    """``"rougeL"`` -> ``"eval_rougeL"``: the name an evaluation metric is logged under."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"

@@ -5,7 +5,7 @@ Every message names the field (or file / row), the value received and what to do
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "LorakitError", "MissingDependencyError"]
+__all__ = ["ConfigError", "DataError", "LorakitError", "MissingDependencyError", "TrainingError"]
 
 
 class LorakitError(Exception):
@@ -22,3 +22,7 @@ class DataError(LorakitError, ValueError):
 
 class MissingDependencyError(LorakitError, ImportError):
     """An optional package a feature needs is not installed; the message says what to install."""
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training had to stop (e.g. the loss became NaN / inf); the message names the step and what was kept."""

@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from lorakit.config import DataSpec, ModelSpec, QuantSpec, TrackSpec, TrainSpec
+from lorakit.config import (
+    CheckpointSpec,
+    DataSpec,
+    EarlyStopSpec,
+    EvalSpec,
+    ModelSpec,
+    QuantSpec,
+    SampleSpec,
+    TrackSpec,
+    TrainSpec,
+)
 from lorakit.errors import ConfigError
 from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
 
@@ -42,6 +52,14 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
+
+_EXTRA_SECTIONS: dict[str, Any] = {
+    "evaluation": EvalSpec,
+    "samples": SampleSpec,
+    "checkpoints": CheckpointSpec,
+    "early_stop": EarlyStopSpec,
+}
+"""Optional config sections: Pipeline field -> spec class."""
 
 
 def _looks_like_a_file(path: str) -> bool:
@@ -81,6 +99,14 @@ class Pipeline:
     """Experiment tracking backend."""
     distribution: DistributedSpec | None = None
     """Multi-process / multi-machine set-up (set by :meth:`distributed`); None trains as launched."""
+    evaluation: EvalSpec | None = None
+    """Evaluation during training (set by :meth:`with_eval`)."""
+    samples: SampleSpec | None = None
+    """Generation samples logged during training (set by :meth:`log_samples`)."""
+    checkpoints: CheckpointSpec | None = None
+    """Atomic checkpoints, best + latest kept (set by :meth:`with_checkpoints`)."""
+    early_stop: EarlyStopSpec | None = None
+    """Early stopping on an evaluation metric (set by :meth:`early_stopping`)."""
 
     # --- building -----------------------------------------------------------------------------------------
 
@@ -304,6 +330,70 @@ class Pipeline:
         check_spec_against(self, spec)
         return attrs.evolve(self, distribution=spec)
 
+    # --- evaluation, samples, checkpoints (issue 5) ------------------------------------------------------
+
+    def with_eval(
+        self,
+        metrics: Any = ("perplexity",),
+        *,
+        every: int | None = None,
+        samples: int = 64,
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+    ) -> Pipeline:
+        """Evaluate during training: loss and perplexity on the whole validation split, and generation metrics
+        (``"rouge"``, ``"bleu"``, ``"chrf"``, ``"exact_match"``, ``"accuracy"``, callables, local ``evaluate``
+        modules; see :mod:`lorakit.metrics`) on its first ``samples`` rows.
+
+        Generation runs in batches of ``batch_size`` prompts of at most ``max_new_tokens`` new tokens, and no
+        logits are kept across batches, so memory does not grow with the validation set. Results are logged as
+        ``eval_<metric>`` to ``metrics.jsonl`` and the tracker. ``every`` sets the evaluation interval in steps
+        (default: ``with_training(eval_steps=...)``, else each epoch).
+        """
+        spec = EvalSpec(
+            metrics=metrics,
+            every=every,
+            samples=samples,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
+        return attrs.evolve(self, evaluation=spec)
+
+    def log_samples(
+        self,
+        prompts: Any = (),
+        *,
+        n: int = 4,
+        max_new_tokens: int = 64,
+        every: int | None = None,
+    ) -> Pipeline:
+        """Log generations for a few fixed prompts during training: a W&B table, TensorBoard text and
+        ``samples.jsonl`` in the run directory. Without ``prompts`` the first ``n`` validation rows are used.
+        """
+        if isinstance(prompts, (str, Mapping)):
+            prompts = (prompts,)
+        spec = SampleSpec(prompts=prompts, n=n, max_new_tokens=max_new_tokens, every=every)
+        return attrs.evolve(self, samples=spec)
+
+    def with_checkpoints(
+        self, every: int, *, keep: int = 2, best_metric: str | None = "eval_loss", load_best: bool = True
+    ) -> Pipeline:
+        """Write a checkpoint every ``every`` steps (atomically: written aside, then renamed), keep ``keep`` of
+        them — the best by ``best_metric`` and the latest are never deleted — and, with ``load_best``, end
+        with the best adapter. ``train(dir, resume=True)`` continues from the latest one.
+        """
+        spec = CheckpointSpec(every=every, keep=keep, best_metric=best_metric, load_best=load_best)
+        return attrs.evolve(self, checkpoints=spec)
+
+    def early_stopping(
+        self, patience: int = 3, metric: str = "eval_loss", *, mode: str | None = None, min_delta: float = 0.0
+    ) -> Pipeline:
+        """Stop training when ``metric`` has not improved (by more than ``min_delta``) for ``patience``
+        evaluations in a row. ``mode`` is ``"min"`` / ``"max"``; by default ``min`` for losses and perplexity.
+        """
+        spec = EarlyStopSpec(patience=patience, metric=metric, mode=mode, min_delta=min_delta)
+        return attrs.evolve(self, early_stop=spec)
+
     def _with_method(self, spec: MethodSpec) -> Pipeline:
         if self.method is not None and self.method.name != spec.name:
             raise ConfigError(
@@ -349,7 +439,12 @@ class Pipeline:
         return self.plan().render()
 
     def train(
-        self, output_dir: str | Path, *, overwrite: bool = False, callbacks: list[Any] | None = None
+        self,
+        output_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        callbacks: list[Any] | None = None,
+        resume: bool | str | Path = False,
     ) -> TrainResult:
         """Load, train with TRL's SFTTrainer, and write the run directory.
 
@@ -357,10 +452,14 @@ class Pipeline:
         pipeline's config, the template and the data report), ``metrics.json`` and ``metrics.jsonl``.
         A non-empty ``output_dir`` is refused unless ``overwrite=True``. ``callbacks`` are extra
         ``transformers.TrainerCallback`` objects handed to the trainer.
+
+        ``resume=True`` continues the run in ``output_dir`` from its latest checkpoint (``resume="path"``: from
+        that checkpoint or run directory) with the optimizer, scheduler, RNG and data position restored, after
+        checking that this pipeline's config and data fingerprint equal the checkpoint's.
         """
         from lorakit.training import run_training
 
-        return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks)
+        return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks, resume=resume)
 
     def prepare_data(self) -> PreparedData:
         """Tokenize the data exactly as ``train()`` would (loads the tokenizer only, no weights).
@@ -438,7 +537,26 @@ class Pipeline:
             "training": attrs.asdict(self.training),
             "tracking": {"backend": self.tracking.backend, **self.tracking.option_dict},
             **extra,
+            **self._extras_config(),
         }
+
+    def _extras_config(self) -> dict[str, Any]:
+        """Config sections of the evaluation / samples / checkpoint / early-stopping specs that are set."""
+        from lorakit.metrics import metric_name
+
+        extras: dict[str, Any] = {}
+        if self.evaluation is not None:
+            extras["evaluation"] = {
+                **attrs.asdict(self.evaluation),
+                "metrics": [metric_name(m) for m in self.evaluation.metrics],
+            }
+        if self.samples is not None:
+            extras["samples"] = {**attrs.asdict(self.samples), "prompts": list(self.samples.prompts)}
+        for name in ("checkpoints", "early_stop"):
+            spec = getattr(self, name)
+            if spec is not None:
+                extras[name] = attrs.asdict(spec)
+        return extras
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | Path) -> Pipeline:
@@ -456,7 +574,7 @@ class Pipeline:
             config = loaded.get("pipeline", loaded)
         assert isinstance(config, Mapping)
         known = {"lorakit_config", "model", "method", "quant", "data", "training", "tracking", "distributed"}
-        unknown = set(config) - known
+        unknown = set(config) - known - set(_EXTRA_SECTIONS)
         if unknown:
             raise ConfigError(f"Unknown config sections: {', '.join(sorted(unknown))}.")
         data = config.get("data")
@@ -474,6 +592,11 @@ class Pipeline:
                 training=TrainSpec(**(config.get("training") or {})),
                 tracking=TrackSpec(tracking.pop("backend"), tracking),
                 distribution=_distribution(config.get("distributed")),
+                **{
+                    field: spec_class(**config[field])
+                    for field, spec_class in _EXTRA_SECTIONS.items()
+                    if config.get(field)
+                },
             )
         except TypeError as error:
             raise ConfigError(f"Invalid pipeline config: {error}") from error

@@ -26,19 +26,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _normalize(text: str) -> str:
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first.strip().strip(".").strip().lower()
+def _evaluate(model: Any, rows: list[dict[str, Any]], name: str, *, batch_size: int = 16) -> Any:
+    """``lorakit.evaluate`` with the quickstart's metric: exact match of the answer's first line (case and
+    surrounding punctuation ignored)."""
+    from lorakit.evaluation import evaluate
+    from lorakit.metrics.builtin import ExactMatch
+
+    return evaluate(
+        model, rows, metrics=[ExactMatch(first_line=True)], max_new_tokens=8, batch_size=batch_size, name=name
+    )
 
 
 def exact_match(model: Any, rows: list[dict[str, Any]], *, batch_size: int = 16) -> tuple[float, list[str]]:
     """Share of rows whose generated answer (first line, case-insensitive) equals ``output``."""
-    predictions: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        batch = [{k: r[k] for k in ("instruction", "input")} for r in rows[start : start + batch_size]]
-        predictions.extend(model.generate(batch, max_new_tokens=8))
-    hits = sum(_normalize(p) == _normalize(r["output"]) for p, r in zip(predictions, rows, strict=True))
-    return hits / len(rows), predictions
+    result = _evaluate(model, rows, "model", batch_size=batch_size)
+    return result.metrics["exact_match"], list(result.predictions)
 
 
 def run_quickstart(
@@ -68,7 +70,8 @@ def run_quickstart(
 
     print(f"\n[1/3] zero-shot exact match of {model} on {len(test_rows)} held-out tickets ...", flush=True)
     base = lk.InferenceModel.from_model(model, template=template)
-    before, _ = exact_match(base, test_rows)
+    before_result = _evaluate(base, test_rows, f"{model} (base)")
+    before = before_result.metrics["exact_match"]
     del base
 
     print(f"[2/3] LoRA fine-tuning for {max_steps} steps on the CPU ...", flush=True)
@@ -78,7 +81,8 @@ def run_quickstart(
 
     print("[3/3] exact match after fine-tuning ...", flush=True)
     tuned = lk.InferenceModel.load(result.output_dir)
-    after, predictions = exact_match(tuned, test_rows)
+    after_result = _evaluate(tuned, test_rows, f"{model} + LoRA")
+    after, predictions = after_result.metrics["exact_match"], list(after_result.predictions)
 
     report = result.data_report
     print()
@@ -92,10 +96,10 @@ def run_quickstart(
         + (f", eval loss {result.metrics['eval_loss']:.3f}" if "eval_loss" in result.metrics else "")
     )
     print()
-    print("  | model                     | held-out exact match |")
-    print("  |---------------------------|----------------------|")
-    print(f"  | {model + ' (base)':<25} | {100 * before:>19.1f}% |")
-    print(f"  | {model + ' + LoRA':<25} | {100 * after:>19.1f}% |")
+    from lorakit.evaluation import compare
+
+    table = compare(before_result, after_result, metrics={"exact_match": "held-out exact match"})
+    print("  " + table.replace("\n", "\n  "))
     example = test_rows[0]
     print(f"\n  example ticket: {example['input']}")
     print(f"  model answer:   {predictions[0]!r}   (expected {example['output']!r})")

@@ -48,6 +48,10 @@ def _check_environment(pipeline: Pipeline) -> None:
         problems.append("track('wandb') needs wandb: pip install 'lorakit[wandb]'")
     if backend == "tensorboard" and find_spec("tensorboard") is None:
         problems.append("track('tensorboard') needs tensorboard: pip install 'lorakit[tensorboard]'")
+    if pipeline.evaluation is not None:
+        from lorakit.metrics.builtin import missing_packages
+
+        problems.extend(missing_packages(pipeline.evaluation.metrics))
     if problems:
         raise MissingDependencyError("Cannot start training:\n  - " + "\n  - ".join(problems))
 
@@ -67,35 +71,6 @@ def _metrics_log_callback(path: Path) -> Any:
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
     return MetricsLog()
-
-
-def _tracker_callbacks(pipeline: Pipeline, output_dir: Path) -> tuple[list[Any], Any]:
-    """Callbacks for the chosen tracker and a function that closes it."""
-    spec = pipeline.tracking
-    options = spec.option_dict
-    if spec.backend == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-        return [TensorBoardCallback(tb_writer=writer)], writer.close
-    if spec.backend == "wandb":
-        import wandb
-        from transformers.integrations import WandbCallback
-
-        mode = options.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        config = pipeline.to_config()
-        if config.get("data"):
-            config["data"]["source"] = _describe_source(pipeline.data.source)  # type: ignore[union-attr]
-        wandb.init(dir=str(output_dir), mode=mode, config=config, **options)
-        return [WandbCallback()], wandb.finish
-    return [], lambda: None
-
-
-def _describe_source(source: Any) -> str:
-    if isinstance(source, str):
-        return source
-    return f"<{type(source).__name__} with {len(source)} rows>"
 
 
 def _source_for_config(source: Any, output_dir: Path) -> str:
@@ -125,13 +100,19 @@ def _versions() -> dict[str, str]:
 
 
 def run_training(
-    pipeline: Pipeline, output_dir: Path, *, overwrite: bool = False, callbacks: list[Any] | None = None
+    pipeline: Pipeline,
+    output_dir: Path,
+    *,
+    overwrite: bool = False,
+    callbacks: list[Any] | None = None,
+    resume: bool | str | Path = False,
 ) -> TrainResult:
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from lorakit import checkpoints as ckpt
     from lorakit.batching import lorakit_trainer
     from lorakit.collate import PadCollator, PaddingFreeCollator
     from lorakit.data import prepare_data
@@ -158,7 +139,9 @@ def run_training(
     pipeline.require()
     assert pipeline.model is not None and pipeline.data is not None
     output_dir = output_dir.expanduser()
-    check_output_dir(output_dir, overwrite=overwrite)
+    resume_from = ckpt.find_resume_checkpoint(output_dir, resume) if resume else None
+    if resume_from is None:
+        check_output_dir(output_dir, overwrite=overwrite)
     _check_environment(pipeline)
     train_spec, data_spec = pipeline.training, pipeline.data
     precision = resolve_precision(train_spec.precision)
@@ -192,6 +175,11 @@ def run_training(
         )
     collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
     collator = collator_class(pad_token_id=tokenizer.pad_token_id)
+    # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
+    checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None
+    meta = ckpt.resume_meta(pipeline, prepared.train) if checkpointing or resume_from else None
+    resumed = ckpt.check_resume(resume_from, meta) if resume_from is not None and meta is not None else None
+    ckpt.check_specs(pipeline, has_val=prepared.val is not None and len(prepared.val) > 0)
 
     # 3. Base model (optionally quantized), prepared for k-bit training.
     set_seed(train_spec.seed)
@@ -244,13 +232,20 @@ def run_training(
     main = is_main_process()
     if main:  # only after every process has checked the (still untouched) directory
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE):
-            (output_dir / stale).unlink(missing_ok=True)
-    tracker_callbacks, close_tracker = (
-        _tracker_callbacks(pipeline, output_dir) if main else ([], lambda: None)
-    )
+        if resume_from is None:
+            for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE, *ckpt.RUN_OUTPUTS):
+                (output_dir / stale).unlink(missing_ok=True)
+            ckpt.remove_checkpoints(output_dir / ckpt.CHECKPOINTS_DIR)
+        else:
+            ckpt.prepare_resume(output_dir, resume_from)
+    args = ckpt.trainer_arguments(args, pipeline, has_val=has_val)
+    from lorakit.tracking import Tracker
+
+    tracker = Tracker(pipeline, output_dir, active=main)
+    tracker_callbacks, close_tracker = tracker.callbacks, tracker.close
+    hooks = ckpt.training_hooks(pipeline, prepared.val if has_val else None, tokenizer, template, tracker)
     set_seed(train_spec.seed)
-    trainer = lorakit_trainer(SFTTrainer)(
+    trainer = ckpt.trainer_class(lorakit_trainer(SFTTrainer))(
         model=model,
         args=args,
         data_collator=collator,
@@ -258,11 +253,17 @@ def run_training(
         eval_dataset=prepared.val if has_val else None,
         processing_class=tokenizer,
         peft_config=pipeline.resolved_method.to_peft_config(),
-        callbacks=[_metrics_log_callback(output_dir / METRICS_LOG), *tracker_callbacks, *(callbacks or [])],
+        callbacks=[
+            _metrics_log_callback(output_dir / METRICS_LOG),
+            *tracker_callbacks,
+            *hooks.callbacks,
+            *(callbacks or []),
+        ],
     )
     if train_spec.group_by_length and not data_spec.packing:
         # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
         trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
+    hooks.install(trainer, meta, resumed)
     if pipeline.quant is not None and precision == "fp32":
         # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
         for param in trainer.model.parameters():
@@ -272,7 +273,7 @@ def run_training(
     # 5. Train, evaluate, save.
     started = time.perf_counter()
     try:
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         runtime = time.perf_counter() - started
         counted = trainer.token_totals()
         metrics: dict[str, float] = {
@@ -284,10 +285,12 @@ def run_training(
             "train_loss_tokens": counted["loss_tokens"],
             "train_tokens_per_second": round(counted["tokens"] / runtime, 2) if runtime > 0 else 0.0,
         }
+        metrics.update(hooks.summary(trainer))
         if has_val:
             eval_metrics = trainer.evaluate()
             metrics["eval_loss"] = float(eval_metrics["eval_loss"])
             metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))
+            metrics.update(hooks.final_metrics(eval_metrics))
     finally:
         close_tracker()
 
@@ -310,6 +313,15 @@ def run_training(
         },
     )
     write_json_atomic(output_dir / METRICS_FILE, metrics)
+    from lorakit.tracking import write_run_report
+
+    write_run_report(
+        output_dir,
+        pipeline=pipeline,
+        metrics=metrics,
+        data_report=report.to_dict(),
+        trackers=tracker.describe(),
+    )
     del trainer, model
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -35,6 +35,7 @@ def test_public_api():
         "Pipeline",
         "TrainResult",
         "__version__",
+        "evaluate",
     }
     assert issubclass(lk.ConfigError, ValueError) and issubclass(lk.ConfigError, LorakitError)
     assert issubclass(lk.MissingDependencyError, ImportError)

@@ -1,0 +1,143 @@
+"""Where a run's numbers go: ``metrics.jsonl`` always, and TensorBoard or W&B when chosen.
+
+W&B needs no account: without ``WANDB_API_KEY`` it runs offline and writes ``<run>/wandb/offline-run-*``,
+which ``wandb sync <that directory>`` uploads later. At the end of training :func:`write_run_report` adds a
+loss / metric curve (``curves.png``) and a short ``report.md`` to the run directory. Secrets (API keys,
+tokens) are never written: track() refuses secret-looking options, and every config written here goes
+through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lorakit.tracking.report import write_curves, write_run_report
+
+__all__ = ["SAMPLES_LOG", "Tracker", "redact", "secret_values", "write_curves", "write_run_report"]
+
+SAMPLES_LOG = "samples.jsonl"
+_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "credential", "auth")
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables whose names look like secrets (at least 8 characters long)."""
+    return [
+        value
+        for name, value in os.environ.items()
+        if any(word in name.lower() for word in _SECRET_WORDS) and len(value) >= 8
+    ]
+
+
+def redact(value: Any, secrets: list[str] | None = None) -> Any:
+    """A copy with secret-looking keys' values and any environment secret inside strings replaced by ``***``."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(value, Mapping):
+        return {
+            k: "***"
+            if any(w in str(k).lower() for w in _SECRET_WORDS) and isinstance(v, str) and v
+            else redact(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+    return value
+
+
+def _describe_source(source: Any) -> Any:
+    if isinstance(source, str):
+        return source
+    return f"<{type(source).__name__} with {len(source)} rows>"
+
+
+class Tracker:
+    """The run's tracker: trainer callbacks for the backend, sample logging, and where things were written."""
+
+    def __init__(self, pipeline: Any, output_dir: Path, *, active: bool = True) -> None:
+        # Only the main process of a multi-process run tracks (and writes); the others get an inert tracker.
+        self.backend = pipeline.tracking.backend if active else "none"
+        self.active = active
+        self.output_dir = output_dir
+        self.callbacks: list[Any] = []
+        self.writer: Any = None
+        self.wandb: Any = None
+        self.wandb_dir: Path | None = None
+        self.wandb_mode: str | None = None
+        self._close: Callable[[], None] = lambda: None
+        options = pipeline.tracking.option_dict
+        if self.backend == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self.callbacks = [TensorBoardCallback(tb_writer=self.writer)]
+            self._close = self.writer.close
+        elif self.backend == "wandb":
+            import wandb
+            from transformers.integrations import WandbCallback
+
+            mode = options.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            config = pipeline.to_config()
+            if config.get("data"):
+                config["data"]["source"] = _describe_source(pipeline.data.source)
+                if config["data"].get("val") is not None:
+                    config["data"]["val"] = _describe_source(pipeline.data.val)
+            run = wandb.init(
+                dir=str(output_dir),
+                mode=mode,  # type: ignore[arg-type]
+                config=redact(config),
+                save_code=False,
+                settings=wandb.Settings(disable_git=True, x_save_requirements=False),
+                **options,
+            )
+            self.wandb, self.wandb_mode = wandb, mode
+            self.wandb_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+            self.callbacks = [WandbCallback()]
+            self._close = wandb.finish
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Generation samples: appended to ``samples.jsonl``, printed, and sent to TensorBoard / W&B."""
+        if not self.active:
+            return
+        with (self.output_dir / SAMPLES_LOG).open("a") as handle:
+            for row in rows:
+                handle.write(json.dumps(redact(row), ensure_ascii=False) + "\n")
+        shown = "\n".join(f"  [{r['step']}] {r['prompt'][-60:]!r} -> {r['generation'][:120]!r}" for r in rows)
+        print(f"lorakit samples at step {step}:\n{shown}", flush=True)
+        if self.writer is not None:
+            table = "| prompt | generation |\n|---|---|\n" + "\n".join(
+                f"| {_md(r['prompt'])} | {_md(r['generation'])} |" for r in rows
+            )
+            self.writer.add_text("samples", table, global_step=step)
+            self.writer.flush()
+        if self.wandb is not None and self.wandb.run is not None:
+            table = self.wandb.Table(columns=["step", "prompt", "generation"])
+            for row in rows:
+                table.add_data(row["step"], row["prompt"], row["generation"])
+            self.wandb.log({"samples": table, "train/global_step": step})
+
+    def describe(self) -> dict[str, str]:
+        """Where the tracker wrote, for the run report."""
+        if self.backend == "tensorboard":
+            return {"tensorboard": f"tensorboard --logdir {self.output_dir / 'tensorboard'}"}
+        if self.backend == "wandb" and self.wandb_dir is not None:
+            if self.wandb_mode == "offline":
+                return {
+                    "wandb": f"offline run in {self.wandb_dir}; upload it with `wandb sync {self.wandb_dir}`"
+                }
+            return {"wandb": f"run directory {self.wandb_dir} ({self.wandb_mode})"}
+        return {}
+
+    def close(self) -> None:
+        self._close()
+        self._close = lambda: None
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")

@@ -1,0 +1,268 @@
+"""Checkpoints, resume, early stopping and the NaN guard on the tiny offline Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.checkpoints import EarlyStopper, list_checkpoints
+from lorakit.config import EarlyStopSpec
+from lorakit.errors import ConfigError, TrainingError
+
+ROWS = [
+    {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+    {"instruction": "Say hello.", "input": "", "output": "hello world"},
+    {"instruction": "Route this ticket.", "input": "I was charged twice.", "output": "billing"},
+    {"instruction": "Route this ticket.", "input": "My parcel never came.", "output": "shipping"},
+    {"instruction": "Count to three.", "input": "", "output": "0 1 2"},
+    {"instruction": "Name a colour.", "input": "", "output": "brown"},
+    {"instruction": "How are you?", "input": "", "output": "I am fine, thank you."},
+    {"instruction": "Name an animal.", "input": "", "output": "the lazy dog"},
+]
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- early stopping -------------------------------------------------------------------------------------
+
+
+def test_early_stopper_on_crafted_sequences():
+    stopper = EarlyStopper(EarlyStopSpec(patience=2))  # eval_loss: lower is better
+    decisions = [
+        stopper.update({"eval_loss": v}, step)
+        for step, v in zip((10, 20, 30, 40), (1.0, 0.8, 0.85, 0.81), strict=True)
+    ]
+    assert decisions == [False, False, False, True] and stopper.stopped_step == 40 and stopper.best == 0.8
+    assert stopper.update({"eval_loss": 0.1}, 40) is True  # the same step again changes nothing
+
+    rising = EarlyStopper(EarlyStopSpec(patience=1, metric="rougeL", min_delta=0.05))
+    assert rising.spec.direction == "max"
+    assert [rising.update({"eval_rougeL": v}, s) for s, v in ((1, 0.2), (2, 0.3), (3, 0.33))] == [
+        False,
+        False,
+        True,
+    ]
+    with pytest.raises(ConfigError, match=r"produced no 'eval_rougeL'; it produced \['eval_loss'\]"):
+        EarlyStopper(EarlyStopSpec(patience=1, metric="rougeL")).update({"eval_loss": 1.0}, 1)
+
+
+def _crafted(values):
+    sequence = iter(values)
+
+    def crafted(predictions, references):
+        return next(sequence)
+
+    return crafted
+
+
+def test_early_stopping_stops_at_the_expected_step_and_loads_the_best(tiny_model_dir, tmp_path):
+    # Evaluations at steps 2, 4, 6, 8: 0.5, 0.6 (best), 0.4, 0.3 -> two without improvement -> stop at step 8.
+    metric = _crafted([0.5, 0.6, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    result = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_lora(r=8, alpha=16, dropout=0.0)
+        .with_dataset(ROWS, template="alpaca", val=ROWS[:2], max_length=128)
+        .with_training(
+            max_steps=20, lr=5e-3, batch_size=4, logging_steps=1, warmup_ratio=0.0, scheduler="constant"
+        )
+        .with_eval([metric], every=2, samples=1, max_new_tokens=1)
+        .with_checkpoints(every=2, keep=1, best_metric="crafted")
+        .early_stopping(patience=2, metric="crafted", mode="max")
+        .train(tmp_path / "run")
+    )
+    assert result.metrics["train_steps"] == 8
+    assert result.metrics["early_stopped_at_step"] == 8
+    assert result.metrics["best_step"] == 4 and result.metrics["best_eval_crafted"] == 0.6
+    evals = [entry["eval_crafted"] for entry in _log(result.output_dir) if "eval_crafted" in entry]
+    assert evals[:4] == [0.5, 0.6, 0.4, 0.3]
+    # keep=1 still keeps the best and the latest; the run directory holds the best adapter.
+    kept = [p.name for p in list_checkpoints(result.output_dir / "checkpoints")]
+    assert kept == ["checkpoint-4", "checkpoint-8"]
+    final, best = _adapter(result.output_dir), _adapter(result.output_dir / "checkpoints" / "checkpoint-4")
+    latest = _adapter(result.output_dir / "checkpoints" / "checkpoint-8")
+    assert final.keys() == best.keys()
+    assert all(torch.equal(final[k], best[k]) for k in final)
+    assert not all(torch.equal(final[k], latest[k]) for k in final)
+
+
+# --- SIGKILL in the middle of a save, then resume -----------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import lorakit.checkpoints as ckpt
+
+    data, model_dir, out, marker = sys.argv[1:5]
+    real_write = ckpt.write_json_atomic
+
+    def slow_write(path, record):
+        # Stall the save of checkpoint-6 half-way (files written, not yet renamed) so the parent can kill us.
+        if path.name == ckpt.RESUME_FILE and record.get("step") == 6:
+            Path(marker).write_text("saving checkpoint-6")
+            time.sleep(300)
+        real_write(path, record)
+
+    ckpt.write_json_atomic = slow_write
+    import lorakit as lk
+
+    sys.path.insert(0, {tests!r})
+    from test_checkpoints import resumable
+
+    resumable(model_dir, data).train(out)
+    """
+)
+
+
+def resumable(model_dir, data):
+    return (
+        lk.Pipeline.from_model(model_dir)
+        .with_lora(r=8, alpha=16, dropout=0.1)
+        .with_dataset(data, template="alpaca", val_split=0.0, max_length=128)
+        .with_training(max_steps=8, lr=5e-3, batch_size=2, logging_steps=1, warmup_ratio=0.25, seed=7)
+        .with_checkpoints(every=3, keep=2)
+    )
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, rows_file, tmp_path_factory):
+    return resumable(tiny_model_dir, rows_file).train(tmp_path_factory.mktemp("runs") / "whole")
+
+
+def test_sigkill_during_a_save_then_resume_equals_the_uninterrupted_run(
+    tiny_model_dir, rows_file, uninterrupted, tmp_path
+):
+    out, marker = tmp_path / "killed", tmp_path / "marker"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lk.__file__).parents[1]), *sys.path])}
+    child = subprocess.Popen(
+        [sys.executable, str(script), rows_file, tiny_model_dir, str(out), str(marker)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        if child.poll() is not None:
+            pytest.fail(f"the child ended before the save: {child.stderr.read().decode()[-3000:]}")
+        assert time.monotonic() < deadline, "the child never reached checkpoint-6"
+        time.sleep(0.2)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL
+
+    # The crash left checkpoint-6 half-written aside; checkpoint-3 is complete and the latest usable one.
+    checkpoints = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-3"]
+    assert (checkpoints / ".partial" / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    assert not (checkpoints / "checkpoint-6").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+
+    initial = _adapter(checkpoints / "checkpoint-3")
+    with pytest.warns(UserWarning, match="incomplete checkpoint left by a crash"):
+        resumed = resumable(tiny_model_dir, rows_file).train(out, resume=True)
+    assert not (checkpoints / ".partial").exists()
+    assert resumed.metrics["train_steps"] == uninterrupted.metrics["train_steps"] == 8
+    whole, after = _adapter(uninterrupted.output_dir), _adapter(out)
+    assert whole.keys() == after.keys() and len(whole) == 28
+    for name in whole:
+        torch.testing.assert_close(after[name], whole[name], rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(initial[k], after[k]) for k in after)  # steps 4-8 really ran after the resume
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-6", "checkpoint-8"]  # keep=2
+    # One loss per step in the log (lines past checkpoint-3 from the killed run were dropped), equal to the
+    # uninterrupted run's.
+    losses = {e["step"]: e["loss"] for e in _log(out) if "loss" in e}
+    reference = {e["step"]: e["loss"] for e in _log(uninterrupted.output_dir) if "loss" in e}
+    assert sorted(losses) == list(range(1, 9)) and len([e for e in _log(out) if "loss" in e]) == 8
+    assert losses == pytest.approx(reference, rel=1e-4)
+
+
+def test_resume_refuses_another_config_or_other_data(tiny_model_dir, rows_file, uninterrupted, tmp_path):
+    run = uninterrupted.output_dir
+    changed = (
+        resumable(tiny_model_dir, rows_file).with_training(lr=1e-3).with_lora(r=4, alpha=16, dropout=0.1)
+    )
+    with pytest.raises(ConfigError) as error:
+        changed.train(run, resume=True)
+    message = str(error.value)
+    assert f"Cannot resume from {run / 'checkpoints' / 'checkpoint-8'}: this run differs" in message
+    assert "training.lr: 0.005 in the checkpoint, 0.001 now" in message
+    assert "method.r: 8 in the checkpoint, 4 now" in message
+    other_rows = tmp_path / "other.jsonl"
+    other_rows.write_text("".join(json.dumps({**r, "output": r["output"] + "!"}) + "\n" for r in ROWS))
+    with pytest.raises(ConfigError, match=r"training data: the tokenized rows differ \(8 rows"):
+        resumable(tiny_model_dir, str(other_rows)).train(
+            run, resume=str(run / "checkpoints" / "checkpoint-6")
+        )
+    with pytest.raises(ConfigError, match="no complete checkpoint in"):
+        resumable(tiny_model_dir, rows_file).train(tmp_path / "empty", resume=True)
+
+
+# --- NaN / inf guard ------------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 5:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    out = tmp_path / "nan"
+    pipeline = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_lora(r=8, alpha=16, dropout=0.0)
+        .with_dataset(ROWS, template="alpaca", val_split=0.0, max_length=128)
+        .with_training(max_steps=10, lr=5e-3, batch_size=4, logging_steps=1)
+        .with_checkpoints(every=2)
+    )
+    with pytest.raises(TrainingError) as error:
+        pipeline.train(out, callbacks=[Poison()])
+    message = str(error.value)
+    assert "The training loss became nan at step 6" in message
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'checkpoint-4'} (step 4)" in message
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
+    kept = _adapter(out / "checkpoints" / "checkpoint-4")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert not (out / "adapter_model.safetensors").exists()  # no NaN adapter was saved as the result
+
+
+def test_data_fingerprint_depends_on_rows_not_on_their_arrow_layout():
+    from datasets import Dataset
+
+    from lorakit.checkpoints import data_fingerprint
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    listed = data_fingerprint(Dataset.from_list(rows))
+    assert listed == data_fingerprint(Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]}))
+    assert listed == data_fingerprint(Dataset.from_list(rows[::-1]).select([1, 0]))
+    assert listed != data_fingerprint(Dataset.from_list(rows[::-1]))  # order matters (data position)
+    moved = [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3, 4], "labels": [3, 4]}]
+    assert listed != data_fingerprint(Dataset.from_list(moved))  # same tokens, other row boundaries
