@@ -143,6 +143,7 @@ def run_training(
         torch_dtype,
     )
     from lorakit.plan import apply_method_on_meta
+    from lorakit.provenance import write_provenance
     from lorakit.templates import get_template
 
     # 1. Check everything that can be checked before loading weights.
@@ -272,6 +273,7 @@ def run_training(
         },
     )
     write_json_atomic(output_dir / METRICS_FILE, metrics)
+    write_provenance(output_dir, pipeline.model, base_path)
     del trainer, model
     if device == "cuda":
         torch.cuda.empty_cache()
