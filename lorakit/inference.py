@@ -253,7 +253,7 @@ class InferenceModel:
             seed=seed,
             stop=stop,
         )
-        single = isinstance(prompt, (str, Mapping))
+        single = isinstance(prompt, (str, Mapping, _Conversation))
         prompts = [prompt] if single else list(prompt)  # type: ignore[list-item]
         if not prompts:
             return []
@@ -305,7 +305,7 @@ class InferenceModel:
             seed=seed,
             stop=stop,
         )
-        if not isinstance(prompt, (str, Mapping)):
+        if not isinstance(prompt, (str, Mapping, _Conversation)):
             raise ConfigError(
                 f"stream() takes one prompt (a string or a row dict), got {type(prompt).__name__}; "
                 "use generate() for a batch."
