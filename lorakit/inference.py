@@ -207,12 +207,18 @@ class InferenceModel:
             f"generate() takes a prompt string, a row dict, or a list of them; got {type(prompt).__name__}."
         )
 
-    def encode(self, prompt: str | Mapping[str, Any], *, adapter: str | None = None) -> list[int]:
+    def encode(
+        self, prompt: str | Mapping[str, Any] | Sequence[Mapping[str, Any]], *, adapter: str | None = None
+    ) -> list[int]:
         """Token ids of a prompt exactly as training rendered it, ending with the assistant header.
 
+        ``prompt`` is a string, a data row, or a conversation (a list of messages ending with a user turn).
         ``adapter`` picks the template of that adapter (each adapter keeps the template it was trained with).
         """
         from lorakit.data import encode_prompt
+
+        if isinstance(prompt, Sequence) and not isinstance(prompt, (str, _Conversation)):
+            prompt = _Conversation(prompt)
 
         return encode_prompt(self._messages(prompt), self.template_for(adapter), self.tokenizer)
 
@@ -340,9 +346,7 @@ class InferenceModel:
             try:
                 yield from StopCutter(stops).cut(streamer)
             finally:
-                cancel.set()
-                for _ in streamer:  # drain, so the worker never blocks on a full queue
-                    pass
+                cancel.set()  # the worker stops at its next token (its queue is unbounded: it never blocks)
                 thread.join()
             if errors:
                 raise errors[0]

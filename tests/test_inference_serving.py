@@ -32,7 +32,9 @@ ROWS_A = [
 ROWS_B = [
     {**row, "output": answer}
     for row, answer in zip(
-        ROWS_A, ["brown", "the quick fox", "shipping", "billing", "Paris.", "0 1 2", "hello", "fine"], strict=True
+        ROWS_A,
+        ["brown", "the quick fox", "shipping", "billing", "Paris.", "0 1 2", "hello", "fine"],
+        strict=True,
     )
 ]
 
@@ -88,12 +90,11 @@ def test_inference_prompt_equals_training_prompt_tokens(name, tiny_tokenizer):
     model = InferenceModel(None, tiny_tokenizer, template)
     for conversation in CONVERSATIONS:
         trained = encode(conversation, template, tiny_tokenizer, max_length=1024)
-        if name == "model" and any(m.get("input") for m in conversation):
-            continue  # the tokenizer's chat template has no input field; covered by the other rows
-        prompt = model.encode({"messages": [{k: v for k, v in m.items()} for m in conversation]})
+        prompt = model.encode(conversation[:-1])
         assert prompt == trained.input_ids[: len(prompt)]
-        assert all(label == IGNORE_INDEX for label in trained.labels[: len(prompt)])
-        assert trained.labels[len(prompt)] != IGNORE_INDEX  # the reply starts right after the prompt
+        # The last trained span (the final reply) starts right where the inference prompt ends.
+        assert trained.spans[-1][0] == len(prompt)
+        assert trained.labels[len(prompt) - 1] == IGNORE_INDEX and trained.labels[len(prompt)] != IGNORE_INDEX
     # The alpaca-row and plain-string forms render the same prompt as the equivalent conversation.
     row = {"instruction": "Say hello.", "input": "", "output": "hello world"}
     trained = encode(CONVERSATIONS[0], template, tiny_tokenizer, max_length=1024)
@@ -108,7 +109,7 @@ def test_exported_chat_template_renders_the_training_prompt(name, tiny_tokenizer
         if name == "model" and any(m.get("input") for m in conversation):
             continue
         prompt_messages = conversation[:-1]
-        expected = InferenceModel(None, tiny_tokenizer, template).encode({"messages": conversation})
+        expected = InferenceModel(None, tiny_tokenizer, template).encode(prompt_messages)
         ids = tiny_tokenizer.apply_chat_template(
             prompt_messages, add_generation_prompt=True, chat_template=jinja, tokenize=True, return_dict=False
         )
@@ -319,13 +320,13 @@ def test_merge_verify_warns_when_quality_changes(runs):
 
 def test_inplace_merge_reuses_the_weights(runs):
     model = InferenceModel.load(runs["a"])
-    expected = model.generate("Name an animal.", max_new_tokens=8)
+    expected = model.generate("Name an animal.", max_new_tokens=12)
     base_weight = model.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     merged = model.merge(inplace=True, verify=True)
     assert merged is model and model.is_merged and model.adapters == []
     assert merged.model.model.layers[0].self_attn.q_proj.weight.data_ptr() == base_weight.data_ptr()
     assert merged.merge_report.max_logit_diff < 1e-4
-    assert merged.generate("Name an animal.", max_new_tokens=8) == expected == "the lazy dog"
+    assert merged.generate("Name an animal.", max_new_tokens=12) == expected == "the lazy dog"
 
 
 def test_merged_export_loads_in_plain_transformers(runs, model_a, tmp_path):
@@ -420,7 +421,7 @@ def test_adapter_records_its_base_and_refuses_another(runs, tiny_model_dir, tiny
     LlamaForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(copy)
     tiny_tokenizer.save_pretrained(copy)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         assert (
             InferenceModel.load(runs["a"], base=str(copy)).generate("Say hello.", max_new_tokens=8)
             == "hello world"
