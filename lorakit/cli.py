@@ -122,14 +122,22 @@ def _load(run: str, base: str | None = None) -> Any:
 
 
 def _quiet_libraries() -> None:
-    """Keep transformers' advisory logging out of the terminal output (errors still show)."""
+    """Keep transformers' advisory logging out of the terminal output (errors still show); with
+    ``LORAKIT_PROGRESS=0`` its weight-loading progress bars too."""
     from transformers.utils import logging
 
+    from lorakit.progress import progress_enabled
+
     logging.set_verbosity_error()
+    if not progress_enabled():
+        logging.disable_progress_bar()
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    """The sampling options, validated before any model loads (a typo fails in a second, not after loading)."""
+    from lorakit.generation import Sampling
+
+    options = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -137,6 +145,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
     }
+    Sampling(**options)
+    return options
 
 
 def _print_stream(chunks: Any) -> str:
@@ -185,12 +195,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    options = _sampling(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = _load(args.run, args.base)
-    _print_stream(model.stream(prompt, **_sampling(args)))
+    _print_stream(model.stream(prompt, **options))
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
+    options = _sampling(args)
     model = _load(args.run, args.base)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
@@ -215,7 +227,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": text})
         if interactive:
             print("assistant> ", end="", file=sys.stderr, flush=True)
-        reply = _print_stream(model.chat(history, stream=True, **_sampling(args)))
+        reply = _print_stream(model.chat(history, stream=True, **options))
         history.append({"role": "assistant", "content": reply})
 
 

@@ -121,8 +121,6 @@ def test_train_writes_a_run(trained):
     assert "lorakit plan" in out.stdout and f"lorakit: trained {run}" in out.stdout
     assert (run / "adapter_model.safetensors").is_file() and (run / "lorakit_provenance.json").is_file()
     assert json.loads((run / "metrics.json").read_text())["train_steps"] == 30
-    again = lorakit("train", str(run / "lorakit_run.json"), "-o", str(run))
-    assert again.returncode == 2 and "the directory is not empty" in again.stderr
 
 
 def test_generate_streams_the_reply(trained):
@@ -180,8 +178,9 @@ def test_merge_verifies_and_exports(trained, tmp_path):
         [{"role": "user", "content": "Say hello."}], add_generation_prompt=True, tokenize=False
     )
     assert text.endswith("### Instruction:\nSay hello.\n\n### Response:\n")
-    generated = lorakit("generate", str(tmp_path / "merged"), "Say hello.", "--max-new-tokens", "8")
-    assert generated.stdout == "hello world\n"
+    from lorakit.inference import InferenceModel
+
+    assert InferenceModel.load(tmp_path / "merged").generate("Say hello.", max_new_tokens=8) == "hello world"
     not_a_run = lorakit("merge", str(tmp_path), str(tmp_path / "x"))
     assert not_a_run.returncode == 2
     assert "holds neither lorakit_run.json (a lorakit run) nor adapter_config.json" in not_a_run.stderr
