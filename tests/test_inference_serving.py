@@ -426,3 +426,54 @@ def test_adapter_records_its_base_and_refuses_another(runs, tiny_model_dir, tiny
             InferenceModel.load(runs["a"], base=str(copy)).generate("Say hello.", max_new_tokens=8)
             == "hello world"
         )
+
+
+def test_qlora_merge_verify_reloads_unquantized_and_reports_the_gap(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_lora(r=8, alpha=16, dropout=0.0)
+        .quantize_4bit()
+        .with_dataset(ROWS_A, template="alpaca", val_split=0.0, max_length=128)
+        .with_training(max_steps=3, lr=5e-3, batch_size=4, warmup_ratio=0.0)
+        .train(tmp_path / "q")
+    ).output_dir
+    model = InferenceModel.load(run)
+    assert any("Linear4bit" in type(m).__name__ for m in model.model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the 4-bit gap may exceed the 1% perplexity tolerance
+        merged = model.merge(verify=True, inplace=True)
+    assert merged is model and not any("Linear4bit" in type(m).__name__ for m in merged.model.modules())
+    assert all(p.dtype == torch.float32 for p in merged.model.parameters())
+    report = merged.merge_report
+    assert report.reference == "adapter on the 4-bit base" and report.merged_dtype == "float32"
+    # The quantization gap is reported, not hidden: recompute it on the same four training rows.
+    quantized = InferenceModel.load(run)
+    gap = 0.0
+    for row in ROWS_A[:4]:
+        user = {
+            "role": "user",
+            "content": row["instruction"],
+            **({"input": row["input"]} if row["input"] else {}),
+        }
+        ids = encode(
+            [user, {"role": "assistant", "content": row["output"]}],
+            get_template("alpaca"),
+            merged.tokenizer,
+            max_length=128,
+        ).input_ids
+        with torch.no_grad():
+            a = quantized.model(input_ids=torch.tensor([ids])).logits
+            b = merged.model(input_ids=torch.tensor([ids])).logits
+        gap = max(gap, float((a - b).abs().max()))
+    assert report.n_sequences == 4 and report.max_logit_diff == pytest.approx(gap, rel=1e-4) and gap > 0.01
+    # The merged weights are the adapter on the full-precision base, not on the 4-bit one.
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run).eval()
+    ids = torch.tensor([merged.encode("Say hello.")])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
