@@ -186,7 +186,7 @@ class InferenceModel:
 
     # --- generation ---------------------------------------------------------------------------------------
 
-    def _messages(self, prompt: str | Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _messages(self, prompt: str | Mapping[str, Any] | _Conversation) -> list[dict[str, Any]]:
         """A prompt string or a data row (alpaca / prompt / messages form) -> messages ending with a user turn."""
         if isinstance(prompt, _Conversation):
             return list(prompt)
@@ -208,7 +208,7 @@ class InferenceModel:
         )
 
     def encode(
-        self, prompt: str | Mapping[str, Any] | Sequence[Mapping[str, Any]], *, adapter: str | None = None
+        self, prompt: str | Mapping[str, Any] | Sequence[Any], *, adapter: str | None = None
     ) -> list[int]:
         """Token ids of a prompt exactly as training rendered it, ending with the assistant header.
 

@@ -75,7 +75,8 @@ def verification_sequences(
     from lorakit.data import detect_format, encode, encode_prompt, to_messages
 
     if prompts is None:
-        prompts = _run_rows(adapter_dir, n) or list(DEFAULT_VERIFY_PROMPTS)
+        defaults: list[Any] = list(DEFAULT_VERIFY_PROMPTS)
+        prompts = _run_rows(adapter_dir, n) or defaults
     if isinstance(prompts, (str, Mapping)) or not prompts:
         raise ConfigError(
             f"`verify_prompts` must be a non-empty list of prompt strings or data rows, got {prompts!r}."

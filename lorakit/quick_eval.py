@@ -103,7 +103,8 @@ def evaluate_rows(
     predictions: list[str] = []
     batches = range(0, len(prompts), batch_size)
     for start in progress(batches, total=len(batches), desc="generate", unit="batch"):
-        out = model.generate(prompts[start : start + batch_size], max_new_tokens=max_new_tokens, adapter=name)
+        chunk: Any = prompts[start : start + batch_size]
+        out = model.generate(chunk, max_new_tokens=max_new_tokens, adapter=name)
         predictions.extend(out)  # type: ignore[arg-type]
     hits = sum(
         normalize_answer(p) == normalize_answer(c[-1]["content"])
