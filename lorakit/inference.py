@@ -568,6 +568,7 @@ class InferenceModel:
 
         from lorakit.merging import compare, reference_outputs, verification_sequences
         from lorakit.models import load_base_model, torch_dtype
+        from lorakit.progress import progress_enabled
 
         if self.is_merged:
             return self
@@ -590,13 +591,13 @@ class InferenceModel:
             if inplace and self.quant is None:
                 for other in [a for a in self._adapters if a != name]:
                     self.model.delete_adapter(other)
-                merged = self.model.merge_and_unload()
+                merged = self.model.merge_and_unload(progressbar=progress_enabled())
             else:
                 if inplace:  # free the quantized model before loading the un-quantized base
                     self.model = None
                     gc.collect()
                 base = load_base_model(self.base_path, self.base_spec, dtype=torch_dtype(self.dtype))
-                merged = _attach_adapter(base, info.path).merge_and_unload()
+                merged = _attach_adapter(base, info.path).merge_and_unload(progressbar=progress_enabled())
             merged.eval()
             if inplace:
                 target = self
