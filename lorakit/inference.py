@@ -528,6 +528,8 @@ class InferenceModel:
                     assert isinstance(self.model, PeftModel)
                     self.model = self.model.unload()  # the base without adapter layers
                 else:
+                    if self.model.active_adapter == adapter:  # switch first, so PEFT does not warn
+                        self.model.set_adapter(next(a for a in self._adapters if a != adapter))
                     self.model.delete_adapter(adapter)
                 del self._adapters[adapter]
                 if adapter == DEFAULT_ADAPTER:
