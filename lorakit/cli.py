@@ -1,14 +1,44 @@
-"""The ``lorakit`` console script: a thin layer over the same builder."""
+"""The ``lorakit`` console script: a thin layer over the same builder and InferenceModel.
+
+Commands::
+
+    lorakit train CONFIG [--set key=value ...] [--output DIR] [--overwrite]
+    lorakit explain CONFIG [--set key=value ...]
+    lorakit eval RUN DATA [--limit N] [--json FILE]
+    lorakit generate RUN PROMPT [--max-new-tokens N] [--temperature T] ...   (streams to stdout)
+    lorakit chat RUN [--system TEXT]                                          (interactive; /reset, /exit)
+    lorakit merge RUN OUT [--no-verify] [--max-shard-size 2GB]
+    lorakit quickstart
+
+Errors are one line on stderr and a non-zero exit code (2 for a lorakit error, 1 for anything else);
+``--debug`` shows the traceback. Only argparse is imported up front, so ``lorakit --help`` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from lorakit import __version__
 from lorakit.errors import LorakitError
 
 __all__ = ["main"]
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="most tokens per reply (default: 256)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--base", default=None, help="put the adapter on this base model instead of the run's"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +48,53 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the pipeline a YAML / JSON config describes")
+    train.add_argument("config", help="a .yaml / .json pipeline config (or a run directory to repeat)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.lr=1e-4 --set model=./my-model (repeatable)",
+    )  # fmt: skip
+    train.add_argument("--output", "-o", default=None, help="run directory (default: runs/<config name>)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in the directory")
+
+    explain = commands.add_parser(
+        "explain", help="show the resolved plan of a config without loading weights"
+    )
+    explain.add_argument("config", help="a .yaml / .json pipeline config or a run directory")
+    explain.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )  # fmt: skip
+
+    evaluate = commands.add_parser("eval", help="loss, perplexity and exact match of a run on labelled data")
+    evaluate.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
+    evaluate.add_argument("data", help="a data file with reference replies (.jsonl, .json, .csv, ...)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: 8)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="reply budget for exact match")
+    evaluate.add_argument(
+        "--json", default=None, help="also write the results (and predictions) to this file"
+    )
+    evaluate.add_argument("--base", default=None, help="put the adapter on this base model")
+
+    generate = commands.add_parser("generate", help="stream the reply to one prompt")
+    generate.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
+    generate.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    _sampling_arguments(generate)
+
+    chat = commands.add_parser("chat", help="chat with a run in the terminal (/reset clears, /exit quits)")
+    chat.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _sampling_arguments(chat)
+
+    merge = commands.add_parser("merge", help="merge the adapter into the base and save a plain model")
+    merge.add_argument("run", help="a run directory or PEFT adapter directory")
+    merge.add_argument("output", help="directory for the merged model")
+    merge.add_argument("--no-verify", action="store_true", help="skip the merged vs adapter comparison")
+    merge.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 2GB or 500MB")
+    merge.add_argument("--base", default=None, help="merge into this base model instead of the run's")
+
     quick = commands.add_parser(
         "quickstart",
         help="fine-tune the embedded SmolLM2-135M on the bundled ticket data and show before/after",
@@ -30,19 +107,180 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pipeline(config: str, overrides: list[str]) -> Any:
+    from lorakit.configfile import apply_overrides, read_config_file
+    from lorakit.pipeline import Pipeline
+
+    return Pipeline.from_config(apply_overrides(read_config_file(config), overrides))
+
+
+def _load(run: str, base: str | None = None) -> Any:
+    from lorakit.inference import InferenceModel
+
+    _quiet_libraries()
+    return InferenceModel.load(run, base=base)
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' advisory logging out of the terminal output (errors still show); with
+    ``LORAKIT_PROGRESS=0`` its weight-loading progress bars too."""
+    from transformers.utils import logging
+
+    from lorakit.progress import progress_enabled
+
+    logging.set_verbosity_error()
+    if not progress_enabled():
+        logging.disable_progress_bar()
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options, validated before any model loads (a typo fails in a second, not after loading)."""
+    from lorakit.generation import Sampling
+
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    Sampling(**options)
+    return options
+
+
+def _print_stream(chunks: Any) -> str:
+    text = []
+    for chunk in chunks:
+        text.append(chunk)
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    pipeline = _pipeline(args.config, args.overrides)
+    output = args.output or str(Path("runs") / Path(args.config).stem)
+    print(pipeline.explain(), flush=True)
+    result = pipeline.train(output, overwrite=args.overwrite)
+    metrics = ", ".join(f"{key} {value:.4g}" for key, value in result.metrics.items())
+    print(f"lorakit: trained {result.output_dir} ({metrics})")
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    print(_pipeline(args.config, args.overrides).explain())
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from lorakit.data.load import load_rows
+    from lorakit.errors import ConfigError
+    from lorakit.quick_eval import evaluate_rows
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be a positive number of rows, got {args.limit}.")
+    rows, label = load_rows(args.data)
+    rows = rows[: args.limit] if args.limit else rows
+    model = _load(args.run, args.base)
+    results = evaluate_rows(model, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    print(
+        f"{label}: {results['rows']} rows, loss {results['loss']:.4f}, perplexity {results['perplexity']:.3f}, "
+        f"exact match {100 * results['exact_match']:.1f}%"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    options = _sampling(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = _load(args.run, args.base)
+    _print_stream(model.stream(prompt, **options))
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    options = _sampling(args)
+    model = _load(args.run, args.base)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("lorakit chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        if interactive:
+            print("assistant> ", end="", file=sys.stderr, flush=True)
+        reply = _print_stream(model.chat(history, stream=True, **options))
+        history.append({"role": "assistant", "content": reply})
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    model = _load(args.run, args.base)
+    merged = model.merge(verify=not args.no_verify, inplace=True)
+    if merged.merge_report is not None:
+        print(merged.merge_report.summary())
+    out = merged.save(args.output, max_shard_size=args.max_shard_size)
+    print(f"lorakit: merged model saved to {out} (plain transformers; the chat template is the training one)")
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from lorakit.quickstart import run_quickstart
+
+    run_quickstart(args.output, max_steps=args.steps, eval_rows=args.eval_rows)
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "explain": _cmd_explain,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "chat": _cmd_chat,
+    "merge": _cmd_merge,
+    "quickstart": _cmd_quickstart,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "quickstart":
-            from lorakit.quickstart import run_quickstart
-
-            run_quickstart(args.output, max_steps=args.steps, eval_rows=args.eval_rows)
+        COMMANDS[args.command](args)
         return 0
     except LorakitError as error:
         if args.debug:
             raise
         print(f"lorakit: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug or an environment problem: still one line unless --debug
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(
+            f"lorakit: error: {type(error).__name__}: {message} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

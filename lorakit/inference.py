@@ -4,20 +4,50 @@ model = lk.InferenceModel.load("runs/support-bot")
 model.generate("Summarize: ...")                      # -> the response text only
 model.generate(["first prompt", "second prompt"])     # -> a list, generated as one left-padded batch
 model.merge().save("runs/support-bot-merged")         # plain transformers can load this
+
+for chunk in model.stream("Summarize: ..."):           # text chunks as they are generated
+    print(chunk, end="", flush=True)
+model.chat([{"role": "user", "content": "Hi"}])       # -> the assistant's reply
+model.load_adapter("runs/other-task", name="other")   # several adapters on one base
+model.generate("...", adapter="other")                # thread-safe: calls are serialised by a lock
+merged = model.merge(verify=True)                      # merged.merge_report: max logit diff, perplexity change
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from lorakit.config import ModelSpec, QuantSpec
 from lorakit.errors import ConfigError
+from lorakit.generation import Sampling, StopCutter
+from lorakit.merging import MergeReport
 from lorakit.run import ADAPTER_CONFIG, read_run
 
-__all__ = ["InferenceModel"]
+__all__ = ["AdapterInfo", "InferenceModel", "MergeReport"]
+
+DEFAULT_ADAPTER = "default"
+"""The name of the adapter :meth:`InferenceModel.load` puts on the base (PEFT's own default name)."""
+
+
+@attrs.frozen
+class AdapterInfo:
+    """An adapter loaded on the base: where it came from and the template its prompts are rendered with."""
+
+    name: str
+    path: Path
+    template: Any
+
+
+class _Conversation(list):
+    """A list of messages given to :meth:`InferenceModel.chat` (a plain list would be a batch of prompts)."""
+
 
 TEMPLATE_FILE = "lorakit_template.json"
 
@@ -48,11 +78,24 @@ class InferenceModel:
         self.quant = quant
         self.adapter_dir = adapter_dir
         self.dtype = dtype
+        self.merge_report: MergeReport | None = None
+        """Set on the model :meth:`merge` returns when called with ``verify=True``."""
+        self._lock = threading.RLock()
+        self._adapters: dict[str, AdapterInfo] = {}
+        if adapter_dir is not None:
+            self._adapters[DEFAULT_ADAPTER] = AdapterInfo(DEFAULT_ADAPTER, Path(adapter_dir), template)
 
     # --- loading ------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, *, base: str | None = None, template: Any = None) -> InferenceModel:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        base: str | None = None,
+        template: Any = None,
+        allow_base_mismatch: bool = False,
+    ) -> InferenceModel:
         """Load a lorakit run directory, a PEFT adapter directory, or a model saved by :meth:`save`.
 
         Args:
@@ -60,6 +103,8 @@ class InferenceModel:
             base: the base model (path, Hub id or alias) to put the adapter on; by default the run's own base
                 (or ``base_model_name_or_path`` of a plain PEFT adapter).
             template: override the prompt template; by default the one saved with the run.
+            allow_base_mismatch: load the adapter even if ``base`` is not the model it was trained on (see
+                :mod:`lorakit.provenance`); by default that is a ConfigError.
         """
         from lorakit.models import (
             device_kind,
@@ -89,6 +134,9 @@ class InferenceModel:
         if base is not None:
             spec = ModelSpec(base, trust_remote_code=spec.trust_remote_code)
         base_path = resolve_model_path(spec)
+        from lorakit.provenance import check_base
+
+        check_base(path, spec.name_or_path, base_path, spec, allow_base_mismatch=allow_base_mismatch)
         tokenizer = load_tokenizer(
             str(path) if (path / "tokenizer_config.json").is_file() else base_path, spec
         )
@@ -138,8 +186,10 @@ class InferenceModel:
 
     # --- generation ---------------------------------------------------------------------------------------
 
-    def _messages(self, prompt: str | Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _messages(self, prompt: str | Mapping[str, Any] | _Conversation) -> list[dict[str, Any]]:
         """A prompt string or a data row (alpaca / prompt / messages form) -> messages ending with a user turn."""
+        if isinstance(prompt, _Conversation):
+            return list(prompt)
         if isinstance(prompt, str):
             return [{"role": "user", "content": prompt}]
         if isinstance(prompt, Mapping):
@@ -157,64 +207,224 @@ class InferenceModel:
             f"generate() takes a prompt string, a row dict, or a list of them; got {type(prompt).__name__}."
         )
 
-    def encode(self, prompt: str | Mapping[str, Any]) -> list[int]:
-        """Token ids of a prompt exactly as training rendered it, ending with the assistant header."""
+    def encode(
+        self, prompt: str | Mapping[str, Any] | Sequence[Any], *, adapter: str | None = None
+    ) -> list[int]:
+        """Token ids of a prompt exactly as training rendered it, ending with the assistant header.
+
+        ``prompt`` is a string, a data row, or a conversation (a list of messages ending with a user turn).
+        ``adapter`` picks the template of that adapter (each adapter keeps the template it was trained with).
+        """
         from lorakit.data import encode_prompt
 
-        return encode_prompt(self._messages(prompt), self.template, self.tokenizer)
+        if isinstance(prompt, Sequence) and not isinstance(prompt, (str, _Conversation)):
+            prompt = _Conversation(prompt)
+
+        return encode_prompt(self._messages(prompt), self.template_for(adapter), self.tokenizer)
+
+    def template_for(self, adapter: str | None = None) -> Any:
+        """The prompt template of an adapter (``None``: the adapter :meth:`load` put on, or the base's)."""
+        name = self._resolve_adapter(adapter)
+        return self._adapters[name].template if name is not None else self.template
 
     def generate(
         self,
         prompt: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]],
         max_new_tokens: int = 256,
         temperature: float = 0.0,
+        *,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        adapter: str | None = None,
         **gen_kwargs: Any,
     ) -> str | list[str]:
         """Generate the response to one prompt (a string) or a batch (a list of strings -> a list).
 
-        ``temperature=0`` is greedy decoding; other keyword arguments go to ``model.generate`` (e.g. ``top_p``).
-        Only the response text is returned, cut at the template's end-of-turn marker.
+        The batch is left-padded and generated at once; with greedy decoding each answer equals the one
+        generated alone. ``temperature=0`` is greedy decoding; ``top_p``, ``top_k``, ``repetition_penalty``
+        and ``seed`` shape sampling (see :class:`lorakit.generation.Sampling`); ``stop`` adds stop strings to
+        the template's end-of-turn markers; ``adapter`` picks an adapter loaded with :meth:`load_adapter`.
+        Other keyword arguments go to ``model.generate``. Only the response text is returned, cut at the
+        first stop string.
         """
-        import torch
-
-        single = isinstance(prompt, (str, Mapping))
+        sampling = Sampling(
+            max_new_tokens,
+            temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+        single = isinstance(prompt, (str, Mapping, _Conversation))
         prompts = [prompt] if single else list(prompt)  # type: ignore[list-item]
         if not prompts:
             return []
-        if max_new_tokens <= 0:
-            raise ConfigError(f"`max_new_tokens` must be positive, got {max_new_tokens}.")
-        encoded = [self.encode(p) for p in prompts]
+        name = self._resolve_adapter(adapter)
+        encoded = [self.encode(p, adapter=name) for p in prompts]
         width = max(len(ids) for ids in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        stops = self.template.stop_strings(self.tokenizer)
-        eos_ids = self._stop_token_ids(stops)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "eos_token_id": eos_ids,
-            "pad_token_id": pad,
-            "do_sample": temperature > 0,
-        }
-        if temperature > 0:
-            kwargs["temperature"] = temperature
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        multi_token_stops = [s for s in stops if len(self.tokenizer.encode(s, add_special_tokens=False)) > 1]
-        if multi_token_stops:
-            kwargs.update(stop_strings=multi_token_stops, tokenizer=self.tokenizer)
-        kwargs.update(gen_kwargs)
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
-            )
+        kwargs, stops, eos_ids = self._generate_kwargs(sampling, name, gen_kwargs)
+        output = self._run_generate(encoded, kwargs, name, sampling.seed)
+        from lorakit.generation import cut_at_stops
+
         texts = []
         for row in output[:, width:].tolist():
             ended = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
             text = self.tokenizer.decode(row[:ended], skip_special_tokens=True)
-            texts.append(_cut_at_stops(text, stops))
+            texts.append(cut_at_stops(text, stops))
         return texts[0] if single else texts
+
+    def stream(
+        self,
+        prompt: str | Mapping[str, Any],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        *,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        adapter: str | None = None,
+        **gen_kwargs: Any,
+    ) -> Iterator[str]:
+        """Generate the response to one prompt as an iterator of text chunks, as they are produced.
+
+        The chunks join to what :meth:`generate` returns for the same arguments. Generation runs in a
+        background thread (transformers' ``TextIteratorStreamer``); leaving the loop early stops it.
+
+        Example:
+            >>> for chunk in model.stream("Write a haiku about tokens."):
+            ...     print(chunk, end="", flush=True)
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        sampling = Sampling(
+            max_new_tokens,
+            temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+        if not isinstance(prompt, (str, Mapping, _Conversation)):
+            raise ConfigError(
+                f"stream() takes one prompt (a string or a row dict), got {type(prompt).__name__}; "
+                "use generate() for a batch."
+            )
+        name = self._resolve_adapter(adapter)
+        encoded = [self.encode(prompt, adapter=name)]
+        kwargs, stops, _ = self._generate_kwargs(sampling, name, gen_kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+                import torch
+
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), _Cancelled()])
+        kwargs.update(streamer=streamer, stopping_criteria=criteria)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._run_generate(encoded, kwargs, name, sampling.seed)
+            except BaseException as error:  # re-raised in the consumer's thread
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=work, name="lorakit-stream", daemon=True)
+        thread.start()
+
+        def chunks() -> Iterator[str]:
+            try:
+                yield from StopCutter(stops).cut(streamer)
+            finally:
+                cancel.set()  # the worker stops at its next token (its queue is unbounded: it never blocks)
+                thread.join()
+            if errors:
+                raise errors[0]
+
+        return chunks()
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        *,
+        stream: bool = False,
+        **options: Any,
+    ) -> str | Iterator[str]:
+        """The assistant's reply to a conversation (OpenAI-style messages ending with a user turn).
+
+        The conversation is rendered with the run's template exactly as training rendered it. With
+        ``stream=True`` the reply comes as an iterator of chunks (see :meth:`stream`). Options are those of
+        :meth:`generate` (``top_p``, ``seed``, ``stop``, ``adapter``, ...).
+
+        Example:
+            >>> history = [{"role": "user", "content": "Hi"}]
+            >>> reply = model.chat(history)
+            >>> history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        """
+        from lorakit.templates.base import check_messages
+
+        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+            raise ConfigError(
+                "chat() takes a list of messages like [{'role': 'user', 'content': 'Hi'}], got "
+                f"{type(messages).__name__}; use generate() for a single prompt string."
+            )
+        try:
+            check_messages(messages, add_generation_prompt=True)
+        except Exception as error:
+            raise ConfigError(f"chat(): {error}") from error
+        conversation = _Conversation(dict(m) for m in messages)
+        if stream:
+            return self.stream(conversation, max_new_tokens, temperature, **options)  # type: ignore[arg-type]
+        return self.generate(conversation, max_new_tokens, temperature, **options)  # type: ignore[arg-type, return-value]
+
+    def _generate_kwargs(
+        self, sampling: Sampling, adapter: str | None, gen_kwargs: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[str], list[int]]:
+        """``model.generate`` arguments, the stop strings and the stop token ids for one call."""
+        stops = list(
+            dict.fromkeys([*self.template_for(adapter).stop_strings(self.tokenizer), *sampling.stop])
+        )
+        eos_ids = self._stop_token_ids(stops)
+        kwargs = {
+            **sampling.generate_kwargs(),
+            "eos_token_id": eos_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        multi_token_stops = [s for s in stops if len(self.tokenizer.encode(s, add_special_tokens=False)) > 1]
+        if multi_token_stops:
+            kwargs.update(stop_strings=multi_token_stops, tokenizer=self.tokenizer)
+        kwargs.update(gen_kwargs)
+        return kwargs, stops, eos_ids
+
+    def _run_generate(
+        self, encoded: list[list[int]], kwargs: dict[str, Any], adapter: str | None, seed: int | None
+    ) -> Any:
+        """Left-pad, then ``model.generate`` with ``adapter`` active, holding the lock for the whole call."""
+        import torch
+
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+        with self._lock, self._active(adapter), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            device = next(self.model.parameters()).device
+            return self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+            )
 
     def _stop_token_ids(self, stops: list[str]) -> list[int]:
         ids = [self.tokenizer.eos_token_id]
@@ -224,60 +434,250 @@ class InferenceModel:
                 ids.append(tokens[0])
         return [i for i in ids if i is not None]
 
+    # --- several adapters on one base ---------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters on the base, in loading order (``"default"`` is the one :meth:`load` put on)."""
+        return list(self._adapters)
+
+    def _resolve_adapter(self, adapter: str | None) -> str | None:
+        """The adapter a call uses: the named one, else ``"default"`` if loaded, else None (the bare base)."""
+        if adapter is None:
+            return DEFAULT_ADAPTER if DEFAULT_ADAPTER in self._adapters else None
+        if adapter not in self._adapters:
+            known = ", ".join(repr(a) for a in self._adapters) or "none"
+            raise ConfigError(
+                f"adapter={adapter!r} is not loaded (loaded adapters: {known}). Load it first with "
+                f"model.load_adapter(path, name={adapter!r})."
+            )
+        return adapter
+
+    @contextlib.contextmanager
+    def _active(self, adapter: str | None) -> Iterator[None]:
+        """Make ``adapter`` the active one (None: every adapter off) for the duration; call with the lock held."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            yield
+            return
+        if adapter is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        if self.model.active_adapter != adapter:
+            self.model.set_adapter(adapter)
+        yield
+
+    def load_adapter(
+        self, path: str | Path, name: str | None = None, *, allow_base_mismatch: bool = False
+    ) -> str:
+        """Put another adapter (a run directory or a PEFT adapter directory) on the same base weights.
+
+        The adapter keeps its own prompt template (from its run directory; this model's template for a plain
+        PEFT adapter). Select it per call with ``generate(..., adapter=name)``; calls from several threads
+        are serialised by a lock, so each gets its own adapter's output. Returns the name.
+
+        Raises:
+            ConfigError: the name is taken, the directory is not an adapter, or the adapter was trained on
+                another base (unless ``allow_base_mismatch=True``).
+        """
+        from peft import PeftModel
+
+        from lorakit.provenance import check_base
+        from lorakit.templates import get_template, template_from_dict
+
+        path = Path(path).expanduser()
+        run = read_run(path)
+        name = name or path.name
+        if not isinstance(name, str) or not name or name in self._adapters:
+            raise ConfigError(
+                f"load_adapter(name={name!r}): the name is empty or taken (loaded: {', '.join(self._adapters)}). "
+                "Pass another name=."
+            )
+        if self.base_spec is not None and self.base_path is not None:
+            check_base(
+                path,
+                self.base_spec.name_or_path,
+                self.base_path,
+                self.base_spec,
+                allow_base_mismatch=allow_base_mismatch,
+            )
+        template = get_template(template_from_dict(run["template"])) if run is not None else self.template
+        with self._lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self.model.eval()
+            self._adapters[name] = AdapterInfo(name, path, template)
+        return name
+
+    def unload(self, name: str | None = None) -> None:
+        """Remove one adapter (or, with no name, every adapter) from the base and free its weights.
+
+        After the last adapter is gone the model is the plain base again.
+        """
+        from peft import PeftModel
+
+        with self._lock:
+            names = list(self._adapters) if name is None else [name]
+            for adapter in names:
+                self._resolve_adapter(adapter)  # unknown names raise, listing the loaded ones
+                if len(self._adapters) == 1:
+                    assert isinstance(self.model, PeftModel)
+                    self.model = self.model.unload()  # the base without adapter layers
+                else:
+                    if self.model.active_adapter == adapter:  # switch first, so PEFT does not warn
+                        self.model.set_adapter(next(a for a in self._adapters if a != adapter))
+                    self.model.delete_adapter(adapter)
+                del self._adapters[adapter]
+                if adapter == DEFAULT_ADAPTER:
+                    self.adapter_dir = None
+
     # --- merge and export ---------------------------------------------------------------------------------
 
     @property
     def is_merged(self) -> bool:
         """True when the model carries no adapter (merged, or loaded from a plain model directory)."""
-        return self.adapter_dir is None
+        return not self._adapters
 
-    def merge(self) -> InferenceModel:
-        """Fold the adapter into the base weights and return a new, adapter-free InferenceModel.
+    def merge(
+        self,
+        *,
+        verify: bool = False,
+        verify_prompts: Sequence[Any] | None = None,
+        tolerance: float = 0.01,
+        inplace: bool = False,
+        adapter: str | None = None,
+    ) -> InferenceModel:
+        """Fold an adapter into the base weights and return an adapter-free InferenceModel.
 
-        The base is reloaded un-quantized (fp32 on CPU, the run's 16-bit dtype on a GPU) even when training
-        used 4-bit or 8-bit weights: merging into quantized weights would round the update away.
+        The base is reloaded un-quantized (fp32 on CPU, the run's 16-bit dtype on a GPU) when it was loaded
+        in 4 or 8 bits: merging into quantized weights would round the update away.
+
+        Args:
+            verify: compare the merged model with adapter-on-base on a few sequences (``verify_prompts``, else
+                the run's first training rows, else generic prompts); the result is the returned model's
+                ``merge_report`` (:class:`lorakit.merging.MergeReport`: max logit difference, perplexity
+                before / after). A perplexity change above ``tolerance`` (relative) warns.
+            inplace: merge into this model's own weights instead of a fresh copy of the base, so two full
+                copies are never in memory at once; this model then *is* the merged model (and is returned).
+                For a quantized base the quantized model is freed before the un-quantized reload.
+            adapter: which loaded adapter to merge (default: the one :meth:`load` put on, or the only one).
         """
+        import gc
+
+        from lorakit.merging import compare, reference_outputs, verification_sequences
         from lorakit.models import load_base_model, torch_dtype
+        from lorakit.progress import progress_enabled
 
         if self.is_merged:
             return self
-        assert self.base_spec is not None and self.base_path is not None and self.adapter_dir is not None
-        base = load_base_model(self.base_path, self.base_spec, dtype=torch_dtype(self.dtype))
-        merged = _attach_adapter(base, self.adapter_dir).merge_and_unload()
-        return InferenceModel(
-            merged.eval(),
-            self.tokenizer,
-            self.template,
-            base_spec=self.base_spec,
-            base_path=self.base_path,
-            dtype=self.dtype,
-        )
+        if adapter is None and DEFAULT_ADAPTER not in self._adapters and len(self._adapters) > 1:
+            raise ConfigError(
+                f"merge(): several adapters are loaded ({', '.join(self._adapters)}); pass adapter=<name>."
+            )
+        name = self._resolve_adapter(adapter) or next(iter(self._adapters))
+        info = self._adapters[name]
+        assert self.base_spec is not None and self.base_path is not None
+        sequences = reference = None
+        reference_name = "adapter on the base"
+        if verify:
+            if self.quant is not None:
+                reference_name = f"adapter on the {self.quant.bits}-bit base"
+            sequences = verification_sequences(self.tokenizer, info.template, verify_prompts, info.path)
+            with self._lock, self._active(name):
+                reference = reference_outputs(self.model, sequences)
+        with self._lock:
+            if inplace and self.quant is None:
+                for other in [a for a in self._adapters if a != name]:
+                    self.model.delete_adapter(other)
+                merged = self.model.merge_and_unload(progressbar=progress_enabled())
+            else:
+                if inplace:  # free the quantized model before loading the un-quantized base
+                    self.model = None
+                    gc.collect()
+                base = load_base_model(self.base_path, self.base_spec, dtype=torch_dtype(self.dtype))
+                merged = _attach_adapter(base, info.path).merge_and_unload(progressbar=progress_enabled())
+            merged.eval()
+            if inplace:
+                target = self
+                self.model, self.template, self.quant = merged, info.template, None
+                self._adapters.clear()
+                self.adapter_dir = None
+            else:
+                target = InferenceModel(
+                    merged,
+                    self.tokenizer,
+                    info.template,
+                    base_spec=self.base_spec,
+                    base_path=self.base_path,
+                    dtype=self.dtype,
+                )
+        if verify:
+            assert sequences is not None and reference is not None
+            target.merge_report = compare(
+                merged, sequences, reference, reference_name=reference_name, tolerance=tolerance
+            )
+        return target
 
-    def save(self, path: str | Path) -> Path:
+    def save(
+        self,
+        path: str | Path,
+        *,
+        max_shard_size: int | str | None = None,
+        chat_template: bool | str = True,
+    ) -> Path:
         """Write a plain transformers model directory (safetensors, tokenizer, generation config).
 
         ``AutoModelForCausalLM.from_pretrained(path)`` loads it; ``InferenceModel.load(path)`` also restores
         the prompt template. Only an adapter-free model can be saved: call :meth:`merge` first.
+
+        Args:
+            path: the output directory.
+            max_shard_size: split the weights into safetensors shards of at most this size (``"2GB"``,
+                ``"500MB"`` or bytes); transformers' default (50GB) when None.
+            chat_template: ``True`` writes the run's template as the tokenizer's Jinja chat template, so
+                ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` renders exactly the
+                prompt lorakit trained on; a string sets that Jinja template; ``False`` keeps the tokenizer's.
         """
         from lorakit.run import write_json_atomic
+        from lorakit.templates.jinja import to_chat_template
 
         if not self.is_merged:
             raise ConfigError(
                 "save() writes a plain transformers model, but this model still carries an adapter. "
                 "Call .merge() first (model.merge().save(path)); the adapter itself is already in the run directory."
             )
+        jinja = None
+        if chat_template is True:
+            jinja = to_chat_template(self.template, self.tokenizer)
+        elif isinstance(chat_template, str):
+            jinja = chat_template
+        elif chat_template is not False:
+            raise ConfigError(
+                f"save(chat_template=...) takes True, False or a Jinja string, got {chat_template!r}."
+            )
         path = Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         stops = self._stop_token_ids(self.template.stop_strings(self.tokenizer))
         self.model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
+        shard = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+        self.model.save_pretrained(str(path), **shard)
+        previous = self.tokenizer.chat_template
+        try:
+            if jinja is not None:
+                self.tokenizer.chat_template = jinja
+            self.tokenizer.save_pretrained(str(path))
+        finally:
+            self.tokenizer.chat_template = previous
         write_json_atomic(path / TEMPLATE_FILE, self.template.to_dict())
         return path
 
     def __repr__(self) -> str:
-        where = "merged" if self.is_merged else f"adapter={self.adapter_dir}"
+        where = "merged" if self.is_merged else f"adapters={self.adapters}"
         return f"InferenceModel(base={self.base_path!r}, {where}, template={self.template.name!r})"
 
 
@@ -285,13 +685,3 @@ def _attach_adapter(base: Any, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-
-
-def _cut_at_stops(text: str, stops: list[str]) -> str:
-    cut = len(text)
-    for stop in stops:
-        if stop:
-            index = text.find(stop)
-            if index != -1:
-                cut = min(cut, index)
-    return text[:cut].strip()

@@ -14,7 +14,6 @@ mistake fails at the line that made it, not an hour into a run::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -560,19 +559,17 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | Path) -> Pipeline:
-        """Rebuild a pipeline from :meth:`to_config` output, a JSON file, or a run directory."""
+        """Rebuild a pipeline from :meth:`to_config` output, a YAML / JSON file, or a run directory."""
         from lorakit.templates import template_from_dict
 
         if isinstance(config, (str, Path)):
-            path = Path(config)
-            if path.is_dir():
-                path = path / "lorakit_run.json"
-            try:
-                loaded = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise ConfigError(f"Cannot read pipeline config {path}: {error}") from error
-            config = loaded.get("pipeline", loaded)
-        assert isinstance(config, Mapping)
+            from lorakit.configfile import read_config_file
+
+            config = read_config_file(config)
+        if not isinstance(config, Mapping):
+            raise ConfigError(
+                f"from_config() takes a dict, a .yaml / .json path or a run directory, got {type(config).__name__}."
+            )
         known = {"lorakit_config", "model", "method", "quant", "data", "training", "tracking", "distributed"}
         unknown = set(config) - known - set(_EXTRA_SECTIONS)
         if unknown:
@@ -600,3 +597,12 @@ class Pipeline:
             )
         except TypeError as error:
             raise ConfigError(f"Invalid pipeline config: {error}") from error
+
+    def save_config(self, path: str | Path) -> Path:
+        """Write :meth:`to_config` to a ``.yaml`` / ``.yml`` (YAML) or ``.json`` file; :meth:`from_config` reads it.
+
+        In-memory data (a list of dicts or a Dataset) is written inline; prefer a file path for big data.
+        """
+        from lorakit.configfile import write_config_file
+
+        return write_config_file(path, self.to_config())

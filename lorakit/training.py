@@ -133,6 +133,7 @@ def run_training(
         torch_dtype,
     )
     from lorakit.plan import apply_method_on_meta
+    from lorakit.provenance import write_provenance
     from lorakit.templates import get_template
 
     # 1. Check everything that can be checked before loading weights.
@@ -313,6 +314,7 @@ def run_training(
         },
     )
     write_json_atomic(output_dir / METRICS_FILE, metrics)
+    write_provenance(output_dir, pipeline.model, base_path)
     from lorakit.tracking import write_run_report
 
     write_run_report(

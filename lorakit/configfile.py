@@ -1,0 +1,123 @@
+"""Pipeline config files: YAML or JSON, and ``key=value`` overrides (``lorakit train cfg.yaml --set ...``).
+
+A config file holds what :meth:`lorakit.Pipeline.to_config` returns, or only the sections you need::
+
+    model: {name_or_path: meta-llama/Llama-3.2-1B-Instruct}
+    method: {name: lora, r: 16, alpha: 32, targets: all-linear}
+    data: {source: data/train.jsonl, template: llama3, val_split: 0.1}
+    training: {epochs: 3, lr: 2.0e-4, batch_size: 4}
+
+Relative data paths are relative to the working directory (like every path on the command line).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError, MissingDependencyError
+
+__all__ = ["YAML_SUFFIXES", "apply_overrides", "read_config_file", "write_config_file"]
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError as error:  # pragma: no cover - PyYAML is a dependency
+        raise MissingDependencyError("YAML configs need PyYAML: pip install pyyaml") from error
+    return yaml
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config dict from a ``.yaml`` / ``.yml`` / ``.json`` file, or a run directory's ``lorakit_run.json``.
+
+    Raises:
+        ConfigError: the file is missing or not valid YAML / JSON, or does not hold a mapping.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "lorakit_run.json"
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"Cannot read pipeline config {path}: {error.strerror or error}.") from error
+    if path.suffix.lower() in YAML_SUFFIXES:
+        yaml = _yaml()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    else:
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"Cannot read pipeline config {path}: not valid JSON ({error}). YAML files need a .yaml suffix."
+            ) from error
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(
+            f"{path} must hold a mapping of config sections (model, method, data, ...), got {type(loaded).__name__}."
+        )
+    return dict(loaded.get("pipeline", loaded))
+
+
+def write_config_file(path: str | Path, config: Mapping[str, Any]) -> Path:
+    """Write a config dict as YAML (``.yaml`` / ``.yml``) or JSON (any other suffix)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in YAML_SUFFIXES:
+        path.write_text(_yaml().safe_dump(dict(config), sort_keys=False, allow_unicode=True))
+    else:
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``section.field=value`` pairs (values parsed as YAML: ``3``, ``2e-4``, ``true``, ``[q_proj, v_proj]``).
+
+    ``model=path`` (a section given a plain value) is shorthand for ``model.name_or_path=path``; ``method.name``
+    switches the method. Returns a new dict; the input is not changed.
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    result = json.loads(json.dumps(config, default=str))  # a deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"--set {item!r}: expected section.field=value, e.g. --set training.lr=1e-4 or --set model=./my-model."
+            )
+        value = _parse_value(raw)
+        parts = [p for p in key.strip().split(".") if p]
+        if len(parts) == 1 and parts[0] == "model" and isinstance(value, str):
+            parts = ["model", "name_or_path"]
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _parse_value(raw: str) -> Any:
+    text = raw.strip()
+    if text.lower() in ("none", "null", "~"):
+        return None
+    try:
+        value = _yaml().safe_load(text)
+    except Exception:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(text) if any(c.isdigit() for c in text) else raw  # YAML 1.1 reads 2e-4 as text
+        except ValueError:
+            return raw
+    return raw if value is None else value
