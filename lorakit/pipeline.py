@@ -23,7 +23,7 @@ import attrs
 
 from lorakit.config import DataSpec, ModelSpec, QuantSpec, TrackSpec, TrainSpec
 from lorakit.errors import ConfigError
-from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
+from lorakit.methods import METHODS, Ia3Spec, LoraSpec, MethodSpec, method_from_dict
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
@@ -102,9 +102,46 @@ class Pipeline:
         dropout: float = 0.05,
         targets: str | tuple[str, ...] = "all-linear",
         bias: str = "none",
+        *,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init: str = "default",
+        layers: tuple[int, ...] | None = None,
+        modules_to_save: tuple[str, ...] | None = None,
     ) -> Pipeline:
         """Train LoRA adapters (the default method). See :class:`lorakit.methods.LoraSpec` for each field."""
-        return self._with_method(LoraSpec(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias))
+        return self._with_method(
+            LoraSpec(
+                r=r,
+                alpha=alpha,
+                dropout=dropout,
+                targets=targets,
+                bias=bias,
+                use_dora=use_dora,
+                use_rslora=use_rslora,
+                init=init,
+                layers=layers,
+                modules_to_save=modules_to_save,
+            )
+        )
+
+    def with_ia3(
+        self, targets: tuple[str, ...] | None = None, feedforward: tuple[str, ...] | None = None
+    ) -> Pipeline:
+        """Train IA3 scaling vectors. See :class:`lorakit.methods.Ia3Spec`."""
+        return self._with_method(Ia3Spec(targets=targets, feedforward=feedforward))
+
+    def with_method(self, name: str, **options: Any) -> Pipeline:
+        """Train the registered adapter method ``name`` with ``options`` (see ``lorakit.methods.METHODS``)."""
+        if name not in METHODS:
+            raise ConfigError(f"Unknown adapter method {name!r}; known: {', '.join(sorted(METHODS))}.")
+        try:
+            spec = METHODS[name](**options)
+        except TypeError as error:
+            raise ConfigError(
+                f"with_method({name!r}, ...): {error}. See {METHODS[name].__name__}."
+            ) from error
+        return self._with_method(spec)
 
     def quantize_4bit(
         self, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str | None = None

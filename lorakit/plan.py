@@ -97,7 +97,9 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     total = sum(p.numel() for p in model.parameters())
     linear = _linear_module_names(model)
     try:
-        peft_model = get_peft_model(model, pipeline.resolved_method.to_peft_config())
+        method = pipeline.resolved_method
+        meta_config = getattr(method, "meta_peft_config", method.to_peft_config)
+        peft_model = get_peft_model(model, meta_config())
     except ValueError as error:
         if "not found in the base model" in str(error) or "Target modules" in str(error):
             raise ConfigError(

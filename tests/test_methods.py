@@ -1,0 +1,156 @@
+"""Adapter methods beyond plain LoRA: options, registry, round trips, and a tiny train/reload/merge matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.errors import ConfigError
+from lorakit.methods import METHODS, Ia3Spec, LoraSpec, method_from_dict, register_method
+
+ROWS = [
+    {"instruction": "Say hello.", "input": "", "output": "hello world"},
+    {"instruction": "Name a colour.", "input": "", "output": "brown"},
+    {"instruction": "Count to three.", "input": "", "output": "0 1 2"},
+    {"instruction": "Name an animal.", "input": "", "output": "the lazy dog"},
+]
+
+IDS = [1, 5, 9, 13, 17, 21, 25]
+
+VARIANTS = {
+    "dora": lambda p: p.with_lora(r=4, alpha=8, dropout=0.0, use_dora=True),
+    "rslora_pissa": lambda p: p.with_lora(r=4, alpha=8, dropout=0.0, use_rslora=True, init="pissa"),
+    "olora_layers": lambda p: p.with_lora(
+        r=4, alpha=8, dropout=0.0, init="olora", layers=(1,), targets=("q_proj", "up_proj")
+    ),
+    "gaussian": lambda p: p.with_lora(
+        r=4, alpha=8, dropout=0.0, init="gaussian", targets=("q_proj", "v_proj")
+    ),
+    "ia3": lambda p: p.with_ia3(),
+    "ia3_generic": lambda p: p.with_method(
+        "ia3", targets=("v_proj", "down_proj"), feedforward=("down_proj",)
+    ),
+}
+
+
+def _pipeline(model_dir, variant):
+    return VARIANTS[variant](lk.Pipeline.from_model(model_dir)).with_dataset(
+        ROWS, template="alpaca", val_split=0.0, max_length=128
+    )
+
+
+class _Watch:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        watch = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                watch.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                watch.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                watch.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+                watch.grad = {n for n, p in model.named_parameters() if p.requires_grad}
+                model.eval()
+                with torch.no_grad():
+                    watch.logits = model(input_ids=torch.tensor([IDS])).logits.detach().clone()
+
+        self.callback = _CB()
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def run(request, tiny_model_dir, tmp_path_factory):
+    pipe = _pipeline(tiny_model_dir, request.param).with_training(
+        max_steps=3, lr=5e-2, batch_size=4, logging_steps=1, warmup_ratio=0.0, scheduler="constant"
+    )
+    watch = _Watch()
+    result = pipe.train(tmp_path_factory.mktemp("m") / request.param, callbacks=[watch.callback])
+    return request.param, pipe, result, watch
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+def test_plan_trainable_count_equals_the_trained_model(run):
+    _, pipe, _, watch = run
+    assert watch.trainable > 0
+    assert pipe.plan().trainable_params == watch.trainable
+
+
+def test_adapter_changes_and_base_does_not(run):
+    _, _, _, watch = run
+    changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
+    assert changed, "no weight changed"
+    assert changed <= watch.grad, f"frozen weights changed: {sorted(changed - watch.grad)[:3]}"
+    assert changed & watch.grad
+
+
+def test_reload_and_merge_give_equal_logits(run):
+    _, _, result, watch = run
+    ours = lk.InferenceModel.load(result.output_dir)
+    ids = ours.encode({"instruction": "Say hello.", "input": ""})
+    reloaded = _logits(ours.model, ids)
+    torch.testing.assert_close(_logits(ours.model, IDS), watch.logits, atol=1e-5, rtol=1e-4)
+    merged = lk.InferenceModel.load(result.output_dir).merge()
+    torch.testing.assert_close(_logits(merged.model, ids), reloaded, atol=1e-4, rtol=1e-4)
+    assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_round_trip(tiny_model_dir, variant):
+    pipe = _pipeline(tiny_model_dir, variant)
+    again = lk.Pipeline.from_config(pipe.to_config())
+    assert again.method == pipe.method
+    assert method_from_dict(pipe.method.to_dict()) == pipe.method
+
+
+def test_registry_rejects_duplicates_and_holds_the_methods():
+    assert METHODS["lora"] is LoraSpec and METHODS["ia3"] is Ia3Spec
+    with pytest.raises(ConfigError, match="'ia3' is already registered"):
+        register_method("ia3", LoraSpec)
+
+
+def test_describe_lists_the_options():
+    spec = LoraSpec(
+        targets=("q_proj",),
+        use_dora=True,
+        use_rslora=True,
+        init="pissa",
+        layers=(0, 2),
+        modules_to_save="lm_head",
+    )
+    assert spec.describe().endswith("DoRA rsLoRA init=pissa layers=0,2 modules_to_save=lm_head")
+    config = spec.to_peft_config()
+    assert (config.use_dora, config.use_rslora, config.init_lora_weights) == (True, True, "pissa")
+    assert spec.to_dict()["layers"] == [0, 2]
+    assert config.layers_to_transform == [0, 2] and config.modules_to_save == ["lm_head"]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.with_lora(init="loftq"), "init='loftq'.*Use init='pissa'"),
+        (lambda p: p.with_lora(init="svd"), "init='svd'.*'default', 'gaussian', 'pissa', 'olora'"),
+        (lambda p: p.with_lora(layers=(1,)), r"layers=\(1,\)\) needs explicit module names"),
+        (lambda p: p.with_lora(layers=(-1,), targets=("q_proj",)), r"layers=\(-1,\).*layer indices >= 0"),
+        (lambda p: p.with_ia3(targets=("v_proj",), feedforward=("down_proj",)), "subset of targets"),
+        (lambda p: p.with_ia3(targets=()), r"targets=\(\)\) must be a non-empty tuple"),
+        (lambda p: p.with_method("nope"), "Unknown adapter method 'nope'; known: .*ia3, lora"),
+        (lambda p: p.with_method("ia3", rank=4), r"with_method\('ia3', ...\).*rank.*Ia3Spec"),
+        (lambda p: p.with_lora().with_ia3(), r"with_ia3\(\) conflicts with the earlier with_lora\(\)"),
+    ],
+)
+def test_bad_options_raise_at_the_builder_call(call, message):
+    with pytest.raises(ConfigError, match=message):
+        call(lk.Pipeline.from_model("/nonexistent-model-dir"))
+
+
+def test_unknown_ia3_target_lists_linear_modules(tiny_model_dir):
+    pipe = lk.Pipeline.from_model(tiny_model_dir).with_ia3(targets=("qkv",))
+    with pytest.raises(ConfigError, match="matches no module.*q_proj"):
+        pipe.plan()
