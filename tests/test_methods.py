@@ -96,6 +96,8 @@ def test_reload_and_merge_give_equal_logits(run):
     ids = ours.encode({"instruction": "Say hello.", "input": ""})
     reloaded = _logits(ours.model, ids)
     torch.testing.assert_close(_logits(ours.model, IDS), watch.logits, atol=1e-5, rtol=1e-4)
+    with ours.model.disable_adapter():  # the adapter matters
+        assert (_logits(ours.model, IDS) - watch.logits).abs().max() > 1e-2
     merged = lk.InferenceModel.load(result.output_dir).merge()
     torch.testing.assert_close(_logits(merged.model, ids), reloaded, atol=1e-4, rtol=1e-4)
     assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
