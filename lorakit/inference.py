@@ -241,6 +241,13 @@ class InferenceModel:
 
         if self.is_merged:
             return self
+        if getattr(getattr(self.model, "active_peft_config", None), "is_prompt_learning", False):
+            from lorakit.errors import ConfigError
+
+            raise ConfigError(
+                f"The adapter in {self.adapter_dir} is prompt-based (virtual tokens, not weight updates) and "
+                "cannot be merged into the base weights. Serve it unmerged: InferenceModel.load(...).generate()."
+            )
         assert self.base_spec is not None and self.base_path is not None and self.adapter_dir is not None
         base = load_base_model(self.base_path, self.base_spec, dtype=torch_dtype(self.dtype))
         merged = _attach_adapter(base, self.adapter_dir).merge_and_unload()

@@ -23,7 +23,7 @@ import attrs
 
 from lorakit.config import DataSpec, ModelSpec, QuantSpec, TrackSpec, TrainSpec
 from lorakit.errors import ConfigError
-from lorakit.methods import METHODS, Ia3Spec, LoraSpec, MethodSpec, method_from_dict
+from lorakit.methods import METHODS, Ia3Spec, LoraSpec, MethodSpec, PromptTuningSpec, method_from_dict
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
@@ -130,6 +130,10 @@ class Pipeline:
     ) -> Pipeline:
         """Train IA3 scaling vectors. See :class:`lorakit.methods.Ia3Spec`."""
         return self._with_method(Ia3Spec(targets=targets, feedforward=feedforward))
+
+    def with_prompt_tuning(self, num_virtual_tokens: int = 20) -> Pipeline:
+        """Train virtual-token embeddings prepended to every input. See :class:`lorakit.methods.PromptTuningSpec`."""
+        return self._with_method(PromptTuningSpec(num_virtual_tokens=num_virtual_tokens))
 
     def with_method(self, name: str, **options: Any) -> Pipeline:
         """Train the registered adapter method ``name`` with ``options`` (see ``lorakit.methods.METHODS``)."""

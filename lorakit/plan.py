@@ -121,7 +121,8 @@ def make_plan(pipeline: Pipeline) -> Plan:
     config = load_model_config(pipeline.model)
     peft_model, total = apply_method_on_meta(pipeline, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in peft_model.targeted_module_names}))
+    targeted = getattr(peft_model, "targeted_module_names", None) or []  # prompt-based methods target none
+    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in targeted}))
 
     train_rows = val_rows = per_epoch = total_steps = None
     template = "-"
