@@ -264,13 +264,15 @@ class Pipeline:
         logging_steps: int = _UNSET,
         eval_steps: int | None = _UNSET,
         save_steps: int | None = _UNSET,
+        optim: str = _UNSET,
     ) -> Pipeline:
         """Set optimisation hyper-parameters; arguments not passed keep their current value.
 
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
         precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
-        epoch), save_steps=None (final adapter only). See :class:`lorakit.config.TrainSpec`.
+        epoch), save_steps=None (final adapter only), optim="adamw_torch".
+        See :class:`lorakit.config.TrainSpec`.
         """
         changes = _given(
             epochs=epochs,
@@ -287,6 +289,7 @@ class Pipeline:
             logging_steps=logging_steps,
             eval_steps=eval_steps,
             save_steps=save_steps,
+            optim=optim,
         )
         return attrs.evolve(self, training=attrs.evolve(self.training, **changes))
 

@@ -167,3 +167,22 @@ def test_unknown_ia3_target_lists_linear_modules(tiny_model_dir):
     pipe = lk.Pipeline.from_model(tiny_model_dir).with_ia3(targets=("qkv",))
     with pytest.raises(ConfigError, match="matches no module.*q_proj"):
         pipe.plan()
+
+
+def test_optim_is_validated_and_round_trips(tiny_model_dir):
+    with pytest.raises(ConfigError, match="optim.*paged_adamw_8bit.*got 'lion'"):
+        lk.Pipeline.from_model(tiny_model_dir).with_training(optim="lion")
+    pipe = _pipeline(tiny_model_dir, "ia3").with_training(optim="adamw_8bit")
+    assert lk.Pipeline.from_config(pipe.to_config()).training.optim == "adamw_8bit"
+
+
+def test_paged_optimizer_needs_cuda_before_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the optimizer was checked")
+
+    monkeypatch.setattr(lorakit.models, "load_base_model", no_weights)
+    pipe = _pipeline(tiny_model_dir, "ia3").with_training(optim="paged_adamw_8bit", max_steps=1)
+    with pytest.raises(ConfigError, match="optim='paged_adamw_8bit'.*needs a CUDA GPU.*adamw_torch"):
+        pipe.train(tmp_path / "run")
