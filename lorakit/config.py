@@ -25,6 +25,15 @@ __all__ = [
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+)
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -354,6 +363,12 @@ class TrainSpec:
         default=None, validator=optional_positive_int("Or None for no checkpoints.")
     )
     """Write a checkpoint every N steps; ``None`` saves only the final adapter."""
+    optim: str = attrs.field(
+        default="adamw_torch",
+        validator=one_of(OPTIMIZERS, "adamw_8bit / paged_* use bitsandbytes; paged_* need a CUDA GPU."),
+    )
+    """The optimizer (a transformers ``optim`` name); ``paged_*`` page optimizer state to the CPU on a GPU."""
+
     group_by_length: bool = attrs.field(default=True)
     """Batch examples of similar length together (seeded, random order of batches), so dynamic padding computes
     few pad tokens; ``False`` batches in random order. Ignored with ``packing=True`` (padding-free)."""

@@ -580,6 +580,12 @@ class InferenceModel:
             )
         name = self._resolve_adapter(adapter) or next(iter(self._adapters))
         info = self._adapters[name]
+        peft_config = getattr(self.model, "peft_config", {}).get(name)
+        if getattr(peft_config, "is_prompt_learning", False):
+            raise ConfigError(
+                f"The adapter in {info.path} is prompt-based (virtual tokens, not weight updates) and cannot be "
+                "merged into the base weights. Serve it unmerged: InferenceModel.load(...).generate()."
+            )
         assert self.base_spec is not None and self.base_path is not None
         sequences = reference = None
         reference_name = "adapter on the base"

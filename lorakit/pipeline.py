@@ -32,7 +32,7 @@ from lorakit.config import (
     TrainSpec,
 )
 from lorakit.errors import ConfigError
-from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
+from lorakit.methods import METHODS, Ia3Spec, LoraSpec, MethodSpec, PromptTuningSpec, method_from_dict
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
@@ -138,9 +138,50 @@ class Pipeline:
         dropout: float = 0.05,
         targets: str | tuple[str, ...] = "all-linear",
         bias: str = "none",
+        *,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init: str = "default",
+        layers: tuple[int, ...] | None = None,
+        modules_to_save: tuple[str, ...] | None = None,
     ) -> Pipeline:
         """Train LoRA adapters (the default method). See :class:`lorakit.methods.LoraSpec` for each field."""
-        return self._with_method(LoraSpec(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias))
+        return self._with_method(
+            LoraSpec(
+                r=r,
+                alpha=alpha,
+                dropout=dropout,
+                targets=targets,
+                bias=bias,
+                use_dora=use_dora,
+                use_rslora=use_rslora,
+                init=init,
+                layers=layers,
+                modules_to_save=modules_to_save,
+            )
+        )
+
+    def with_ia3(
+        self, targets: tuple[str, ...] | None = None, feedforward: tuple[str, ...] | None = None
+    ) -> Pipeline:
+        """Train IA3 scaling vectors. See :class:`lorakit.methods.Ia3Spec`."""
+        return self._with_method(Ia3Spec(targets=targets, feedforward=feedforward))
+
+    def with_prompt_tuning(self, num_virtual_tokens: int = 20) -> Pipeline:
+        """Train virtual-token embeddings prepended to every input. See :class:`lorakit.methods.PromptTuningSpec`."""
+        return self._with_method(PromptTuningSpec(num_virtual_tokens=num_virtual_tokens))
+
+    def with_method(self, name: str, **options: Any) -> Pipeline:
+        """Train the registered adapter method ``name`` with ``options`` (see ``lorakit.methods.METHODS``)."""
+        if name not in METHODS:
+            raise ConfigError(f"Unknown adapter method {name!r}; known: {', '.join(sorted(METHODS))}.")
+        try:
+            spec = METHODS[name](**options)
+        except TypeError as error:
+            raise ConfigError(
+                f"with_method({name!r}, ...): {error}. See {METHODS[name].__name__}."
+            ) from error
+        return self._with_method(spec)
 
     def quantize_4bit(
         self, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str | None = None
@@ -260,14 +301,15 @@ class Pipeline:
         eval_steps: int | None = _UNSET,
         save_steps: int | None = _UNSET,
         group_by_length: bool = _UNSET,
+        optim: str = _UNSET,
     ) -> Pipeline:
         """Set optimisation hyper-parameters; arguments not passed keep their current value.
 
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
         precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
-        epoch), save_steps=None (final adapter only), group_by_length=True (batches of similar lengths, little
-        padding). See :class:`lorakit.config.TrainSpec`.
+        epoch), save_steps=None (final adapter only), optim="adamw_torch", group_by_length=True (batches of
+        similar lengths, little padding). See :class:`lorakit.config.TrainSpec`.
         """
         changes = _given(
             epochs=epochs,
@@ -285,6 +327,7 @@ class Pipeline:
             eval_steps=eval_steps,
             save_steps=save_steps,
             group_by_length=group_by_length,
+            optim=optim,
         )
         return attrs.evolve(self, training=attrs.evolve(self.training, **changes))
 

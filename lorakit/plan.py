@@ -97,7 +97,9 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     total = sum(p.numel() for p in model.parameters())
     linear = _linear_module_names(model)
     try:
-        peft_model = get_peft_model(model, pipeline.resolved_method.to_peft_config())
+        method = pipeline.resolved_method
+        meta_config = getattr(method, "meta_peft_config", method.to_peft_config)
+        peft_model = get_peft_model(model, meta_config())
     except ValueError as error:
         if "not found in the base model" in str(error) or "Target modules" in str(error):
             raise ConfigError(
@@ -119,7 +121,8 @@ def make_plan(pipeline: Pipeline) -> Plan:
     config = load_model_config(pipeline.model)
     peft_model, total = apply_method_on_meta(pipeline, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in peft_model.targeted_module_names}))
+    targeted = getattr(peft_model, "targeted_module_names", None) or []  # prompt-based methods target none
+    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in targeted}))
 
     train_rows = val_rows = per_epoch = total_steps = None
     template = "-"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from lorakit import __version__
-from lorakit.errors import MissingDependencyError
+from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.run import METRICS_FILE, METRICS_LOG, RUN_FILE, check_output_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -147,6 +147,11 @@ def run_training(
     train_spec, data_spec = pipeline.training, pipeline.data
     precision = resolve_precision(train_spec.precision)
     device = device_kind()
+    if train_spec.optim.startswith("paged_") and device != "cuda":
+        raise ConfigError(
+            f"with_training(optim={train_spec.optim!r}) pages optimizer state between GPU and CPU memory and "
+            f"needs a CUDA GPU; this run is on {device}. Use optim='adamw_torch' (or 'adamw_8bit')."
+        )
     grad_ckpt = (
         train_spec.grad_checkpointing if train_spec.grad_checkpointing is not None else device == "cuda"
     )
@@ -210,6 +215,7 @@ def run_training(
         per_device_eval_batch_size=train_spec.batch_size,
         gradient_accumulation_steps=train_spec.grad_accum,
         lr_scheduler_type=train_spec.scheduler,
+        optim=train_spec.optim,
         warmup_steps=train_spec.warmup_ratio,
         weight_decay=train_spec.weight_decay,
         seed=train_spec.seed,

@@ -10,9 +10,19 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from lorakit.errors import ConfigError
+from lorakit.methods.ia3 import Ia3Spec
 from lorakit.methods.lora import LoraSpec
+from lorakit.methods.prompt_tuning import PromptTuningSpec
 
-__all__ = ["METHODS", "LoraSpec", "MethodSpec", "method_from_dict", "register_method"]
+__all__ = [
+    "METHODS",
+    "Ia3Spec",
+    "LoraSpec",
+    "MethodSpec",
+    "PromptTuningSpec",
+    "method_from_dict",
+    "register_method",
+]
 
 
 @runtime_checkable
@@ -51,3 +61,5 @@ def method_from_dict(data: dict[str, Any]) -> MethodSpec:
 
 
 register_method("lora", LoraSpec)
+register_method("ia3", Ia3Spec)
+register_method("prompt_tuning", PromptTuningSpec)

@@ -1,0 +1,188 @@
+"""Adapter methods beyond plain LoRA: options, registry, round trips, and a tiny train/reload/merge matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.errors import ConfigError
+from lorakit.methods import METHODS, Ia3Spec, LoraSpec, PromptTuningSpec, method_from_dict, register_method
+
+ROWS = [
+    {"instruction": "Say hello.", "input": "", "output": "hello world"},
+    {"instruction": "Name a colour.", "input": "", "output": "brown"},
+    {"instruction": "Count to three.", "input": "", "output": "0 1 2"},
+    {"instruction": "Name an animal.", "input": "", "output": "the lazy dog"},
+]
+
+IDS = [1, 5, 9, 13, 17, 21, 25]
+
+VARIANTS = {
+    "dora": lambda p: p.with_lora(r=4, alpha=8, dropout=0.0, use_dora=True),
+    "rslora_pissa": lambda p: p.with_lora(r=4, alpha=8, dropout=0.0, use_rslora=True, init="pissa"),
+    "olora_layers": lambda p: p.with_lora(
+        r=4, alpha=8, dropout=0.0, init="olora", layers=(1,), targets=("q_proj", "up_proj")
+    ),
+    "gaussian": lambda p: p.with_lora(
+        r=4, alpha=8, dropout=0.0, init="gaussian", targets=("q_proj", "v_proj")
+    ),
+    "ia3": lambda p: p.with_ia3(),
+    "ia3_4bit": lambda p: p.quantize_4bit().with_ia3(),
+    "dora_4bit": lambda p: p.quantize_4bit().with_lora(r=4, alpha=8, dropout=0.0, use_dora=True),
+    "prompt_tuning": lambda p: p.with_prompt_tuning(num_virtual_tokens=4),
+    "ia3_generic": lambda p: p.with_method(
+        "ia3", targets=("v_proj", "down_proj"), feedforward=("down_proj",)
+    ),
+}
+
+
+def _pipeline(model_dir, variant):
+    return VARIANTS[variant](lk.Pipeline.from_model(model_dir)).with_dataset(
+        ROWS, template="alpaca", val_split=0.0, max_length=128
+    )
+
+
+class _Watch:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        watch = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                watch.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                watch.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                watch.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+                watch.grad = {n for n, p in model.named_parameters() if p.requires_grad}
+                model.eval()
+                with torch.no_grad():
+                    watch.logits = model(input_ids=torch.tensor([IDS])).logits.detach().clone()
+
+        self.callback = _CB()
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def run(request, tiny_model_dir, tmp_path_factory):
+    pipe = _pipeline(tiny_model_dir, request.param).with_training(
+        max_steps=3, lr=5e-2, batch_size=4, logging_steps=1, warmup_ratio=0.0, scheduler="constant"
+    )
+    watch = _Watch()
+    result = pipe.train(tmp_path_factory.mktemp("m") / request.param, callbacks=[watch.callback])
+    return request.param, pipe, result, watch
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+def test_plan_trainable_count_equals_the_trained_model(run):
+    _, pipe, _, watch = run
+    assert watch.trainable > 0
+    assert pipe.plan().trainable_params == watch.trainable
+
+
+def test_adapter_changes_and_base_does_not(run):
+    _, _, _, watch = run
+    changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
+    assert changed, "no weight changed"
+    assert changed <= watch.grad, f"frozen weights changed: {sorted(changed - watch.grad)[:3]}"
+    assert changed & watch.grad
+
+
+def test_reload_and_merge_give_equal_logits(run):
+    _, _, result, watch = run
+    ours = lk.InferenceModel.load(result.output_dir)
+    ids = ours.encode({"instruction": "Say hello.", "input": ""})
+    reloaded = _logits(ours.model, ids)
+    torch.testing.assert_close(_logits(ours.model, IDS), watch.logits, atol=1e-5, rtol=1e-4)
+    with ours.model.disable_adapter():  # the adapter matters
+        assert (_logits(ours.model, IDS) - watch.logits[:, -len(IDS) :]).abs().max() > 1e-2
+    if run[0] == "prompt_tuning":
+        with pytest.raises(ConfigError, match="prompt-based .* cannot be merged.*Serve it unmerged"):
+            ours.merge()
+        return
+    if run[0].endswith("_4bit"):  # merge reloads the base un-quantized, so its logits are not the 4-bit ones
+        return
+    merged = lk.InferenceModel.load(result.output_dir).merge()
+    torch.testing.assert_close(_logits(merged.model, ids), reloaded, atol=1e-4, rtol=1e-4)
+    assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_round_trip(tiny_model_dir, variant):
+    pipe = _pipeline(tiny_model_dir, variant)
+    again = lk.Pipeline.from_config(pipe.to_config())
+    assert again.method == pipe.method
+    assert method_from_dict(pipe.method.to_dict()) == pipe.method
+
+
+def test_registry_rejects_duplicates_and_holds_the_methods():
+    assert METHODS["lora"] is LoraSpec and METHODS["ia3"] is Ia3Spec
+    assert METHODS["prompt_tuning"] is PromptTuningSpec
+    with pytest.raises(ConfigError, match="'ia3' is already registered"):
+        register_method("ia3", LoraSpec)
+
+
+def test_describe_lists_the_options():
+    spec = LoraSpec(
+        targets=("q_proj",),
+        use_dora=True,
+        use_rslora=True,
+        init="pissa",
+        layers=(0, 2),
+        modules_to_save="lm_head",
+    )
+    assert spec.describe().endswith("DoRA rsLoRA init=pissa layers=0,2 modules_to_save=lm_head")
+    config = spec.to_peft_config()
+    assert (config.use_dora, config.use_rslora, config.init_lora_weights) == (True, True, "pissa")
+    assert spec.to_dict()["layers"] == [0, 2]
+    assert config.layers_to_transform == [0, 2] and config.modules_to_save == ["lm_head"]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.with_lora(init="loftq"), "init='loftq'.*Use init='pissa'"),
+        (lambda p: p.with_lora(init="svd"), "init='svd'.*'default', 'gaussian', 'pissa', 'olora'"),
+        (lambda p: p.with_lora(layers=(1,)), r"layers=\(1,\)\) needs explicit module names"),
+        (lambda p: p.with_lora(layers=(-1,), targets=("q_proj",)), r"layers=\(-1,\).*layer indices >= 0"),
+        (lambda p: p.with_ia3(targets=("v_proj",), feedforward=("down_proj",)), "subset of targets"),
+        (lambda p: p.with_ia3(targets=()), r"targets=\(\)\) must be a non-empty tuple"),
+        (lambda p: p.with_method("nope"), "Unknown adapter method 'nope'; known: ia3, lora, prompt_tuning"),
+        (lambda p: p.with_method("ia3", rank=4), r"with_method\('ia3', ...\).*rank.*Ia3Spec"),
+        (lambda p: p.with_prompt_tuning(num_virtual_tokens=0), "num_virtual_tokens"),
+        (lambda p: p.with_lora().with_ia3(), r"with_ia3\(\) conflicts with the earlier with_lora\(\)"),
+    ],
+)
+def test_bad_options_raise_at_the_builder_call(call, message):
+    with pytest.raises(ConfigError, match=message):
+        call(lk.Pipeline.from_model("/nonexistent-model-dir"))
+
+
+def test_unknown_ia3_target_lists_linear_modules(tiny_model_dir):
+    pipe = lk.Pipeline.from_model(tiny_model_dir).with_ia3(targets=("qkv",))
+    with pytest.raises(ConfigError, match="matches no module.*q_proj"):
+        pipe.plan()
+
+
+def test_optim_is_validated_and_round_trips(tiny_model_dir):
+    with pytest.raises(ConfigError, match="optim.*paged_adamw_8bit.*got 'lion'"):
+        lk.Pipeline.from_model(tiny_model_dir).with_training(optim="lion")
+    pipe = _pipeline(tiny_model_dir, "ia3").with_training(optim="adamw_8bit")
+    assert lk.Pipeline.from_config(pipe.to_config()).training.optim == "adamw_8bit"
+
+
+def test_paged_optimizer_needs_cuda_before_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the optimizer was checked")
+
+    monkeypatch.setattr(lorakit.models, "load_base_model", no_weights)
+    pipe = _pipeline(tiny_model_dir, "ia3").with_training(optim="paged_adamw_8bit", max_steps=1)
+    with pytest.raises(ConfigError, match="optim='paged_adamw_8bit'.*needs a CUDA GPU.*adamw_torch"):
+        pipe.train(tmp_path / "run")
