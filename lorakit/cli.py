@@ -2,7 +2,7 @@
 
 Commands::
 
-    lorakit train CONFIG [--set key=value ...] [--output DIR] [--overwrite]
+    lorakit train CONFIG [--set key=value ...] [--output DIR] [--overwrite] [--num-processes N]
     lorakit explain CONFIG [--set key=value ...]
     lorakit eval RUN DATA [--limit N] [--json FILE]
     lorakit generate RUN PROMPT [--max-new-tokens N] [--temperature T] ...   (streams to stdout)
@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("--output", "-o", default=None, help="run directory (default: runs/<config name>)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in the directory")
+    train.add_argument(
+        "--num-processes", type=int, default=None, metavar="N",
+        help="data-parallel training on N processes (torchrun + gloo on CPU, accelerate on GPUs); "
+        "default: the config's `distributed` section, else one process",
+    )  # fmt: skip
+    train.add_argument(
+        "--machine-rank", type=int, default=0, help="this machine's rank in a multi-machine job (default: 0)"
+    )
 
     explain = commands.add_parser(
         "explain", help="show the resolved plan of a config without loading weights"
@@ -161,9 +169,42 @@ def _print_stream(chunks: Any) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    import os
+
+    from lorakit.errors import ConfigError, TrainingError
+
     pipeline = _pipeline(args.config, args.overrides)
     output = args.output or str(Path("runs") / Path(args.config).stem)
     print(pipeline.explain(), flush=True)
+    processes = args.num_processes
+    if processes is None and pipeline.distribution is not None and "WORLD_SIZE" not in os.environ:
+        processes = pipeline.distribution.num_processes
+    if processes is not None and processes < 1:
+        raise ConfigError(f"--num-processes must be a positive number of processes, got {processes}.")
+    if processes is not None and (processes > 1 or args.machine_rank or pipeline.distribution is not None):
+        from lorakit.distributed import launch
+
+        code = launch(
+            pipeline,
+            output,
+            num_processes=processes,
+            machine_rank=args.machine_rank,
+            overwrite=args.overwrite,
+        )
+        if code != 0:
+            raise TrainingError(
+                f"The {processes}-process training run exited with code {code}; its output is above."
+            )
+        if args.machine_rank:  # the run directory is written by machine rank 0
+            print(f"lorakit: machine {args.machine_rank} finished its part of the run")
+            return
+        import json
+
+        metrics_file = Path(output) / "metrics.json"
+        metrics_values = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        metrics = ", ".join(f"{key} {value:.4g}" for key, value in metrics_values.items())
+        print(f"lorakit: trained {output} on {processes} processes ({metrics})")
+        return
     result = pipeline.train(output, overwrite=args.overwrite)
     metrics = ", ".join(f"{key} {value:.4g}" for key, value in result.metrics.items())
     print(f"lorakit: trained {result.output_dir} ({metrics})")

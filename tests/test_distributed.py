@@ -11,11 +11,11 @@ import torch
 import yaml
 
 import lorakit as lk
+from lorakit.cli import main as cli_main
 from lorakit.distributed import (
     DistributedSpec,
     accelerate_config,
     check_launch,
-    launch,
     launch_command,
     preflight,
     quantization_storage,
@@ -84,7 +84,7 @@ def _adapter(path):
 
 
 def test_ddp_two_cpu_processes_match_one_process_and_only_rank_0_writes(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     single = _pipeline(tiny_model_dir, batch_size=8).train(tmp_path / "single")
 
@@ -99,8 +99,13 @@ def test_ddp_two_cpu_processes_match_one_process_and_only_rank_0_writes(
         "HF_HUB_OFFLINE": "1",
         "LORAKIT_PROGRESS": "0",
     }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     # Global batch 8 = 2 processes x 4: every step sees all rows, as the single-process run does.
-    assert launch(_pipeline(tiny_model_dir, batch_size=4), out, num_processes=2, env=env) == 0
+    # Through the command line: `lorakit train CONFIG --num-processes 2` -> lorakit.distributed.launch.
+    config = _pipeline(tiny_model_dir, batch_size=4).save_config(tmp_path / "ddp.yaml")
+    assert cli_main(["train", str(config), "--output", str(out), "--num-processes", "2"]) == 0
+    assert "on 2 processes (train_loss" in capsys.readouterr().out
 
     writes = {p.name.rsplit("-", 1)[1]: p.read_text().splitlines() for p in tmp_path.glob("writes-*")}
     assert writes.get("0"), "rank 0 wrote nothing"
@@ -124,6 +129,29 @@ def test_ddp_two_cpu_processes_match_one_process_and_only_rank_0_writes(
     for name, value in single_adapter.items():
         torch.testing.assert_close(ddp_adapter[name], value, atol=1e-4, rtol=1e-3)
     assert any(value.abs().sum() > 0 for name, value in ddp_adapter.items() if "lora_B" in name)
+
+
+def test_cli_num_processes_failures_are_lorakit_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import lorakit.distributed
+
+    config = _pipeline(tiny_model_dir, batch_size=4).save_config(tmp_path / "ddp.yaml")
+    calls = []
+
+    def failing_launch(pipeline, output_dir, **options):
+        calls.append((pipeline.training.batch_size, str(output_dir), options))
+        return 3
+
+    monkeypatch.setattr(lorakit.distributed, "launch", failing_launch)
+    out = str(tmp_path / "run")
+    assert (
+        cli_main(["train", str(config), "--output", out, "--num-processes", "2", "--set", "training.lr=1e-3"])
+        == 2
+    )
+    assert calls == [(4, out, {"num_processes": 2, "machine_rank": 0, "overwrite": False})]
+    assert "2-process training run exited with code 3" in capsys.readouterr().err
+    assert cli_main(["train", str(config), "--output", out, "--num-processes", "0"]) == 2
+    assert "--num-processes must be a positive number of processes, got 0" in capsys.readouterr().err
+    assert len(calls) == 1  # refused before launching
 
 
 # --- launch checks ----------------------------------------------------------------------------------------
