@@ -128,7 +128,8 @@ def generate_texts(
     end-of-turn exactly like :meth:`lorakit.InferenceModel.generate`. The model's train/eval mode is kept."""
     import torch
 
-    from lorakit.inference import InferenceModel, _cut_at_stops
+    from lorakit.generation import cut_at_stops
+    from lorakit.inference import InferenceModel
 
     stops = template.stop_strings(tokenizer)
     eos_ids = InferenceModel(model, tokenizer, template)._stop_token_ids(stops)
@@ -161,7 +162,7 @@ def generate_texts(
                 output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
             for row in output[:, width:].tolist():
                 ended = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
-                texts.append(_cut_at_stops(tokenizer.decode(row[:ended], skip_special_tokens=True), stops))
+                texts.append(cut_at_stops(tokenizer.decode(row[:ended], skip_special_tokens=True), stops))
             del output, input_ids, attention
     finally:
         model.train(was_training)
@@ -372,7 +373,7 @@ class GenerationSet:
 
     @classmethod
     def from_dataset(cls, dataset: Any, *, n: int, tokenizer: Any, template: Any) -> GenerationSet:
-        from lorakit.inference import _cut_at_stops
+        from lorakit.generation import cut_at_stops
 
         stops = template.stop_strings(tokenizer)
         prompts, references = [], []
@@ -382,7 +383,7 @@ class GenerationSet:
                 if split is None:
                     continue
                 prompts.append(split[0])
-                references.append(_cut_at_stops(tokenizer.decode(split[1], skip_special_tokens=True), stops))
+                references.append(cut_at_stops(tokenizer.decode(split[1], skip_special_tokens=True), stops))
                 if len(prompts) == n:
                     return cls(prompts, references)
         return cls(prompts, references)
