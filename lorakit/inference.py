@@ -182,9 +182,8 @@ class InferenceModel:
         tokenizer = load_tokenizer(str(path), spec)
         if template is None and (path / TEMPLATE_FILE).is_file():
             template = template_from_dict(json.loads((path / TEMPLATE_FILE).read_text()))
-        if (
-            template is None and (path / RUN_FILE).is_file()
-        ):  # a full fine-tuning run: the template it trained with
+        # A full fine-tuning run directory: the template it trained with.
+        if template is None and (path / RUN_FILE).is_file():
             run = read_run(path)
             assert run is not None
             template = template_from_dict(run["template"])

@@ -109,10 +109,13 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     try:
         meta_config = getattr(method, "meta_peft_config", method.to_peft_config)
         peft_model = get_peft_model(model, meta_config())
+        for name, param in peft_model.named_parameters():
+            if ".ranknum." in name:  # AdaLoRA's rank constant; moving it to the meta device made it trainable
+                param.requires_grad = False
     except ValueError as error:
         if "not found in the base model" in str(error) or "Target modules" in str(error):
             raise ConfigError(
-                f"with_lora(targets={pipeline.resolved_method.to_dict().get('targets')!r}) matches no module of "
+                f"with_{method.name}(targets={method.to_dict().get('targets')!r}) matches no module of "
                 f"{pipeline.model.name_or_path}. Its linear modules are: {', '.join(linear)}. "
                 "Use targets='all-linear' or names from that list."
             ) from error

@@ -358,7 +358,12 @@ def run_training(
     if not main:  # the run directory is written by the main process only
         del trainer, model
         return TrainResult(output_dir=output_dir, metrics=metrics, data_report=prepared.report.to_dict())
-    trainer.model.save_pretrained(str(output_dir))
+    with warnings.catch_warnings():
+        # AdaLoRA layers whose whole rank budget moved elsewhere are saved with rank 0; PEFT takes zero-sized
+        # tensors for unsharded ZeRO-3 / FSDP parameters and warns, wrongly here.
+        if isinstance(method, AdaLoraSpec):
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
+        trainer.model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     config = pipeline.to_config()
     config["data"]["source"] = _source_for_config(data_spec.source, output_dir)
