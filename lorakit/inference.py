@@ -497,6 +497,11 @@ class InferenceModel:
 
         path = Path(path).expanduser()
         run = read_run(path)
+        if run is not None and ((run["pipeline"].get("method") or {}).get("name")) == "full":
+            raise ConfigError(
+                f"{path} is a full fine-tuning run: it holds a whole model, not an adapter to put on this base. "
+                "Load it on its own with InferenceModel.load(path)."
+            )
         name = name or path.name
         if not isinstance(name, str) or not name or name in self._adapters:
             raise ConfigError(

@@ -157,11 +157,14 @@ def _check_full_run_reloads(run_dir, watch):
     assert ours.merge() is ours  # nothing to fold in: the trained weights are the model
     plain = AutoModelForCausalLM.from_pretrained(run_dir).eval()
     torch.testing.assert_close(_logits(plain, IDS), watch.logits, atol=1e-5, rtol=1e-4)
-    base = AutoModelForCausalLM.from_pretrained(lk.Pipeline.from_config(run_dir).model.name_or_path).eval()
+    base_dir = lk.Pipeline.from_config(run_dir).model.name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     assert (_logits(base, IDS) - watch.logits).abs().max() > 1e-2  # training changed the model
     assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
     assert json.loads((run_dir / "lorakit_run.json").read_text())["pipeline"]["method"]["name"] == "full"
     assert not (run_dir / "adapter_config.json").exists()
+    with pytest.raises(ConfigError, match="is a full fine-tuning run.*InferenceModel.load"):
+        lk.InferenceModel.from_model(base_dir, template="alpaca").load_adapter(run_dir)
 
 
 @pytest.mark.parametrize("run", ["adalora"], indirect=True)
