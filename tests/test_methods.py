@@ -184,6 +184,31 @@ def test_adalora_reallocates_the_rank_budget(run):
             assert param.shape[0] == ranks[f"{module}.lora_E"]
 
 
+def test_adalora_schedule_follows_the_trainers_step_count():
+    from types import SimpleNamespace
+
+    from lorakit.methods.adalora import rank_allocation_callback
+
+    config = AdaLoraSpec(tinit=1, tfinal=1).to_peft_config(total_step=10)
+    calls = []
+    adalora = SimpleNamespace(
+        peft_config={"default": config}, trainable_adapter_name="default", update_and_allocate=calls.append
+    )
+    model = SimpleNamespace(base_model=adalora)
+    callback = rank_allocation_callback()
+    callback.on_train_begin(None, SimpleNamespace(max_steps=10), None, model=model)
+    assert config.total_step == 10
+    with pytest.warns(UserWarning, match="has 12 optimizer steps, not the 10 lorakit counted"):
+        callback.on_train_begin(None, SimpleNamespace(max_steps=12), None, model=model)
+    assert config.total_step == 12
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="less than the run's 2 optimizer steps"):
+        callback.on_train_begin(None, SimpleNamespace(max_steps=2), None, model=model)
+    callback.on_optimizer_step(None, SimpleNamespace(global_step=4), None, model=model)
+    assert calls == [4]
+    with pytest.raises(ConfigError, match="not an AdaLoRA PeftModel"):
+        callback.on_optimizer_step(None, SimpleNamespace(global_step=4), None, model=SimpleNamespace())
+
+
 def test_adalora_adds_the_orthogonality_penalty_sftrainer_drops(tiny_model_dir, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer

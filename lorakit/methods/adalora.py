@@ -8,6 +8,7 @@ optimizer steps when ``train()`` starts, and calls ``update_and_allocate`` after
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import attrs
@@ -131,14 +132,32 @@ def rank_allocation_callback() -> Any:
     """
     from transformers import TrainerCallback
 
+    def adalora_model(model: Any) -> Any:
+        adalora = getattr(model, "base_model", None)
+        if adalora is None or not hasattr(adalora, "update_and_allocate"):
+            raise ConfigError("AdaLoRA rank allocation: the trained model is not an AdaLoRA PeftModel.")
+        return adalora
+
     class AdaLoraRankAllocation(TrainerCallback):
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+        ) -> None:
+            # The schedule was set from lorakit's step count; the Trainer's own count is the truth.
+            adalora = adalora_model(model)
+            config = adalora.peft_config[adalora.trainable_adapter_name]
+            if state.max_steps and state.max_steps != config.total_step:
+                warnings.warn(
+                    f"AdaLoRA: the run has {state.max_steps} optimizer steps, not the {config.total_step} lorakit "
+                    "counted; the rank schedule uses the Trainer's count.",
+                    stacklevel=2,
+                )
+                AdaLoraSpec(tinit=config.tinit, tfinal=config.tfinal).check_steps(state.max_steps)
+                config.total_step = state.max_steps
+
         def on_optimizer_step(
             self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
         ) -> None:
-            adalora = getattr(model, "base_model", None)
-            if adalora is None or not hasattr(adalora, "update_and_allocate"):
-                raise ConfigError("AdaLoRA rank allocation: the trained model is not an AdaLoRA PeftModel.")
-            adalora.update_and_allocate(state.global_step)
+            adalora_model(model).update_and_allocate(state.global_step)
 
     return AdaLoraRankAllocation()
 
