@@ -28,7 +28,7 @@ from lorakit.config import ModelSpec, QuantSpec
 from lorakit.errors import ConfigError
 from lorakit.generation import Sampling, StopCutter
 from lorakit.merging import MergeReport
-from lorakit.run import ADAPTER_CONFIG, read_run
+from lorakit.run import ADAPTER_CONFIG, RUN_FILE, read_run
 
 __all__ = ["AdapterInfo", "InferenceModel", "MergeReport"]
 
@@ -97,6 +97,9 @@ class InferenceModel:
         allow_base_mismatch: bool = False,
     ) -> InferenceModel:
         """Load a lorakit run directory, a PEFT adapter directory, or a model saved by :meth:`save`.
+
+        The run directory of a full fine-tuning (``full_finetune()`` / ``freeze()``) holds the whole model: it
+        loads as a plain model with the run's template, and :meth:`merge` returns it unchanged.
 
         Args:
             path: the directory.
@@ -179,6 +182,11 @@ class InferenceModel:
         tokenizer = load_tokenizer(str(path), spec)
         if template is None and (path / TEMPLATE_FILE).is_file():
             template = template_from_dict(json.loads((path / TEMPLATE_FILE).read_text()))
+        # A full fine-tuning run directory: the template it trained with.
+        if template is None and (path / RUN_FILE).is_file():
+            run = read_run(path)
+            assert run is not None
+            template = template_from_dict(run["template"])
         if template is None:
             template = "model"
         model = load_base_model(str(path), spec, dtype=torch_dtype("fp32")).eval()
@@ -489,6 +497,11 @@ class InferenceModel:
 
         path = Path(path).expanduser()
         run = read_run(path)
+        if run is not None and ((run["pipeline"].get("method") or {}).get("name")) == "full":
+            raise ConfigError(
+                f"{path} is a full fine-tuning run: it holds a whole model, not an adapter to put on this base. "
+                "Load it on its own with InferenceModel.load(path)."
+            )
         name = name or path.name
         if not isinstance(name, str) or not name or name in self._adapters:
             raise ConfigError(
@@ -552,6 +565,9 @@ class InferenceModel:
         adapter: str | None = None,
     ) -> InferenceModel:
         """Fold an adapter into the base weights and return an adapter-free InferenceModel.
+
+        A model without adapter (already merged, a saved model, or a full fine-tuning run) has nothing to fold
+        and is returned as it is.
 
         The base is reloaded un-quantized (fp32 on CPU, the run's 16-bit dtype on a GPU) when it was loaded
         in 4 or 8 bits: merging into quantized weights would round the update away.

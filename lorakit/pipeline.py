@@ -32,7 +32,16 @@ from lorakit.config import (
     TrainSpec,
 )
 from lorakit.errors import ConfigError
-from lorakit.methods import METHODS, Ia3Spec, LoraSpec, MethodSpec, PromptTuningSpec, method_from_dict
+from lorakit.methods import (
+    METHODS,
+    AdaLoraSpec,
+    FullSpec,
+    Ia3Spec,
+    LoraSpec,
+    MethodSpec,
+    PromptTuningSpec,
+    method_from_dict,
+)
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
@@ -70,6 +79,22 @@ def _looks_like_a_file(path: str) -> bool:
 
 def _given(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not _UNSET}
+
+
+def _call_name(spec: MethodSpec) -> str:
+    """The builder call that chose ``spec``, for messages."""
+    if isinstance(spec, FullSpec):
+        if spec.train_last_n_layers is not None:
+            return f"freeze(train_last_n_layers={spec.train_last_n_layers})"
+        if spec.modules is not None:
+            return f"freeze(modules={spec.modules!r})"
+        return "full_finetune()"
+    return f"with_{spec.name}()"
+
+
+def _has_known_length(source: Any) -> bool:
+    """Paths, row lists and ``datasets.Dataset`` have a row count; iterables such as ``IterableDataset`` do not."""
+    return isinstance(source, (str, list)) or hasattr(source, "__len__")
 
 
 def _distribution(section: Mapping[str, Any] | None) -> DistributedSpec | None:
@@ -170,6 +195,80 @@ class Pipeline:
     def with_prompt_tuning(self, num_virtual_tokens: int = 20) -> Pipeline:
         """Train virtual-token embeddings prepended to every input. See :class:`lorakit.methods.PromptTuningSpec`."""
         return self._with_method(PromptTuningSpec(num_virtual_tokens=num_virtual_tokens))
+
+    def with_adalora(
+        self,
+        init_r: int = 12,
+        target_r: int = 8,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        targets: str | tuple[str, ...] = "all-linear",
+        *,
+        tinit: int = 0,
+        tfinal: int = 0,
+        deltaT: int = 1,  # noqa: N803 (PEFT's name)
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        orth_reg_weight: float = 0.5,
+    ) -> Pipeline:
+        """Train AdaLoRA: LoRA whose rank budget shrinks from ``init_r`` to an average of ``target_r`` per layer,
+        keeping the most important singular directions. See :class:`lorakit.methods.AdaLoraSpec`.
+
+        The schedule is counted in optimizer steps: ``tinit`` warm-up steps at full rank, then the budget
+        shrinks until ``tfinal`` steps before the end. ``train()`` fills in the run's step count from the data
+        and :meth:`with_training`; ``tinit + tfinal`` must be less than it.
+        """
+        return self._with_method(
+            AdaLoraSpec(
+                init_r=init_r,
+                target_r=target_r,
+                alpha=alpha,
+                dropout=dropout,
+                targets=targets,
+                tinit=tinit,
+                tfinal=tfinal,
+                deltaT=deltaT,
+                beta1=beta1,
+                beta2=beta2,
+                orth_reg_weight=orth_reg_weight,
+            )
+        )
+
+    def full_finetune(self) -> Pipeline:
+        """Train the model's own weights, all of them, with no adapter (needs memory for the weights, their
+        gradients and two optimizer states). The run directory then holds the whole model.
+
+        After :meth:`freeze` this keeps the freeze (``freeze()`` already means full fine-tuning of the unfrozen
+        part). Cannot be combined with ``quantize_4bit()`` / ``quantize_8bit()``.
+        """
+        if isinstance(self.method, FullSpec):
+            return self
+        return self._with_method(FullSpec())
+
+    def freeze(
+        self,
+        train_last_n_layers: int | None = None,
+        *,
+        modules: tuple[str, ...] | None = None,
+        final_norm: bool = True,
+    ) -> Pipeline:
+        """Full fine-tuning of part of the model: everything else keeps ``requires_grad=False``.
+
+        Pass exactly one of ``train_last_n_layers`` (the last N decoder layers, plus the final norm unless
+        ``final_norm=False``) or ``modules`` (module names, full or their last parts: ``("lm_head",)``,
+        ``("layers.1.mlp", "norm")``). N is checked against the model's layer count when the plan is made or
+        training starts. There is no adapter: the run saves the whole model, as :meth:`full_finetune`. To put
+        LoRA on some layers only, use ``with_lora(layers=..., targets=...)`` instead.
+        """
+        if (train_last_n_layers is None) == (modules is None):
+            raise ConfigError(
+                "freeze() takes exactly one of train_last_n_layers=N or modules=(...), got "
+                f"train_last_n_layers={train_last_n_layers!r}, modules={modules!r}. "
+                "Example: freeze(train_last_n_layers=2) or freeze(modules=('lm_head',))."
+            )
+        return self._with_method(
+            FullSpec(train_last_n_layers=train_last_n_layers, modules=modules, final_norm=final_norm)
+        )
 
     def with_method(self, name: str, **options: Any) -> Pipeline:
         """Train the registered adapter method ``name`` with ``options`` (see ``lorakit.methods.METHODS``)."""
@@ -438,9 +537,15 @@ class Pipeline:
 
     def _with_method(self, spec: MethodSpec) -> Pipeline:
         if self.method is not None and self.method.name != spec.name:
+            hint = ""
+            if "full" in (spec.name, self.method.name):
+                hint = (
+                    " freeze() and full_finetune() train the model's own weights without an adapter; to train "
+                    "LoRA on some layers only, use with_lora(layers=..., targets=...)."
+                )
             raise ConfigError(
-                f"with_{spec.name}() conflicts with the earlier with_{self.method.name}(): a run trains one "
-                "adapter method. Remove one of the two calls."
+                f"{_call_name(spec)} conflicts with the earlier {_call_name(self.method)}: a run trains one "
+                f"adapter method. Remove one of the two calls.{hint}"
             )
         return attrs.evolve(self, method=spec)
 
@@ -451,6 +556,27 @@ class Pipeline:
                 "quantized one way. Remove one of the two calls."
             )
         return attrs.evolve(self, quant=spec)
+
+    def __attrs_post_init__(self) -> None:
+        # Rules between calls run on every new pipeline, so they fail at whichever call comes second
+        # (and when a config file is read).
+        method, quant = self.method, self.quant
+        if isinstance(method, FullSpec) and quant is not None:
+            raise ConfigError(
+                f"{_call_name(method)} cannot be combined with {quant.method_name}: bitsandbytes weights are "
+                "frozen integers that full fine-tuning cannot update. Drop the quantization to fine-tune the "
+                f"weights, or keep it and train an adapter on the quantized base with with_lora() (QLoRA)."
+            )
+        if isinstance(method, AdaLoraSpec):
+            max_steps = self.training.max_steps
+            if max_steps is not None:
+                method.check_steps(max_steps)
+            elif self.data is not None and not _has_known_length(self.data.source):
+                raise ConfigError(
+                    f"with_adalora() needs the run's number of optimizer steps, and the rows of "
+                    f"{type(self.data.source).__name__} cannot be counted in advance. Set "
+                    "with_training(max_steps=...)."
+                )
 
     # --- resolved views -----------------------------------------------------------------------------------
 

@@ -86,24 +86,36 @@ def _linear_module_names(model: Any) -> list[str]:
 
 
 def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
-    """Build the model on the meta device, apply the adapter, and return (peft model, base param count)."""
+    """Build the model on the meta device, apply the method, and return (model, base param count).
+
+    The model is a PEFT model for adapter methods; for full fine-tuning (``FullSpec``) it is the plain model with
+    ``requires_grad`` set as training will set it (``freeze()`` errors, e.g. too many layers, raise here).
+    """
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from lorakit.methods.full import FullSpec, apply_freeze
 
     assert pipeline.model is not None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=pipeline.model.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     linear = _linear_module_names(model)
+    method = pipeline.resolved_method
+    if isinstance(method, FullSpec):
+        apply_freeze(model, method)
+        return model, total
     try:
-        method = pipeline.resolved_method
         meta_config = getattr(method, "meta_peft_config", method.to_peft_config)
         peft_model = get_peft_model(model, meta_config())
+        for name, param in peft_model.named_parameters():
+            if ".ranknum." in name:  # AdaLoRA's rank constant; moving it to the meta device made it trainable
+                param.requires_grad = False
     except ValueError as error:
         if "not found in the base model" in str(error) or "Target modules" in str(error):
             raise ConfigError(
-                f"with_lora(targets={pipeline.resolved_method.to_dict().get('targets')!r}) matches no module of "
+                f"with_{method.name}(targets={method.to_dict().get('targets')!r}) matches no module of "
                 f"{pipeline.model.name_or_path}. Its linear modules are: {', '.join(linear)}. "
                 "Use targets='all-linear' or names from that list."
             ) from error
@@ -113,6 +125,8 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
 
 def make_plan(pipeline: Pipeline) -> Plan:
     from lorakit.data import count_rows
+    from lorakit.methods.adalora import AdaLoraSpec
+    from lorakit.methods.full import FullSpec, trained_modules
     from lorakit.models import device_kind, load_model_config, resolve_precision
     from lorakit.templates import get_template
 
@@ -123,6 +137,10 @@ def make_plan(pipeline: Pipeline) -> Plan:
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     targeted = getattr(peft_model, "targeted_module_names", None) or []  # prompt-based methods target none
     targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in targeted}))
+    method_spec = pipeline.resolved_method
+    if isinstance(method_spec, FullSpec):  # no adapter: the modules trained in full
+        targets = tuple(name or "all parameters" for name in trained_modules(peft_model, method_spec))
+    base_model = peft_model if isinstance(method_spec, FullSpec) else peft_model.base_model.model
 
     train_rows = val_rows = per_epoch = total_steps = None
     template = "-"
@@ -138,6 +156,8 @@ def make_plan(pipeline: Pipeline) -> Plan:
             max_steps=t.max_steps,
         )
         template = getattr(get_template(spec.template), "name", type(spec.template).__name__)
+        if isinstance(method_spec, AdaLoraSpec):  # its schedule must fit in the run
+            method_spec.check_steps(total_steps)
 
     quant = pipeline.quant
     quant_text = "none"
@@ -149,7 +169,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
         )
     return Plan(
         model=pipeline.model.name_or_path,
-        architecture=type(peft_model.base_model.model).__name__,
+        architecture=type(base_model).__name__,
         method=pipeline.resolved_method.describe() + ("" if pipeline.method is not None else " (default)"),
         quantization=quant_text,
         target_modules=targets,

@@ -73,6 +73,35 @@ def _metrics_log_callback(path: Path) -> Any:
     return MetricsLog()
 
 
+def _with_orth_regularization(base: type) -> type:
+    """``base`` with AdaLoRA's orthogonality penalty added to the training loss.
+
+    PEFT adds it to ``outputs.loss`` in ``AdaLoraModel.forward``, but SFTTrainer computes the loss from the
+    per-token log-probabilities and never reads ``outputs.loss``, so the penalty would be lost.
+    """
+    from lorakit.methods.adalora import orth_regularization
+
+    class AdaLoraTrainer(base):  # type: ignore[misc, valid-type]
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training:
+                return result
+            penalty = orth_regularization(self.accelerator.unwrap_model(model))
+            if penalty is None:
+                return result
+            # With num_items_in_batch the loss of a micro-batch is a share of the accumulated step's loss.
+            if num_items_in_batch is not None:
+                penalty = penalty / self.current_gradient_accumulation_steps
+            if return_outputs:
+                loss, outputs = result
+                return loss + penalty, outputs
+            return result + penalty
+
+    return AdaLoraTrainer
+
+
 def _source_for_config(source: Any, output_dir: Path) -> str:
     """A path that reloads the training rows: the file itself, or a copy of in-memory rows in the run."""
     if isinstance(source, str):
@@ -123,6 +152,8 @@ def run_training(
         quantization_storage,
         training_arguments,
     )
+    from lorakit.methods.adalora import AdaLoraSpec, rank_allocation_callback
+    from lorakit.methods.full import FullSpec, apply_freeze
     from lorakit.models import (
         device_kind,
         load_base_model,
@@ -132,7 +163,7 @@ def run_training(
         resolve_precision,
         torch_dtype,
     )
-    from lorakit.plan import apply_method_on_meta
+    from lorakit.plan import apply_method_on_meta, steps_for
     from lorakit.provenance import write_provenance
     from lorakit.templates import get_template
 
@@ -179,6 +210,21 @@ def run_training(
             "Data preparation: " + " ".join(problems) + " See the data report in lorakit_run.json.",
             stacklevel=3,
         )
+    # The method's PEFT config (None: full fine-tuning). AdaLoRA's schedule needs the run's step count, counted
+    # from the tokenized rows the way the Trainer counts it; a schedule that does not fit fails here.
+    method = pipeline.resolved_method
+    if isinstance(method, AdaLoraSpec):
+        _, total_steps = steps_for(
+            len(prepared.train),
+            batch_size=train_spec.batch_size,
+            grad_accum=train_spec.grad_accum,
+            epochs=train_spec.epochs,
+            max_steps=train_spec.max_steps,
+            world_size=max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1),
+        )
+        peft_config = method.to_peft_config(total_step=total_steps)
+    else:
+        peft_config = method.to_peft_config()
     collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
     collator = collator_class(pad_token_id=tokenizer.pad_token_id)
     # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
@@ -199,6 +245,8 @@ def run_training(
     )
     if pipeline.quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+    if isinstance(method, FullSpec):  # no adapter: the model's own weights train, all or the unfrozen part
+        apply_freeze(model, method)
 
     # 4. TRL's SFTTrainer with our tokenized rows (labels already masked) and a pad-only collator.
     has_val = prepared.val is not None and len(prepared.val) > 0
@@ -252,15 +300,21 @@ def run_training(
     tracker_callbacks, close_tracker = tracker.callbacks, tracker.close
     hooks = ckpt.training_hooks(pipeline, prepared.val if has_val else None, tokenizer, template, tracker)
     set_seed(train_spec.seed)
-    trainer = ckpt.trainer_class(lorakit_trainer(SFTTrainer))(
+    trainer_class = ckpt.trainer_class(lorakit_trainer(SFTTrainer))
+    method_callbacks: list[Any] = []
+    if isinstance(method, AdaLoraSpec):
+        trainer_class = _with_orth_regularization(trainer_class)
+        method_callbacks.append(rank_allocation_callback())
+    trainer = trainer_class(
         model=model,
         args=args,
         data_collator=collator,
         train_dataset=prepared.train,
         eval_dataset=prepared.val if has_val else None,
         processing_class=tokenizer,
-        peft_config=pipeline.resolved_method.to_peft_config(),
+        peft_config=peft_config,
         callbacks=[
+            *method_callbacks,
             _metrics_log_callback(output_dir / METRICS_LOG),
             *tracker_callbacks,
             *hooks.callbacks,
@@ -304,7 +358,12 @@ def run_training(
     if not main:  # the run directory is written by the main process only
         del trainer, model
         return TrainResult(output_dir=output_dir, metrics=metrics, data_report=prepared.report.to_dict())
-    trainer.model.save_pretrained(str(output_dir))
+    with warnings.catch_warnings():
+        # AdaLoRA layers whose whole rank budget moved elsewhere are saved with rank 0; PEFT takes zero-sized
+        # tensors for unsharded ZeRO-3 / FSDP parameters and warns, wrongly here.
+        if isinstance(method, AdaLoraSpec):
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
+        trainer.model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     config = pipeline.to_config()
     config["data"]["source"] = _source_for_config(data_spec.source, output_dir)

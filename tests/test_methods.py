@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import lorakit as lk
 from lorakit.errors import ConfigError
-from lorakit.methods import METHODS, Ia3Spec, LoraSpec, PromptTuningSpec, method_from_dict, register_method
+from lorakit.methods import (
+    METHODS,
+    AdaLoraSpec,
+    FullSpec,
+    Ia3Spec,
+    LoraSpec,
+    PromptTuningSpec,
+    method_from_dict,
+    register_method,
+)
+from lorakit.methods.adalora import orth_regularization, rank_pattern_sizes
 
 ROWS = [
     {"instruction": "Say hello.", "input": "", "output": "hello world"},
@@ -34,7 +46,15 @@ VARIANTS = {
     "ia3_generic": lambda p: p.with_method(
         "ia3", targets=("v_proj", "down_proj"), feedforward=("down_proj",)
     ),
+    # 3 steps: step 0 and 1 warm up at rank 4 (tinit=1), step 2 = total_step - tfinal fixes the budget at 2 per layer.
+    "adalora": lambda p: p.with_adalora(init_r=4, target_r=2, alpha=8, dropout=0.0, tinit=1, tfinal=1),
+    "full": lambda p: p.full_finetune(),
+    "freeze_layers": lambda p: p.freeze(train_last_n_layers=1),
+    "freeze_modules": lambda p: p.freeze(modules=("lm_head", "layers.0.mlp")).full_finetune(),
 }
+
+FULL = {"full", "freeze_layers", "freeze_modules"}
+"""Variants without an adapter: the run directory holds the whole model."""
 
 
 def _pipeline(model_dir, variant):
@@ -86,15 +106,30 @@ def test_plan_trainable_count_equals_the_trained_model(run):
 
 
 def test_adapter_changes_and_base_does_not(run):
-    _, _, _, watch = run
+    variant, _, _, watch = run
     changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
     assert changed, "no weight changed"
     assert changed <= watch.grad, f"frozen weights changed: {sorted(changed - watch.grad)[:3]}"
     assert changed & watch.grad
+    if variant in FULL:  # every trained weight moved; every frozen one is bit-identical (checked above)
+        assert changed == watch.grad
+    if variant == "full":
+        assert changed == set(watch.before)
+    if variant == "freeze_layers":
+        assert changed == {
+            n for n in watch.before if n.startswith("model.layers.1.") or n == "model.norm.weight"
+        }
+    if variant == "freeze_modules":
+        assert changed == {"lm_head.weight"} | {
+            n for n in watch.before if n.startswith("model.layers.0.mlp.")
+        }
 
 
 def test_reload_and_merge_give_equal_logits(run):
     _, _, result, watch = run
+    if run[0] in FULL:
+        _check_full_run_reloads(result.output_dir, watch)
+        return
     ours = lk.InferenceModel.load(result.output_dir)
     ids = ours.encode({"instruction": "Say hello.", "input": ""})
     reloaded = _logits(ours.model, ids)
@@ -112,6 +147,118 @@ def test_reload_and_merge_give_equal_logits(run):
     assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
 
 
+def _check_full_run_reloads(run_dir, watch):
+    """A full fine-tuning run directory is a plain model: lorakit and transformers load it, nothing to merge."""
+    from transformers import AutoModelForCausalLM
+
+    ours = lk.InferenceModel.load(run_dir)
+    assert ours.is_merged and ours.template.name == "alpaca"
+    torch.testing.assert_close(_logits(ours.model, IDS), watch.logits, atol=1e-5, rtol=1e-4)
+    assert ours.merge() is ours  # nothing to fold in: the trained weights are the model
+    plain = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    torch.testing.assert_close(_logits(plain, IDS), watch.logits, atol=1e-5, rtol=1e-4)
+    base_dir = lk.Pipeline.from_config(run_dir).model.name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    assert (_logits(base, IDS) - watch.logits).abs().max() > 1e-2  # training changed the model
+    assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
+    assert json.loads((run_dir / "lorakit_run.json").read_text())["pipeline"]["method"]["name"] == "full"
+    assert not (run_dir / "adapter_config.json").exists()
+    with pytest.raises(ConfigError, match="is a full fine-tuning run.*InferenceModel.load"):
+        lk.InferenceModel.from_model(base_dir, template="alpaca").load_adapter(run_dir)
+
+
+@pytest.mark.parametrize("run", ["adalora"], indirect=True)
+def test_adalora_reallocates_the_rank_budget(run):
+    _, pipe, result, _ = run
+    saved = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert saved["total_step"] == pipe.plan().total_steps == 3  # filled in from the plan's step count
+    ranks = rank_pattern_sizes(saved["rank_pattern"])
+    assert len(ranks) == 14  # 7 linear modules x 2 layers
+    assert sum(ranks.values()) == 2 * len(ranks)  # the budget: target_r per module on average
+    assert set(ranks.values()) != {4}, "no module lost rank"
+    assert len(set(ranks.values())) > 1, "the budget was not re-allocated between modules"
+    model = lk.InferenceModel.load(result.output_dir).model  # reloaded modules have the allocated ranks
+    for name, param in model.named_parameters():
+        if ".lora_E." in name:
+            module = name.split("base_model.model.", 1)[1].split(".lora_E.")[0]
+            assert param.shape[0] == ranks[f"{module}.lora_E"]
+
+
+def test_adalora_schedule_follows_the_trainers_step_count():
+    from types import SimpleNamespace
+
+    from lorakit.methods.adalora import rank_allocation_callback
+
+    config = AdaLoraSpec(tinit=1, tfinal=1).to_peft_config(total_step=10)
+    calls = []
+    adalora = SimpleNamespace(
+        peft_config={"default": config}, trainable_adapter_name="default", update_and_allocate=calls.append
+    )
+    model = SimpleNamespace(base_model=adalora)
+    callback = rank_allocation_callback()
+    callback.on_train_begin(None, SimpleNamespace(max_steps=10), None, model=model)
+    assert config.total_step == 10
+    with pytest.warns(UserWarning, match="has 12 optimizer steps, not the 10 lorakit counted"):
+        callback.on_train_begin(None, SimpleNamespace(max_steps=12), None, model=model)
+    assert config.total_step == 12
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="less than the run's 2 optimizer steps"):
+        callback.on_train_begin(None, SimpleNamespace(max_steps=2), None, model=model)
+    callback.on_optimizer_step(None, SimpleNamespace(global_step=4), None, model=model)
+    assert calls == [4]
+    with pytest.raises(ConfigError, match="not an AdaLoRA PeftModel"):
+        callback.on_optimizer_step(None, SimpleNamespace(global_step=4), None, model=SimpleNamespace())
+
+
+def test_adalora_adds_the_orthogonality_penalty_sftrainer_drops(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from lorakit.collate import PadCollator
+    from lorakit.training import _with_orth_regularization
+
+    rows = Dataset.from_list([{"input_ids": [1, 5, 9, 13, 17], "labels": [-100, 5, 9, 13, 17]}])
+    collate = PadCollator(pad_token_id=2)
+    losses = {}
+    for name, trainer_class in (("sft", SFTTrainer), ("ours", _with_orth_regularization(SFTTrainer))):
+        torch.manual_seed(0)
+        trainer = trainer_class(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            args=SFTConfig(
+                str(tmp_path / name),
+                use_cpu=True,
+                report_to="none",
+                dataset_kwargs={"skip_prepare_dataset": True},
+                remove_unused_columns=False,
+            ),
+            train_dataset=rows,
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            data_collator=collate,
+            peft_config=AdaLoraSpec(init_r=4, target_r=2, dropout=0.0, orth_reg_weight=10.0).to_peft_config(
+                10
+            ),
+        )
+        trainer.model.train()
+        batch = trainer._prepare_inputs(collate([rows[0]]))
+        with torch.no_grad():
+            losses[name] = float(trainer.compute_loss(trainer.model, batch))
+            penalty = float(orth_regularization(trainer.model))
+    assert penalty > 0.1
+    assert losses["ours"] == pytest.approx(losses["sft"] + penalty, rel=1e-5)
+
+
+@pytest.mark.parametrize(("variant", "lr"), [("adalora", 5e-2), ("full", 1e-2), ("freeze_layers", 1e-2)])
+def test_loss_falls_when_over_fitting(tiny_model_dir, tmp_path, variant, lr):
+    pipe = _pipeline(tiny_model_dir, variant).with_training(
+        max_steps=15, lr=lr, batch_size=4, logging_steps=1, warmup_ratio=0.0, scheduler="constant"
+    )
+    result = pipe.train(tmp_path / variant)
+    log = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == 15
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_config_round_trip(tiny_model_dir, variant):
     pipe = _pipeline(tiny_model_dir, variant)
@@ -123,6 +270,7 @@ def test_config_round_trip(tiny_model_dir, variant):
 def test_registry_rejects_duplicates_and_holds_the_methods():
     assert METHODS["lora"] is LoraSpec and METHODS["ia3"] is Ia3Spec
     assert METHODS["prompt_tuning"] is PromptTuningSpec
+    assert METHODS["adalora"] is AdaLoraSpec and METHODS["full"] is FullSpec
     with pytest.raises(ConfigError, match="'ia3' is already registered"):
         register_method("ia3", LoraSpec)
 
@@ -143,16 +291,97 @@ def test_describe_lists_the_options():
     assert config.layers_to_transform == [0, 2] and config.modules_to_save == ["lm_head"]
 
 
+def _iterable_rows():
+    from datasets import IterableDataset
+
+    return IterableDataset.from_generator(lambda: iter(ROWS))
+
+
+def test_describe_adalora_and_full():
+    spec = AdaLoraSpec(init_r=6, target_r=3, targets=["q_proj", "v_proj"], tinit=2, tfinal=4, deltaT=2)
+    assert spec.describe() == (
+        "AdaLoRA init_r=6 target_r=3 alpha=32 dropout=0.05 targets=q_proj, v_proj tinit=2 tfinal=4 deltaT=2 "
+        "orth_reg_weight=0.5"
+    )
+    config = spec.to_peft_config(total_step=20)
+    assert (
+        config.init_r,
+        config.target_r,
+        config.total_step,
+        config.tinit,
+        config.tfinal,
+        config.deltaT,
+    ) == (
+        6,
+        3,
+        20,
+        2,
+        4,
+        2,
+    )
+    assert config.target_modules == {"q_proj", "v_proj"} and config.orth_reg_weight == 0.5
+    with pytest.raises(ConfigError, match="needs the run's number of optimizer steps"):
+        spec.to_peft_config()
+    assert FullSpec().describe() == "full fine-tuning (all parameters)"
+    assert FullSpec(train_last_n_layers=2).describe() == (
+        "full fine-tuning of the last 2 decoder layer(s) + final norm; the rest frozen"
+    )
+    assert FullSpec(train_last_n_layers=2, final_norm=False).describe().endswith("layer(s); the rest frozen")
+    assert FullSpec(modules="lm_head").describe() == "full fine-tuning of modules lm_head; the rest frozen"
+    assert FullSpec().to_peft_config() is None and not FullSpec.mergeable
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
+        (lambda p: p.with_adalora(init_r=4, target_r=8), "target_r=8.*exceeds init_r=4.*target_r <= init_r"),
+        (lambda p: p.with_adalora(tinit=-1), r"with_adalora\(tinit=-1\) must be an integer >= 0"),
+        (lambda p: p.with_adalora(beta1=1.0), "beta1.*got 1.0"),
+        (lambda p: p.with_adalora(deltaT=0), "deltaT.*positive integer"),
+        (lambda p: p.with_adalora(targets="q_proj"), r"For one module write targets=\('q_proj',\)"),
+        (
+            lambda p: p.with_adalora(tinit=2, tfinal=1).with_training(max_steps=3),
+            r"tinit=2, tfinal=1\): tinit \+ tfinal must be less than the run's 3 optimizer steps",
+        ),
+        (
+            lambda p: p.with_training(max_steps=3).with_adalora(tinit=3),
+            r"tinit \+ tfinal must be less than the run's 3 .*max_steps",
+        ),
+        (
+            lambda p: p.with_adalora().with_dataset(_iterable_rows()),
+            r"with_adalora\(\) needs the run's number of optimizer steps.*IterableDataset.*max_steps",
+        ),
+        (
+            lambda p: p.full_finetune().quantize_4bit(),
+            r"full_finetune\(\) cannot be combined with quantize_4bit\(\).*Drop the quantization.*with_lora",
+        ),
+        (
+            lambda p: p.quantize_8bit().freeze(train_last_n_layers=1),
+            r"freeze\(train_last_n_layers=1\) cannot be combined with quantize_8bit\(\)",
+        ),
+        (lambda p: p.freeze(), "exactly one of train_last_n_layers=N or modules"),
+        (lambda p: p.freeze(1, modules=("lm_head",)), "exactly one of train_last_n_layers=N or modules"),
+        (lambda p: p.freeze(0), r"train_last_n_layers=0\) must be a positive number"),
+        (lambda p: p.freeze(modules=()), r"modules=\(\)\) must be a non-empty tuple"),
+        (
+            lambda p: p.with_lora().freeze(1),
+            r"freeze\(train_last_n_layers=1\) conflicts with the earlier with_lora\(\).*with_lora\(layers=",
+        ),
+        (
+            lambda p: p.full_finetune().with_ia3(),
+            r"with_ia3\(\) conflicts with the earlier full_finetune\(\)",
+        ),
+        (lambda p: p.with_method("full", rank=4), r"with_method\('full', ...\).*rank.*FullSpec"),
         (lambda p: p.with_lora(init="loftq"), "init='loftq'.*Use init='pissa'"),
         (lambda p: p.with_lora(init="svd"), "init='svd'.*'default', 'gaussian', 'pissa', 'olora'"),
         (lambda p: p.with_lora(layers=(1,)), r"layers=\(1,\)\) needs explicit module names"),
         (lambda p: p.with_lora(layers=(-1,), targets=("q_proj",)), r"layers=\(-1,\).*layer indices >= 0"),
         (lambda p: p.with_ia3(targets=("v_proj",), feedforward=("down_proj",)), "subset of targets"),
         (lambda p: p.with_ia3(targets=()), r"targets=\(\)\) must be a non-empty tuple"),
-        (lambda p: p.with_method("nope"), "Unknown adapter method 'nope'; known: ia3, lora, prompt_tuning"),
+        (
+            lambda p: p.with_method("nope"),
+            "Unknown adapter method 'nope'; known: adalora, full, ia3, lora, prompt_tuning",
+        ),
         (lambda p: p.with_method("ia3", rank=4), r"with_method\('ia3', ...\).*rank.*Ia3Spec"),
         (lambda p: p.with_prompt_tuning(num_virtual_tokens=0), "num_virtual_tokens"),
         (lambda p: p.with_lora().with_ia3(), r"with_ia3\(\) conflicts with the earlier with_lora\(\)"),
@@ -185,4 +414,35 @@ def test_paged_optimizer_needs_cuda_before_weights_load(tiny_model_dir, tmp_path
     monkeypatch.setattr(lorakit.models, "load_base_model", no_weights)
     pipe = _pipeline(tiny_model_dir, "ia3").with_training(optim="paged_adamw_8bit", max_steps=1)
     with pytest.raises(ConfigError, match="optim='paged_adamw_8bit'.*needs a CUDA GPU.*adamw_torch"):
+        pipe.train(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        (
+            lambda p: p.with_adalora(tinit=1, tfinal=1),  # 4 rows, batch 4, 1 epoch: 1 step
+            r"tinit=1, tfinal=1\): tinit \+ tfinal must be less than the run's 1 optimizer steps",
+        ),
+        (
+            lambda p: p.freeze(train_last_n_layers=3),
+            r"train_last_n_layers=3\): the model has 2 decoder layers",
+        ),
+        (lambda p: p.freeze(modules=("head",)), "no module of LlamaForCausalLM is named 'head'.*lm_head"),
+    ],
+)
+def test_step_and_layer_rules_raise_before_weights_load(
+    tiny_model_dir, tmp_path, monkeypatch, variant, message
+):
+    import lorakit.models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the method was checked")
+
+    monkeypatch.setattr(lorakit.models, "load_base_model", no_weights)
+    pipe = variant(lk.Pipeline.from_model(tiny_model_dir)).with_dataset(ROWS, val_split=0.0, max_length=128)
+    pipe = pipe.with_training(epochs=1, batch_size=4)
+    with pytest.raises(ConfigError, match=message):
+        pipe.plan()
+    with pytest.raises(ConfigError, match=message):
         pipe.train(tmp_path / "run")

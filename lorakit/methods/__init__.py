@@ -1,7 +1,8 @@
 """Adapter methods: one module per method, one registry dict.
 
-A method is a frozen attrs spec with a ``name``, ``to_peft_config()`` that builds the PEFT config, ``mergeable``
-(whether its weights fold into the base), and ``to_dict()``. ``METHODS`` maps the name to the spec class so a run
+A method is a frozen attrs spec with a ``name``, ``to_peft_config()`` that builds the PEFT config (``None`` for
+full fine-tuning, which trains the model itself), ``mergeable`` (whether its weights fold into the base; a full
+fine-tuning run has nothing to fold), and ``to_dict()``. ``METHODS`` maps the name to the spec class so a run
 config can rebuild it.
 """
 
@@ -10,12 +11,16 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from lorakit.errors import ConfigError
+from lorakit.methods.adalora import AdaLoraSpec
+from lorakit.methods.full import FullSpec
 from lorakit.methods.ia3 import Ia3Spec
 from lorakit.methods.lora import LoraSpec
 from lorakit.methods.prompt_tuning import PromptTuningSpec
 
 __all__ = [
     "METHODS",
+    "AdaLoraSpec",
+    "FullSpec",
     "Ia3Spec",
     "LoraSpec",
     "MethodSpec",
@@ -63,3 +68,5 @@ def method_from_dict(data: dict[str, Any]) -> MethodSpec:
 register_method("lora", LoraSpec)
 register_method("ia3", Ia3Spec)
 register_method("prompt_tuning", PromptTuningSpec)
+register_method("adalora", AdaLoraSpec)
+register_method("full", FullSpec)

@@ -12,7 +12,7 @@ from lorakit.errors import ConfigError
 __all__ = ["LoraSpec"]
 
 
-def _to_targets(value: Any) -> Any:
+def to_targets(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(value)
     return value
@@ -37,6 +37,22 @@ def _to_names(value: Any) -> Any:
     return value
 
 
+def check_targets(value: Any) -> None:
+    """``targets`` is ``"all-linear"`` or a non-empty tuple of module names (shared by LoRA and AdaLoRA)."""
+    if value == "all-linear":
+        return
+    if isinstance(value, str):
+        raise ConfigError(
+            f"`targets` must be 'all-linear' or a tuple of module names, got {value!r}. "
+            f"For one module write targets=({value!r},)."
+        )
+    if not isinstance(value, tuple) or not value or not all(isinstance(t, str) and t for t in value):
+        raise ConfigError(
+            f"`targets` must be 'all-linear' or a non-empty tuple of module names, got {value!r}. "
+            "Example: targets=('q_proj', 'v_proj')."
+        )
+
+
 @attrs.frozen
 class LoraSpec:
     """LoRA hyper-parameters; ``to_peft_config()`` builds the ``peft.LoraConfig``."""
@@ -50,7 +66,7 @@ class LoraSpec:
     """Scaling numerator: the update is multiplied by ``alpha / r``."""
     dropout: float = attrs.field(default=0.05, validator=number_in(0.0, 1.0, high_open=True))
     """Dropout on the adapter input."""
-    targets: str | tuple[str, ...] = attrs.field(default="all-linear", converter=_to_targets)
+    targets: str | tuple[str, ...] = attrs.field(default="all-linear", converter=to_targets)
     """``"all-linear"`` (every linear layer but the output head) or a tuple of module names, e.g. ("q_proj", "v_proj")."""
     bias: str = attrs.field(default="none", validator=one_of(("none", "all", "lora_only")))
     """Which biases to train."""
@@ -91,18 +107,7 @@ class LoraSpec:
 
     @targets.validator
     def _check_targets(self, attribute: attrs.Attribute, value: Any) -> None:
-        if value == "all-linear":
-            return
-        if isinstance(value, str):
-            raise ConfigError(
-                f"`targets` must be 'all-linear' or a tuple of module names, got {value!r}. "
-                f"For one module write targets=({value!r},)."
-            )
-        if not isinstance(value, tuple) or not value or not all(isinstance(t, str) and t for t in value):
-            raise ConfigError(
-                f"`targets` must be 'all-linear' or a non-empty tuple of module names, got {value!r}. "
-                "Example: targets=('q_proj', 'v_proj')."
-            )
+        check_targets(value)
 
     def __attrs_post_init__(self) -> None:
         if self.layers is not None and self.targets == "all-linear":
