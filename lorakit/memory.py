@@ -20,12 +20,16 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryEstimate", "estimate_memory", "format_bytes", "measured_weight_bytes"]
 
-# Activation bytes per token and hidden unit of one decoder layer, with every linear layer carrying LoRA, in
-# units of the activation element size: the tensors autograd saves for the backward pass, measured with
-# ``torch.autograd.graph.saved_tensors_hooks`` on the tiny Llama and SmolLM2-135M in fp32 on CPU
-# (``bench/plan_memory.py``; docs/memory.md has the table).
-LAYER_FACTOR = 34.0
-# Bytes per token and vocabulary entry, in units of 4 bytes: the fp32 logits and the log-softmax the loss saves.
+# Activation values one decoder layer saves for the backward pass, per token: LAYER_PER_HIDDEN per hidden
+# unit + LAYER_PER_INTERMEDIATE per MLP unit + LAYER_PER_KV per key/value unit, with LoRA (dropout 0.05) on
+# every linear layer. Fitted to the bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``) for
+# three Llama shapes in fp32 on CPU -- the tiny test model, SmolLM2-135M and a 128/512 one -- and checked on a
+# fourth (96/256, 3 layers): 3.6% over. ``bench/plan_memory.py`` measures; docs/memory.md has the table.
+LAYER_PER_HIDDEN = 17.4
+LAYER_PER_INTERMEDIATE = 4.5
+LAYER_PER_KV = 2.0
+# fp32 values per token and vocabulary entry: the logits (held by the model output) and the log-softmax the
+# cross-entropy saves (measured: exactly one saved vocabulary-sized tensor).
 LOGITS_FACTOR = 2.0
 # 4-bit blocks (bitsandbytes ``Params4bit`` default) and the second-level blocks of double quantization.
 BLOCKSIZE_4BIT = 64
@@ -250,23 +254,42 @@ def activation_bytes(
     *,
     tokens: int,
     hidden: int,
+    intermediate: int,
+    kv: int,
     layers: int,
     vocab: int,
     grad_checkpointing: bool,
     element_bytes: int = 4,
 ) -> int:
-    """Bytes saved for the backward pass of ``tokens`` tokens (batch x sequence length).
+    """Bytes held for the backward pass of ``tokens`` tokens (batch x sequence length).
 
-    Without checkpointing every layer keeps ``LAYER_FACTOR`` activation values per token and hidden unit; with
-    it, each layer keeps its input and one layer at a time is recomputed. The loss keeps ``LOGITS_FACTOR`` fp32
-    values per token and vocabulary entry (the logits and their log-softmax).
+    Without checkpointing every layer keeps ``LAYER_PER_HIDDEN * hidden + LAYER_PER_INTERMEDIATE *
+    intermediate + LAYER_PER_KV * kv`` values per token; with it each layer keeps only its input and one layer at
+    a time is recomputed during the backward pass. The loss keeps ``LOGITS_FACTOR`` fp32 values per token and
+    vocabulary entry.
     """
-    per_layer = LAYER_FACTOR * tokens * hidden * element_bytes
+    per_token = LAYER_PER_HIDDEN * hidden + LAYER_PER_INTERMEDIATE * intermediate + LAYER_PER_KV * kv
+    per_layer = per_token * tokens * element_bytes
     if grad_checkpointing:
         layer_part = layers * tokens * hidden * element_bytes + per_layer
     else:
         layer_part = layers * per_layer
     return int(layer_part + LOGITS_FACTOR * tokens * vocab * 4)
+
+
+def activation_shape(config: Any) -> dict[str, int]:
+    """hidden, intermediate, kv (key/value width), layers and vocab of a model config (its text part)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return {
+        "hidden": hidden,
+        "intermediate": getattr(text, "intermediate_size", None) or 4 * hidden,
+        "kv": (getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        "layers": text.num_hidden_layers,
+        "vocab": text.vocab_size,
+    }
 
 
 # --- the estimate -------------------------------------------------------------------------------------------
@@ -323,12 +346,9 @@ def estimate_memory(pipeline: Pipeline, peft_model: Any, config: Any, *, precisi
     if pipeline.data is None:
         notes.append(f"sequence length {seq_len} (DataSpec default) until with_dataset(max_length=...)")
     grad_ckpt = train.grad_checkpointing if train.grad_checkpointing is not None else device == "cuda"
-    text = getattr(config, "get_text_config", lambda: config)()
     activations = activation_bytes(
         tokens=train.batch_size * seq_len,
-        hidden=text.hidden_size,
-        layers=text.num_hidden_layers,
-        vocab=text.vocab_size,
+        **activation_shape(config),
         grad_checkpointing=grad_ckpt,
         element_bytes=4 if precision == "fp32" else 2,
     )
