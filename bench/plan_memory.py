@@ -12,9 +12,11 @@ loading anything. Ratios are estimate / measured.
 Activations: a LoRA model (lorakit's default LoRA, all linear layers) in fp32 runs one forward and backward on
 random token ids with labels, in its own process, after a short warm-up step. Measured: the bytes of the tensors
 autograd saves for the backward pass (``torch.autograd.graph.saved_tensors_hooks``, each storage once,
-parameters excluded), split into the decoder layers' and the loss's (last dimension = vocabulary), and the
-growth of peak RSS during the step over the RSS before it (activations plus transient buffers of the
-backward). ``LAYER_FACTOR`` / ``LOGITS_FACTOR`` in ``lorakit/memory.py`` come from the saved bytes.
+parameters excluded), split into the decoder layers' and the loss's (last dimension = vocabulary); the peak of
+live allocated bytes during the step (torch profiler memory events replayed in time order: activations plus
+the backward's transient buffers); and the growth of peak RSS over the RSS before the step (also what the
+allocator keeps). The ``LAYER_PER_*`` / ``LOGITS_FACTOR`` constants in ``lorakit/memory.py`` come from the
+saved bytes.
 Results: ``bench/results/plan_memory.json``.
 """
 
@@ -151,8 +153,19 @@ def activations_worker(path: str, batch: int, seq: int, grad_ckpt: bool) -> dict
     step(batch, 32, None)  # warm-up: kernels, allocator pools, gradient buffers
     record = {"layers": 0, "logits": 0}
     before, peak_before = _rss(), _peak_rss()
-    step(batch, seq, record)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        step(batch, seq, record)
     peak = _peak_rss()
+    # The allocator's view: replay the profiler's allocation / free events in time order.
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak_allocated = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak_allocated = max(peak_allocated, live)
     text = model.config.get_text_config()
     return {
         "batch": batch,
@@ -163,9 +176,9 @@ def activations_worker(path: str, batch: int, seq: int, grad_ckpt: bool) -> dict
         "vocab": vocab,
         "saved_layers_bytes": record["layers"],
         "saved_logits_bytes": record["logits"],
-        "peak_rss_above_start_bytes": peak - before,
-        # False: the process peaked earlier (loading), so the growth above is a lower bound.
-        "peak_is_from_step": peak > peak_before,
+        "peak_allocated_bytes": peak_allocated,
+        # None when the process peaked earlier (while loading) than in the step.
+        "peak_rss_growth_bytes": peak - before if peak > peak_before else None,
     }
 
 
@@ -215,9 +228,7 @@ def activation_rows(name: str, path: str) -> list[dict[str, Any]]:
             estimate_bytes=estimate,
             held_bytes=held,
             ratio_to_held=round(estimate / held, 3),
-            ratio_to_peak_rss_growth=round(estimate / m["peak_rss_above_start_bytes"], 3)
-            if m["peak_rss_above_start_bytes"] > 0
-            else None,
+            ratio_to_peak_allocated=round(estimate / m["peak_allocated_bytes"], 3),
         )
         rows.append(m)
         print(json.dumps(m), flush=True)
@@ -238,16 +249,17 @@ def table(weights: list[dict[str, Any]], activations: list[dict[str, Any]]) -> s
     if activations:
         lines.append("")
         lines.append(
-            f"{'model':8} {'shape':>9} {'gc':>3} {'held MB':>9} {'estimate MB':>12} {'peak RSS +MB':>13} "
-            f"{'est/held':>9} {'est/peak':>9}"
+            f"{'model':8} {'shape':>9} {'gc':>3} {'held MB':>9} {'estimate MB':>12} {'peak alloc MB':>14} "
+            f"{'peak RSS +MB':>13} {'est/held':>9} {'est/peak alloc':>15}"
         )
         for r in activations:
             shape = f"{r['batch']}x{r['seq']}"
+            rss = r["peak_rss_growth_bytes"]
             lines.append(
                 f"{r['model']:8} {shape:>9} {'on' if r['grad_checkpointing'] else 'off':>3} "
                 f"{r['held_bytes'] / 1e6:9.1f} {r['estimate_bytes'] / 1e6:12.1f} "
-                f"{r['peak_rss_above_start_bytes'] / 1e6:13.1f} {r['ratio_to_held']:9.3f} "
-                f"{r['ratio_to_peak_rss_growth'] or float('nan'):9.3f}"
+                f"{r['peak_allocated_bytes'] / 1e6:14.1f} {rss / 1e6 if rss else float('nan'):13.1f} "
+                f"{r['ratio_to_held']:9.3f} {r['ratio_to_peak_allocated']:15.3f}"
             )
     return "\n".join(lines)
 

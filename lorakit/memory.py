@@ -135,14 +135,12 @@ def quantized_8bit_bytes(rows: int, cols: int) -> int:
     return rows * cols + 4 * rows
 
 
-def _quantized_linear_types() -> tuple[type, ...]:
-    import torch
-
+def _conv1d_types() -> tuple[type, ...]:
     try:
         from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it
-        return (torch.nn.Linear,)
-    return (torch.nn.Linear, Conv1D)
+    except ImportError:  # pragma: no cover - transformers has it
+        return ()
+    return (Conv1D,)
 
 
 def base_weight_bytes(model: Any, *, float_bytes: int, quant: Any = None) -> int:
@@ -156,13 +154,13 @@ def base_weight_bytes(model: Any, *, float_bytes: int, quant: Any = None) -> int
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     skip = modules_not_quantized(model) if quant is not None else None
-    kinds = _quantized_linear_types()
+    conv1d = _conv1d_types()
     seen: set[int] = set()
     total = 0
     for name, module in model.named_modules():
         quantized = (
             quant is not None
-            and (type(module) is torch.nn.Linear or (kinds[1:] and isinstance(module, kinds[1:])))
+            and (type(module) is torch.nn.Linear or isinstance(module, conv1d))
             and should_convert_module(_original_name(name), skip)
         )
         for pname, param in module.named_parameters(recurse=False):
@@ -295,7 +293,9 @@ def activation_shape(config: Any) -> dict[str, int]:
 # --- the estimate -------------------------------------------------------------------------------------------
 
 
-def estimate_memory(pipeline: Pipeline, peft_model: Any, config: Any, *, precision: str, device: str):
+def estimate_memory(
+    pipeline: Pipeline, peft_model: Any, config: Any, *, precision: str, device: str
+) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of ``pipeline.train()`` from its PEFT model on the meta device.
 
     Args:
