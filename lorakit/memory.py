@@ -18,7 +18,16 @@ import attrs
 if TYPE_CHECKING:
     from lorakit.pipeline import Pipeline
 
-__all__ = ["MemoryEstimate", "estimate_memory", "format_bytes", "measured_weight_bytes"]
+__all__ = [
+    "MemoryEstimate",
+    "activation_bytes",
+    "activation_shape",
+    "base_weight_bytes",
+    "estimate_memory",
+    "format_bytes",
+    "measured_weight_bytes",
+    "optimizer_state_bytes",
+]
 
 # Activation values one decoder layer saves for the backward pass, per token: LAYER_PER_HIDDEN per hidden
 # unit + LAYER_PER_INTERMEDIATE per MLP unit + LAYER_PER_KV per key/value unit, with LoRA (dropout 0.05) on
