@@ -33,7 +33,7 @@ __all__ = [
 # unit + LAYER_PER_INTERMEDIATE per MLP unit + LAYER_PER_KV per key/value unit, with LoRA (dropout 0.05) on
 # every linear layer. Fitted to the bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``) for
 # three Llama shapes in fp32 on CPU -- the tiny test model, SmolLM2-135M and a 128/512 one -- and checked on a
-# fourth (96/256, 3 layers): 3.6% over. ``bench/plan_memory.py`` measures; docs/memory.md has the table.
+# fourth (96/256, 3 layers): 0.7% under. ``bench/plan_memory.py`` measures; docs/memory.md has the table.
 LAYER_PER_HIDDEN = 17.4
 LAYER_PER_INTERMEDIATE = 4.5
 LAYER_PER_KV = 2.0
