@@ -38,6 +38,23 @@ def test_weight_estimate_matches_the_loaded_model(tiny_model_dir, quant):
     assert estimate == measured["total"]  # every tensor the loader allocates, byte for byte
 
 
+@pytest.mark.parametrize("quant", ["none", "nf4+dq", "int8"])
+def test_bf16_weight_estimate_includes_the_kbit_upcast(tiny_model_dir, quant):
+    from peft import prepare_model_for_kbit_training
+
+    pipeline = lk.Pipeline.from_model(tiny_model_dir, dtype="bfloat16")
+    pipeline = {"none": pipeline, "nf4+dq": pipeline.quantize_4bit(), "int8": pipeline.quantize_8bit()}[quant]
+    estimate = pipeline.plan().memory.weights
+    model = _load(pipeline)
+    if quant == "none":
+        assert estimate == measured_weight_bytes(model)["total"]
+        return
+    # train() runs prepare_model_for_kbit_training, which upcasts the unquantized bf16 weights to fp32.
+    loaded = measured_weight_bytes(model)["total"]
+    prepared = measured_weight_bytes(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    assert estimate == prepared["total"] > loaded
+
+
 def test_quantization_shrinks_weights_in_the_expected_order(tiny_model_dir):
     base = lk.Pipeline.from_model(tiny_model_dir)
     weights = {name: make(base).plan().memory.weights for name, make in QUANTS.items()}
