@@ -10,6 +10,7 @@ import attrs
 from lorakit.errors import ConfigError
 
 if TYPE_CHECKING:
+    from lorakit.memory import MemoryEstimate
     from lorakit.pipeline import Pipeline
 
 __all__ = ["Plan", "make_plan", "steps_for"]
@@ -33,6 +34,8 @@ class Plan:
     val_rows: int | None
     steps_per_epoch: int | None
     total_steps: int | None
+    memory: MemoryEstimate | None = None
+    """Bytes of weights, adapter, gradients, optimizer state and activations (``lorakit.memory``)."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -57,6 +60,8 @@ class Plan:
             f"  data             {rows}",
             f"  steps            {steps}",
         ]
+        if self.memory is not None:
+            lines.append(f"  memory           {self.memory.render()}")
         return "\n".join(lines)
 
 
@@ -125,6 +130,7 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
 
 def make_plan(pipeline: Pipeline) -> Plan:
     from lorakit.data import count_rows
+    from lorakit.memory import estimate_memory
     from lorakit.methods.adalora import AdaLoraSpec
     from lorakit.methods.full import FullSpec, trained_modules
     from lorakit.models import device_kind, load_model_config, resolve_precision
@@ -167,6 +173,9 @@ def make_plan(pipeline: Pipeline) -> Plan:
             if quant.bits == 4
             else ""
         )
+    precision = resolve_precision(pipeline.training.precision)
+    device = device_kind()
+    memory = estimate_memory(pipeline, peft_model, config, precision=precision, device=device)
     return Plan(
         model=pipeline.model.name_or_path,
         architecture=type(base_model).__name__,
@@ -175,11 +184,12 @@ def make_plan(pipeline: Pipeline) -> Plan:
         target_modules=targets,
         total_params=total,
         trainable_params=trainable,
-        device=device_kind(),
-        precision=resolve_precision(pipeline.training.precision),
+        device=device,
+        precision=precision,
         template=template,
         train_rows=train_rows,
         val_rows=val_rows,
         steps_per_epoch=per_epoch,
         total_steps=total_steps,
+        memory=memory,
     )

@@ -1,0 +1,390 @@
+"""Memory of a training run, estimated from the model on the meta device (no weights loaded).
+
+The weight bytes follow the storage layout of the loaders exactly: transformers' bitsandbytes integration
+decides which modules stay unquantized, bitsandbytes' ``quantize_4bit`` / ``int8_vectorwise_quant`` decide
+the bytes of each quantized weight and its constants. Gradients and optimizer state follow from the trainable
+parameters and the optimizer. Activations are an estimate per token, calibrated on CPU (see
+``docs/memory.md`` and ``bench/plan_memory.py``). Not modelled: the CUDA context, allocator caching and
+fragmentation, FSDP/ZeRO sharding, temporary buffers of kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from lorakit.pipeline import Pipeline
+
+__all__ = [
+    "MemoryEstimate",
+    "activation_bytes",
+    "activation_shape",
+    "base_weight_bytes",
+    "estimate_memory",
+    "format_bytes",
+    "measured_weight_bytes",
+    "optimizer_state_bytes",
+]
+
+# Activation values one decoder layer saves for the backward pass, per token: LAYER_PER_HIDDEN per hidden
+# unit + LAYER_PER_INTERMEDIATE per MLP unit + LAYER_PER_KV per key/value unit, with LoRA (dropout 0.05) on
+# every linear layer. Fitted to the bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``) for
+# three Llama shapes in fp32 on CPU -- the tiny test model, SmolLM2-135M and a 128/512 one -- and checked on a
+# fourth (96/256, 3 layers): 0.7% under. ``bench/plan_memory.py`` measures; docs/memory.md has the table.
+LAYER_PER_HIDDEN = 17.4
+LAYER_PER_INTERMEDIATE = 4.5
+LAYER_PER_KV = 2.0
+# fp32 values per token and vocabulary entry: the logits (held by the model output) and the log-softmax the
+# cross-entropy saves (measured: exactly one saved vocabulary-sized tensor).
+LOGITS_FACTOR = 2.0
+# 4-bit blocks (bitsandbytes ``Params4bit`` default) and the second-level blocks of double quantization.
+BLOCKSIZE_4BIT = 64
+BLOCKSIZE_NESTED = 256
+# bitsandbytes' 8-bit optimizers: blocks of 256 values with an fp32 absmax; smaller tensors keep fp32 state.
+BLOCKSIZE_OPTIM_8BIT = 256
+MIN_8BIT_SIZE = 4096
+FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def format_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, like ``get_memory_footprint`` users usually print)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@attrs.frozen
+class MemoryEstimate:
+    """Bytes one training process holds, by kind; ``total`` is their sum."""
+
+    weights: int
+    """Frozen base weights and buffers in their stored form (quantized data and constants included)."""
+    adapter: int
+    """Trainable parameters: the adapter, or with full fine-tuning / ``freeze()`` the trained weights."""
+    gradients: int
+    """Gradients of the trainable parameters."""
+    optimizer: int
+    """Optimizer state of the trainable parameters."""
+    activations: int
+    """Tensors saved for the backward pass of one micro-batch of full-length sequences (an estimate)."""
+    batch_size: int
+    """Sequences per micro-batch used for ``activations``."""
+    seq_len: int
+    """Tokens per sequence used for ``activations`` (the data's ``max_length``)."""
+    notes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """The assumptions behind the numbers."""
+    trained_label: str = "adapter"
+    """How :meth:`render` names ``adapter``: ``"trained weights"`` when no adapter is used."""
+    total: int = attrs.field(init=False)
+    """weights + adapter + gradients + optimizer + activations."""
+
+    @total.default
+    def _total(self) -> int:
+        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations
+
+    def render(self) -> str:
+        """One line: ``weights 270.1 MB, adapter 4.9 MB, grads ... = ~359 MB``."""
+        return (
+            f"weights {format_bytes(self.weights)}, {self.trained_label} {format_bytes(self.adapter)}, "
+            f"grads {format_bytes(self.gradients)}, optimizer {format_bytes(self.optimizer)}, "
+            f"activations ~{format_bytes(self.activations)} (batch {self.batch_size} x {self.seq_len}) "
+            f"= ~{format_bytes(self.total)}"
+        )
+
+
+# --- weights ------------------------------------------------------------------------------------------------
+
+# Name parts PEFT inserts around a wrapped module; removed to get the name transformers' loader sees.
+_PEFT_PARTS = (".base_layer", ".original_module")
+
+
+def _original_name(name: str) -> str:
+    for part in _PEFT_PARTS:
+        name = name.replace(part, "")
+    return name.removeprefix("base_model.model.")
+
+
+def modules_not_quantized(model: Any) -> list[str]:
+    """The module names transformers' bitsandbytes loader keeps unquantized (``get_keys_to_not_convert``).
+
+    Tied weights, the last parameter's module and the output embeddings, plus the model class's
+    ``_keep_in_fp32_modules``; lorakit sets no ``llm_int8_skip_modules``. Names are those of the plain model.
+    """
+    skip: set[str] = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    skip |= set(tied) | set(tied.values())
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        skip.add(_original_name(frozen[-1]))
+    output = model.get_output_embeddings()
+    skip |= {_original_name(name) for name, module in model.named_modules() if module is output}
+    skip |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return sorted({key.removesuffix(".weight") for key in skip})
+
+
+def quantized_4bit_bytes(numel: int, *, double_quant: bool) -> int:
+    """Bytes of one weight after ``bitsandbytes.functional.quantize_4bit`` (uint8 storage, blocksize 64).
+
+    Two values per byte; one fp32 absmax per block and the 16-entry fp32 code. Double quantization stores
+    the absmax as uint8 (``quantize_blockwise``, blocks of 256) plus an fp32 offset, one fp32 absmax per 256
+    blocks and its own copy of the 256-entry fp32 dynamic code.
+    """
+    blocks = math.ceil(numel / BLOCKSIZE_4BIT)
+    data = (numel + 1) // 2
+    code = 16 * 4
+    if not double_quant:
+        return data + code + 4 * blocks
+    return data + code + blocks + 4 + 4 * math.ceil(blocks / BLOCKSIZE_NESTED) + 256 * 4
+
+
+def quantized_8bit_bytes(rows: int, cols: int) -> int:
+    """Bytes of one weight after ``int8_vectorwise_quant``: int8 values and one fp32 scale per output row."""
+    return rows * cols + 4 * rows
+
+
+def _conv1d_types() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers has it
+        return ()
+    return (Conv1D,)
+
+
+def base_weight_bytes(model: Any, *, float_bytes: int, quant: Any = None) -> int:
+    """Bytes of the frozen parameters and buffers of ``model`` (meta device is fine) as they will be stored.
+
+    ``float_bytes`` is the element size of unquantized parameters; ``quant`` a :class:`~lorakit.config.QuantSpec`
+    or None. Which linear layers are quantized follows transformers' ``replace_with_bnb_linear``: exactly
+    ``nn.Linear`` (or GPT-2's ``Conv1D``) modules not matched by :func:`modules_not_quantized`.
+    """
+    import torch
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = modules_not_quantized(model) if quant is not None else None
+    conv1d = _conv1d_types()
+    seen: set[int] = set()
+    total = 0
+    for name, module in model.named_modules():
+        quantized = (
+            quant is not None
+            and (type(module) is torch.nn.Linear or isinstance(module, conv1d))
+            and should_convert_module(_original_name(name), skip)
+        )
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen or param.requires_grad:
+                continue
+            seen.add(id(param))
+            if quantized and pname == "weight":
+                if quant.bits == 4:
+                    total += quantized_4bit_bytes(param.numel(), double_quant=quant.double_quant)
+                else:
+                    rows = param.shape[0] if type(module) is torch.nn.Linear else param.shape[1]
+                    total += quantized_8bit_bytes(rows, param.numel() // rows)
+            else:
+                total += param.numel() * float_bytes
+        for buf in module.buffers(recurse=False):
+            if id(buf) not in seen:
+                seen.add(id(buf))
+                total += buf.numel() * buf.element_size()
+    return total
+
+
+def measured_weight_bytes(model: Any) -> dict[str, int]:
+    """Bytes of a loaded model: ``footprint`` is ``model.get_memory_footprint()`` (parameters and buffers), and
+    ``quant_constants`` the bitsandbytes tensors it does not see (4-bit absmax, codes, nested state; 8-bit
+    row scales), each storage counted once; ``total`` is their sum."""
+    import torch
+
+    counted = {
+        t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel() > 0
+    }
+    extra = 0
+
+    def add(tensor: Any) -> None:
+        nonlocal extra
+        if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+            ptr = tensor.untyped_storage().data_ptr()
+            if ptr not in counted:
+                counted.add(ptr)
+                extra += tensor.untyped_storage().nbytes()
+
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            for key in ("absmax", "code", "offset"):
+                add(getattr(state, key, None))
+            if getattr(state, "state2", None) is not None:
+                add(state.state2.absmax)
+                add(state.state2.code)
+        add(getattr(param, "SCB", None))
+    footprint = int(model.get_memory_footprint())
+    return {"footprint": footprint, "quant_constants": extra, "total": footprint + extra}
+
+
+# --- optimizer ----------------------------------------------------------------------------------------------
+
+
+def optimizer_state_bytes(optim: str, shapes: list[tuple[int, ...]], param_bytes: int) -> tuple[int, str]:
+    """Bytes of the optimizer state for trainable tensors of these shapes, and a note on how they were counted.
+
+    AdamW keeps two moments like the parameter; bitsandbytes' 8-bit AdamW two uint8 moments with an fp32
+    absmax per 256 values (tensors under 4096 values keep fp32 moments); Adafactor (transformers' defaults, no
+    first moment) factored second moments of rows + columns; plain SGD (no momentum) nothing.
+    """
+    numels = [math.prod(shape) for shape in shapes]
+    if optim in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+        return 2 * param_bytes * sum(numels), "AdamW: 2 moments per trainable value"
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+        total = 0
+        for n in numels:
+            if n < MIN_8BIT_SIZE:
+                total += 2 * 4 * n
+            else:
+                total += 2 * (n + 4 * math.ceil(n / BLOCKSIZE_OPTIM_8BIT))
+        return total, "8-bit AdamW: uint8 moments + fp32 absmax per 256 (fp32 under 4096 values)"
+    if optim == "adafactor":
+        total = sum(
+            (math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1]) if len(s) >= 2 else math.prod(s) for s in shapes
+        )
+        return 4 * total, "Adafactor: factored second moment, no first moment"
+    if optim == "sgd":
+        return 0, "SGD without momentum: no state"
+    raise ValueError(f"no memory model for optim={optim!r}")
+
+
+# --- activations --------------------------------------------------------------------------------------------
+
+
+def activation_bytes(
+    *,
+    tokens: int,
+    hidden: int,
+    intermediate: int,
+    kv: int,
+    layers: int,
+    vocab: int,
+    grad_checkpointing: bool,
+    element_bytes: int = 4,
+) -> int:
+    """Bytes held for the backward pass of ``tokens`` tokens (batch x sequence length).
+
+    Without checkpointing every layer keeps ``LAYER_PER_HIDDEN * hidden + LAYER_PER_INTERMEDIATE *
+    intermediate + LAYER_PER_KV * kv`` values per token; with it each layer keeps only its input and one layer at
+    a time is recomputed during the backward pass. The loss keeps ``LOGITS_FACTOR`` fp32 values per token and
+    vocabulary entry.
+    """
+    per_token = LAYER_PER_HIDDEN * hidden + LAYER_PER_INTERMEDIATE * intermediate + LAYER_PER_KV * kv
+    per_layer = per_token * tokens * element_bytes
+    if grad_checkpointing:
+        layer_part = layers * tokens * hidden * element_bytes + per_layer
+    else:
+        layer_part = layers * per_layer
+    return int(layer_part + LOGITS_FACTOR * tokens * vocab * 4)
+
+
+def activation_shape(config: Any) -> dict[str, int]:
+    """hidden, intermediate, kv (key/value width), layers and vocab of a model config (its text part)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return {
+        "hidden": hidden,
+        "intermediate": getattr(text, "intermediate_size", None) or 4 * hidden,
+        "kv": (getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        "layers": text.num_hidden_layers,
+        "vocab": text.vocab_size,
+    }
+
+
+# --- the estimate -------------------------------------------------------------------------------------------
+
+
+def estimate_memory(
+    pipeline: Pipeline, peft_model: Any, config: Any, *, precision: str, device: str
+) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of ``pipeline.train()`` from its PEFT model on the meta device.
+
+    Args:
+        pipeline: the pipeline (its quantization, optimizer, batch size and data ``max_length`` are used).
+        peft_model: the model with the adapter applied, on the meta device (``plan.apply_method_on_meta``).
+        config: the model's ``PretrainedConfig``.
+        precision: the resolved training precision (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        device: ``"cuda"`` or ``"cpu"``.
+    """
+    from lorakit.config import DataSpec
+
+    quant, spec, train = pipeline.quant, pipeline.model, pipeline.training
+    assert spec is not None
+    notes: list[str] = []
+    # Unquantized weights: the model's dtype, else the precision on a GPU, fp32 on CPU (bf16 there is autocast).
+    load_dtype = spec.dtype if spec.dtype != "auto" else (precision if device == "cuda" else "fp32")
+    float_bytes = FLOAT_BYTES[load_dtype]
+    if quant is not None and float_bytes < 4:
+        float_bytes = 4
+        notes.append("prepare_model_for_kbit_training upcasts unquantized fp16/bf16 weights to fp32")
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    weights = base_weight_bytes(base, float_bytes=float_bytes, quant=quant)
+    if quant is not None:
+        layout = (
+            f"4-bit {quant.quant_type}, blocks of {BLOCKSIZE_4BIT}, "
+            + ("uint8 absmax (double quant)" if quant.double_quant else "fp32 absmax")
+            if quant.bits == 4
+            else "int8 with an fp32 scale per row"
+        )
+        notes.append(f"linear layers {layout}; {', '.join(modules_not_quantized(base))} unquantized")
+
+    trainable = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+    # TRL casts the adapter of a quantized model to bf16 (not DoRA's magnitude); lorakit re-casts it on fp32 runs.
+    bf16_adapter = quant is not None and precision != "fp32"
+    param_bytes = {
+        name: 2 if bf16_adapter and "lora_magnitude_vector" not in name else 4 for name, _ in trainable
+    }
+    # Full fine-tuning / freeze(): no adapter; ``adapter`` is then the trained part of the model's own weights
+    # (``weights`` counts only the frozen part), stored in the model's dtype.
+    full = getattr(pipeline.resolved_method, "name", None) == "full"
+    if full:
+        param_bytes = {name: float_bytes for name, _ in trainable}
+    adapter = sum(p.numel() * param_bytes[name] for name, p in trainable)
+    if full:
+        notes.append("full fine-tuning: 'adapter' is the trained part of the model's own weights")
+    else:
+        notes.append("adapter in bf16 (TRL's QLoRA cast)" if bf16_adapter else "adapter in fp32")
+    gradients = adapter  # gradients have the dtype of their parameter
+    optimizer, optim_note = optimizer_state_bytes(
+        train.optim,
+        [tuple(p.shape) for _, p in trainable],
+        float_bytes if full else (2 if bf16_adapter else 4),
+    )
+    notes.append(optim_note)
+
+    default_length = attrs.fields(DataSpec).max_length.default
+    seq_len = pipeline.data.max_length if pipeline.data is not None else default_length
+    if pipeline.data is None:
+        notes.append(f"sequence length {seq_len} (DataSpec default) until with_dataset(max_length=...)")
+    grad_ckpt = train.grad_checkpointing if train.grad_checkpointing is not None else device == "cuda"
+    activations = activation_bytes(
+        tokens=train.batch_size * seq_len,
+        **activation_shape(config),
+        grad_checkpointing=grad_ckpt,
+        element_bytes=4 if precision == "fp32" else 2,
+    )
+    notes.append(
+        f"activations for full-length sequences, gradient checkpointing {'on' if grad_ckpt else 'off'}, "
+        "factor calibrated on CPU in fp32"
+    )
+    return MemoryEstimate(
+        weights=weights,
+        adapter=adapter,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations,
+        batch_size=train.batch_size,
+        seq_len=seq_len,
+        notes=tuple(notes),
+        trained_label="trained weights" if full else "adapter",
+    )

@@ -1,0 +1,215 @@
+"""The plan's memory numbers against what loading, optimizing and back-propagating actually allocate."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.memory import MemoryEstimate, activation_bytes, activation_shape, measured_weight_bytes
+
+ROWS = [{"instruction": f"Say {i}", "input": "", "output": f"{i}"} for i in range(20)]
+QUANTS = {
+    "fp32": lambda p: p,
+    "nf4+dq": lambda p: p.quantize_4bit(),
+    "nf4": lambda p: p.quantize_4bit(double_quant=False),
+    "int8": lambda p: p.quantize_8bit(),
+}
+
+
+def _load(pipeline):
+    from lorakit.models import load_base_model, resolve_model_path
+
+    return load_base_model(
+        resolve_model_path(pipeline.model), pipeline.model, dtype=torch.float32, quant=pipeline.quant
+    )
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_weight_estimate_matches_the_loaded_model(tiny_model_dir, quant):
+    pipeline = QUANTS[quant](lk.Pipeline.from_model(tiny_model_dir))
+    estimate = pipeline.plan().memory.weights
+    measured = measured_weight_bytes(_load(pipeline))
+    # get_memory_footprint() counts parameters and buffers only, not bitsandbytes' absmax / scales.
+    assert abs(estimate / measured["footprint"] - 1) < 0.10
+    assert (measured["quant_constants"] > 0) == (quant != "fp32")
+    assert estimate == measured["total"]  # every tensor the loader allocates, byte for byte
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4+dq", "int8"])
+def test_bf16_weight_estimate_includes_the_kbit_upcast(tiny_model_dir, quant):
+    from peft import prepare_model_for_kbit_training
+
+    pipeline = lk.Pipeline.from_model(tiny_model_dir, dtype="bfloat16")
+    pipeline = {"none": pipeline, "nf4+dq": pipeline.quantize_4bit(), "int8": pipeline.quantize_8bit()}[quant]
+    estimate = pipeline.plan().memory.weights
+    model = _load(pipeline)
+    if quant == "none":
+        assert estimate == measured_weight_bytes(model)["total"]
+        return
+    # train() runs prepare_model_for_kbit_training, which upcasts the unquantized bf16 weights to fp32.
+    loaded = measured_weight_bytes(model)["total"]
+    prepared = measured_weight_bytes(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    assert estimate == prepared["total"] > loaded
+
+
+def test_quantization_shrinks_weights_in_the_expected_order(tiny_model_dir):
+    base = lk.Pipeline.from_model(tiny_model_dir)
+    weights = {name: make(base).plan().memory.weights for name, make in QUANTS.items()}
+    assert weights["nf4"] < weights["int8"] < weights["fp32"]
+    # Double quantization stores absmax in 8 bits but adds a 1 kB code per layer: on 64-wide layers it costs.
+    assert weights["nf4+dq"] != weights["nf4"]
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for key, t in state.items()
+        if isinstance(t, torch.Tensor) and key not in ("step", "qmap1", "qmap2")
+    )
+
+
+def _trainable_after_one_step(pipeline, optimizer_class):
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer_class(params, lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return params, optimizer
+
+
+def test_gradients_and_adamw_state_are_measured_exactly(tiny_model_dir):
+    pipeline = lk.Pipeline.from_model(tiny_model_dir).with_lora(r=8)
+    plan = pipeline.plan()
+    memory = plan.memory
+    assert memory.adapter == memory.gradients == plan.trainable_params * 4
+    assert memory.optimizer == plan.trainable_params * 8
+    params, optimizer = _trainable_after_one_step(pipeline, torch.optim.AdamW)
+    assert sum(p.grad.numel() * p.grad.element_size() for p in params) == memory.gradients
+    assert _optimizer_state_bytes(optimizer) == memory.optimizer
+
+
+def test_full_finetuning_counts_weights_once(tiny_model_dir):
+    lora = lk.Pipeline.from_model(tiny_model_dir).with_lora(r=8).plan().memory
+    plan = lk.Pipeline.from_model(tiny_model_dir).full_finetune().plan()
+    memory = plan.memory
+    assert plan.trainable_params == plan.total_params
+    # no adapter: `adapter` is the trained part of the model's weights, `weights` the frozen part (buffers)
+    assert memory.weights + memory.adapter == lora.weights
+    assert memory.gradients == plan.trainable_params * 4
+    assert memory.optimizer == plan.trainable_params * 8
+    frozen = lk.Pipeline.from_model(tiny_model_dir).freeze(train_last_n_layers=1).plan()
+    assert frozen.memory.weights + frozen.memory.adapter == lora.weights
+    assert frozen.memory.gradients == frozen.trainable_params * 4 < memory.gradients
+    assert "trained weights" in plan.render() and "adapter" not in plan.memory.render()
+
+
+def test_8bit_adamw_shrinks_optimizer_state_as_bitsandbytes_allocates_it(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    # r=64 makes the q/o/gate/up LoRA matrices 4096 values: bitsandbytes keeps tensors under 4096 in fp32.
+    pipeline = lk.Pipeline.from_model(tiny_model_dir).with_lora(r=64)
+    full = pipeline.plan().memory
+    eight = pipeline.with_training(optim="adamw_8bit").plan().memory
+    assert eight.optimizer < full.optimizer / 2
+    assert (eight.weights, eight.gradients, eight.activations) == (
+        full.weights,
+        full.gradients,
+        full.activations,
+    )
+    _, optimizer = _trainable_after_one_step(pipeline, bnb.optim.AdamW8bit)
+    assert _optimizer_state_bytes(optimizer) == eight.optimizer
+    # With the default r=16 every LoRA tensor of the tiny model is under 4096 values: no saving, as measured.
+    small = lk.Pipeline.from_model(tiny_model_dir).with_lora(r=16)
+    assert small.with_training(optim="adamw_8bit").plan().memory.optimizer == small.plan().memory.optimizer
+
+
+def test_other_optimizers(tiny_model_dir):
+    pipeline = lk.Pipeline.from_model(tiny_model_dir).with_lora(r=8)
+    adamw = pipeline.plan().memory.optimizer
+    assert pipeline.with_training(optim="sgd").plan().memory.optimizer == 0
+    assert 0 < pipeline.with_training(optim="adafactor").plan().memory.optimizer < adamw / 2
+
+
+def test_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
+    from peft import get_peft_model
+
+    pipeline = lk.Pipeline.from_model(tiny_model_dir)
+    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
+    batch, seq = 4, 256
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(input_ids=ids, labels=ids)
+    held = sum(saved.values()) + output.logits.numel() * output.logits.element_size()
+    estimate = activation_bytes(
+        tokens=batch * seq, **activation_shape(model.config), grad_checkpointing=False
+    )
+    assert abs(estimate / held - 1) < 0.15
+
+
+def test_activations_scale_with_batch_and_checkpointing(tiny_model_dir):
+    pipeline = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=256)
+    one = pipeline.with_training(batch_size=1, grad_checkpointing=False).plan().memory
+    four = pipeline.with_training(batch_size=4, grad_checkpointing=False).plan().memory
+    ckpt = pipeline.with_training(batch_size=4, grad_checkpointing=True).plan().memory
+    assert four.activations == pytest.approx(4 * one.activations, rel=1e-6)
+    assert ckpt.activations < four.activations
+    assert (four.batch_size, four.seq_len) == (4, 256)
+
+
+def test_render_shows_the_memory_line(tiny_model_dir):
+    pipeline = lk.Pipeline.from_model(tiny_model_dir).quantize_4bit().with_training(batch_size=2)
+    plan = pipeline.with_dataset(ROWS, max_length=128).plan()
+    assert isinstance(plan.memory, MemoryEstimate)
+    assert plan.memory.total == sum(
+        (plan.memory.weights, plan.memory.adapter, plan.memory.gradients, plan.memory.optimizer)
+    ) + (plan.memory.activations)
+    line = next(line for line in plan.render().splitlines() if line.lstrip().startswith("memory"))
+    assert re.fullmatch(
+        r"  memory +weights [\d.]+ kB, adapter [\d.]+ kB, grads [\d.]+ kB, optimizer [\d.]+ kB, "
+        r"activations ~[\d.]+ MB \(batch 2 x 128\) = ~[\d.]+ MB",
+        line,
+    ), line
+
+
+def test_explain_with_memory_loads_no_weights(tiny_model_dir, monkeypatch):
+    import safetensors.torch
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("explain() loaded weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    text = lk.Pipeline.from_model(tiny_model_dir).quantize_4bit().with_dataset(ROWS).explain()
+    assert "memory           weights" in text
+
+
+@pytest.mark.slow
+def test_smollm2_weight_estimate_matches_the_loaded_model():
+    # 8-bit: quantizing SmolLM2 to 4 bits on CPU takes ~30 s more; bench/plan_memory.py measures all layouts.
+    pipeline = lk.Pipeline.from_model("smollm2-135m").quantize_8bit()
+    memory = pipeline.plan().memory
+    measured = measured_weight_bytes(_load(pipeline))
+    assert memory.weights == measured["total"]
+    assert abs(memory.weights / measured["footprint"] - 1) < 0.10
+    # The tied embedding / head stays fp32 (49152 x 576 x 4 bytes) and is counted once.
+    assert 49152 * 576 * 4 < memory.weights < 2 * 49152 * 576 * 4
