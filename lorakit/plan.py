@@ -111,6 +111,16 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     return peft_model, total
 
 
+def _method_text(pipeline: Pipeline) -> str:
+    from lorakit.methods import supports_grad_checkpointing
+
+    method = pipeline.resolved_method
+    text = method.describe() + ("" if pipeline.method is not None else " (default)")
+    if not supports_grad_checkpointing(method):
+        text += " (gradient checkpointing off: not supported by prefix methods)"
+    return text
+
+
 def make_plan(pipeline: Pipeline) -> Plan:
     from lorakit.data import count_rows
     from lorakit.models import device_kind, load_model_config, resolve_precision
@@ -149,8 +159,8 @@ def make_plan(pipeline: Pipeline) -> Plan:
         )
     return Plan(
         model=pipeline.model.name_or_path,
-        architecture=type(peft_model.base_model.model).__name__,
-        method=pipeline.resolved_method.describe() + ("" if pipeline.method is not None else " (default)"),
+        architecture=type(peft_model.get_base_model()).__name__,
+        method=_method_text(pipeline),
         quantization=quant_text,
         target_modules=targets,
         total_params=total,

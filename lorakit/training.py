@@ -87,6 +87,14 @@ def _source_for_config(source: Any, output_dir: Path) -> str:
     return str(path)
 
 
+def _tokenizer_kwargs(spec: Any) -> dict[str, Any]:
+    """What PEFT passes to ``AutoTokenizer.from_pretrained`` to embed a prompt-tuning ``init_text``.
+
+    PEFT drops ``trust_remote_code`` (a loaded checkpoint must not run code), so only the revision is passed.
+    """
+    return {"revision": spec.revision} if spec.revision is not None else {}
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -132,6 +140,7 @@ def run_training(
         resolve_precision,
         torch_dtype,
     )
+    from lorakit.methods import peft_config_for, supports_grad_checkpointing
     from lorakit.plan import apply_method_on_meta
     from lorakit.provenance import write_provenance
     from lorakit.templates import get_template
@@ -158,6 +167,14 @@ def run_training(
     preflight(pipeline, cuda=device == "cuda")
     distributed_args = training_arguments(pipeline)
     grad_ckpt = distributed_args.pop("gradient_checkpointing", grad_ckpt)
+    if grad_ckpt and not supports_grad_checkpointing(pipeline.resolved_method):
+        # An explicit grad_checkpointing=True was refused at the builder call, so this one is automatic.
+        grad_ckpt = False
+        print(
+            f"lorakit: gradient checkpointing off: {pipeline.resolved_method.name} does not support it "
+            "(see docs/methods.md).",
+            flush=True,
+        )
     template = get_template(data_spec.template)
     base_path = resolve_model_path(pipeline.model)
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
@@ -259,7 +276,7 @@ def run_training(
         train_dataset=prepared.train,
         eval_dataset=prepared.val if has_val else None,
         processing_class=tokenizer,
-        peft_config=pipeline.resolved_method.to_peft_config(),
+        peft_config=peft_config_for(pipeline.resolved_method, base_path, _tokenizer_kwargs(pipeline.model)),
         callbacks=[
             _metrics_log_callback(output_dir / METRICS_LOG),
             *tracker_callbacks,
