@@ -124,6 +124,36 @@ def test_reload_and_merge_give_equal_logits(run):
     torch.testing.assert_close(_logits(merged.model, ids), reloaded, atol=1e-4, rtol=1e-4)
 
 
+def _until_eos(tokens, eos):
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_cached_generation_picks_the_greedy_tokens_of_full_forwards(run):
+    """generate() with the KV cache equals greedy decoding by full forwards, alone and in a left-padded batch.
+
+    Prompt-based adapters need lorakit.generation.prompt_learning_generation for this: without it PEFT 0.21 and
+    transformers 5 disagree on the cache's name, and prefix adapters are ignored once generation starts.
+    """
+    _, _, result, _ = run
+    ours = lk.InferenceModel.load(result.output_dir)
+    eos = ours.tokenizer.eos_token_id
+    encoded = [ours.encode({"instruction": row["instruction"], "input": ""}) for row in ROWS[:2]]
+    expected = []
+    for ids in encoded:
+        tokens = list(ids)
+        with torch.no_grad():
+            for _ in range(6):
+                tokens.append(int(ours.model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+        expected.append(_until_eos(tokens[len(ids) :], eos))
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": eos}
+    name = ours.adapters[0]
+    single = [ours._run_generate([ids], options, name, None)[0, len(ids) :].tolist() for ids in encoded]
+    assert [_until_eos(row, eos) for row in single] == expected
+    width = max(len(ids) for ids in encoded)
+    batch = ours._run_generate(encoded, options, name, None)[:, width:].tolist()
+    assert [_until_eos(row, eos) for row in batch] == expected
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_config_round_trip(tiny_model_dir, variant):
     pipe = _pipeline(tiny_model_dir, variant)
