@@ -32,6 +32,11 @@ def _optional_positive(fix: str) -> Any:
     return check
 
 
+def _check_bool(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"`{attribute.name}` must be True or False, got {value!r}.")
+
+
 def _prefix_config(num_virtual_tokens: int, projection: bool, encoder_hidden_size: int | None) -> Any:
     from peft import PrefixTuningConfig, TaskType
 
@@ -56,7 +61,7 @@ class PrefixTuningSpec:
 
     num_virtual_tokens: int = attrs.field(default=20, validator=positive_int("Typical values are 8-100."))
     """How many key/value prefix positions are learned per layer."""
-    projection: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    projection: bool = attrs.field(default=False, validator=_check_bool)
     """Produce the prefixes with a 2-layer MLP (the reparameterisation of the paper) instead of learning them
     directly; ``True`` is what :class:`PtuningV2Spec` does."""
     encoder_hidden_size: int | None = attrs.field(
