@@ -418,7 +418,12 @@ class InferenceModel:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        with self._lock, self._active(adapter), prompt_learning_generation(self.model), torch.inference_mode():
+        with (
+            self._lock,
+            self._active(adapter),
+            prompt_learning_generation(self.model),
+            torch.inference_mode(),
+        ):
             if seed is not None:
                 torch.manual_seed(seed)
             device = next(self.model.parameters()).device

@@ -241,7 +241,9 @@ class Pipeline:
             )
         )
 
-    def with_ptuning_v2(self, num_virtual_tokens: int = 20, encoder_hidden_size: int | None = None) -> Pipeline:
+    def with_ptuning_v2(
+        self, num_virtual_tokens: int = 20, encoder_hidden_size: int | None = None
+    ) -> Pipeline:
         """Train P-tuning v2 (deep prompt tuning): prefix tuning with the reparameterisation MLP. See
         :class:`lorakit.methods.PtuningV2Spec`. Trains without gradient checkpointing."""
         return self._with_method(

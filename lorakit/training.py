@@ -155,6 +155,7 @@ def run_training(
         quantization_storage,
         training_arguments,
     )
+    from lorakit.methods import peft_config_for
     from lorakit.models import (
         device_kind,
         load_base_model,
@@ -164,7 +165,6 @@ def run_training(
         resolve_precision,
         torch_dtype,
     )
-    from lorakit.methods import peft_config_for
     from lorakit.plan import apply_method_on_meta
     from lorakit.provenance import write_provenance
     from lorakit.templates import get_template

@@ -214,19 +214,37 @@ def test_describe_lists_the_options():
         (lambda p: p.with_prompt_tuning(init_text="  "), r"init_text='  '\) must be a non-empty string"),
         (lambda p: p.with_ptuning(num_virtual_tokens=-1), "`num_virtual_tokens` must be a positive integer"),
         (lambda p: p.with_ptuning(encoder_hidden_size=0), "`encoder_hidden_size` must be a positive integer"),
-        (lambda p: p.with_ptuning(encoder_type="gru"), "`encoder_type` must be one of 'mlp', 'lstm', got 'gru'"),
+        (
+            lambda p: p.with_ptuning(encoder_type="gru"),
+            "`encoder_type` must be one of 'mlp', 'lstm', got 'gru'",
+        ),
         (lambda p: p.with_ptuning(encoder_num_layers=3), "only apply to encoder_type='lstm'"),
         (
             lambda p: p.with_ptuning(encoder_type="lstm", encoder_num_layers=1, encoder_dropout=0.1),
             "acts between LSTM layers.*encoder_num_layers >= 2",
         ),
-        (lambda p: p.with_ptuning(encoder_type="lstm", encoder_dropout=1.0), "`encoder_dropout` must be a number"),
-        (lambda p: p.with_prefix_tuning(num_virtual_tokens=0), "`num_virtual_tokens` must be a positive integer"),
+        (
+            lambda p: p.with_ptuning(encoder_type="lstm", encoder_dropout=1.0),
+            "`encoder_dropout` must be a number",
+        ),
+        (
+            lambda p: p.with_prefix_tuning(num_virtual_tokens=0),
+            "`num_virtual_tokens` must be a positive integer",
+        ),
         (lambda p: p.with_prefix_tuning(projection="yes"), "`projection` must be True or False, got 'yes'"),
         (lambda p: p.with_prefix_tuning(encoder_hidden_size=64), "projection=False. Pass projection=True"),
-        (lambda p: p.with_ptuning_v2(encoder_hidden_size=-8), "`encoder_hidden_size` must be a positive integer"),
-        (lambda p: p.with_method("ptuning", encoder="mlp"), r"with_method\('ptuning', ...\).*encoder.*PtuningSpec"),
-        (lambda p: p.with_ptuning().with_prefix_tuning(), r"with_prefix_tuning\(\) conflicts with the earlier"),
+        (
+            lambda p: p.with_ptuning_v2(encoder_hidden_size=-8),
+            "`encoder_hidden_size` must be a positive integer",
+        ),
+        (
+            lambda p: p.with_method("ptuning", encoder="mlp"),
+            r"with_method\('ptuning', ...\).*encoder.*PtuningSpec",
+        ),
+        (
+            lambda p: p.with_ptuning().with_prefix_tuning(),
+            r"with_prefix_tuning\(\) conflicts with the earlier",
+        ),
         (
             lambda p: p.with_training(grad_checkpointing=True).with_prefix_tuning(),
             r"with_prefix_tuning\(\) conflicts with the earlier with_training\(grad_checkpointing=True\)"
@@ -332,7 +350,9 @@ def test_prefix_methods_turn_automatic_grad_checkpointing_off(tiny_model_dir):
 def test_a_config_with_a_prefix_method_and_grad_checkpointing_is_refused(tiny_model_dir):
     config = _pipeline(tiny_model_dir, "ptuning_v2").to_config()
     config["training"]["grad_checkpointing"] = True
-    with pytest.raises(ConfigError, match="method 'ptuning_v2' conflicts with training.grad_checkpointing=True"):
+    with pytest.raises(
+        ConfigError, match="method 'ptuning_v2' conflicts with training.grad_checkpointing=True"
+    ):
         lk.Pipeline.from_config(config)
 
 

@@ -52,7 +52,9 @@ class PromptTuningSpec:
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
         if self.init_text is None:
-            return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.num_virtual_tokens)
+            return PromptTuningConfig(
+                task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.num_virtual_tokens
+            )
         if tokenizer_path is None:
             raise ConfigError(
                 "with_prompt_tuning(init_text=...) needs the base model's tokenizer to embed the text; "

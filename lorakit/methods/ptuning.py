@@ -31,7 +31,9 @@ class PtuningSpec:
 
     num_virtual_tokens: int = attrs.field(default=20, validator=positive_int("Typical values are 8-100."))
     """How many virtual tokens are learned and prepended."""
-    encoder_hidden_size: int = attrs.field(default=128, validator=positive_int("Typical values are 128-1024."))
+    encoder_hidden_size: int = attrs.field(
+        default=128, validator=positive_int("Typical values are 128-1024.")
+    )
     """Hidden size of the prompt encoder."""
     encoder_type: str = attrs.field(
         default="mlp", validator=one_of(ENCODER_TYPES, "'mlp' is PEFT's recommended default.")
