@@ -162,6 +162,13 @@ def test_cached_generation_picks_the_greedy_tokens_of_full_forwards(run):
     width = max(len(ids) for ids in encoded)
     batch = ours._run_generate(encoded, options, name, None)[:, width:].tolist()
     assert [_until_eos(row, eos) for row in batch] == expected
+    ids = encoded[0]  # adapter=None generates with the plain base
+    tokens = list(ids)
+    with ours.model.disable_adapter(), torch.no_grad():
+        for _ in range(6):
+            tokens.append(int(ours.model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    plain = ours._run_generate([ids], options, None, None)[0, len(ids) :].tolist()
+    assert _until_eos(plain, eos) == _until_eos(tokens[len(ids) :], eos)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
