@@ -162,6 +162,13 @@ def test_cached_generation_picks_the_greedy_tokens_of_full_forwards(run):
     width = max(len(ids) for ids in encoded)
     batch = ours._run_generate(encoded, options, name, None)[:, width:].tolist()
     assert [_until_eos(row, eos) for row in batch] == expected
+    from lorakit.evaluation import generate_texts  # the generation metrics of with_eval use this path
+
+    prompts = [{"instruction": row["instruction"], "input": ""} for row in ROWS[:2]]
+    texts = generate_texts(
+        ours.model, ours.tokenizer, ours.template_for(name), encoded, max_new_tokens=6, batch_size=2
+    )
+    assert texts == ours.generate(prompts, max_new_tokens=6)
     ids = encoded[0]  # adapter=None generates with the plain base
     tokens = list(ids)
     with ours.model.disable_adapter(), torch.no_grad():
