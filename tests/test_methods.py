@@ -361,6 +361,17 @@ def test_prefix_methods_turn_automatic_grad_checkpointing_off(tiny_model_dir):
     assert "gradient checkpointing" not in ptuning.explain()
 
 
+def test_prefix_methods_get_no_activation_checkpointing_from_fsdp(tiny_model_dir):
+    from lorakit.distributed import training_arguments
+
+    pipe = lk.Pipeline.from_model(tiny_model_dir)
+    fsdp = training_arguments(pipe.with_ptuning_v2().distributed("fsdp"), layer_classes=["LlamaDecoderLayer"])
+    assert "activation_checkpointing" not in fsdp["fsdp_config"]
+    assert "gradient_checkpointing" not in fsdp and "gradient_checkpointing_kwargs" not in fsdp
+    lora = training_arguments(pipe.with_lora().distributed("fsdp"), layer_classes=["LlamaDecoderLayer"])
+    assert lora["fsdp_config"]["activation_checkpointing"] is True
+
+
 def test_a_config_with_a_prefix_method_and_grad_checkpointing_is_refused(tiny_model_dir):
     config = _pipeline(tiny_model_dir, "ptuning_v2").to_config()
     config["training"]["grad_checkpointing"] = True
