@@ -259,7 +259,11 @@ def training_arguments(pipeline: Pipeline, *, layer_classes: Sequence[str] | Non
     if spec is None:
         return {"ddp_find_unused_parameters": False}
     check_spec_against(pipeline, spec)
+    from lorakit.methods import supports_grad_checkpointing
+
     grad_ckpt = pipeline.training.grad_checkpointing
+    if not supports_grad_checkpointing(pipeline.resolved_method):
+        grad_ckpt = False  # prefix methods: neither the Trainer's nor FSDP's activation checkpointing
     kwargs: dict[str, Any] = {"ddp_find_unused_parameters": False}
     if grad_ckpt is not False:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}

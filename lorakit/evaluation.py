@@ -128,7 +128,7 @@ def generate_texts(
     end-of-turn exactly like :meth:`lorakit.InferenceModel.generate`. The model's train/eval mode is kept."""
     import torch
 
-    from lorakit.generation import cut_at_stops
+    from lorakit.generation import cut_at_stops, prompt_learning_generation
     from lorakit.inference import InferenceModel
 
     stops = template.stop_strings(tokenizer)
@@ -158,7 +158,7 @@ def generate_texts(
             attention = torch.tensor(
                 [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device
             )
-            with torch.inference_mode():
+            with torch.inference_mode(), prompt_learning_generation(model):
                 output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
             for row in output[:, width:].tolist():
                 ended = next((i for i, token in enumerate(row) if token in eos_ids), len(row))

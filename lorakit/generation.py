@@ -7,7 +7,10 @@ holding back only as many characters as a stop string could still need.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -15,7 +18,7 @@ import attrs
 
 from lorakit.errors import ConfigError
 
-__all__ = ["Sampling", "StopCutter", "cut_at_stops"]
+__all__ = ["Sampling", "StopCutter", "cut_at_stops", "prompt_learning_generation"]
 
 
 def _check_number(
@@ -163,3 +166,81 @@ class StopCutter:
         tail = self.finish()
         if tail:
             yield tail
+
+
+def _virtual_token_positions(model: Any, inputs: dict[str, Any]) -> None:
+    """Position ids that count the virtual tokens and skip left padding, as in (right-padded) training.
+
+    PEFT drops position ids for adapters that prepend virtual-token embeddings, so the model numbers every
+    position from 0, pads included: a left-padded prompt in a batch would then see other positions than
+    alone. Counting the attention mask (virtual tokens included) gives each prompt the positions it trained on.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return
+    if str(getattr(config.peft_type, "value", config.peft_type)) in ("PREFIX_TUNING", "CARTRIDGE"):
+        return  # PEFT offsets the positions of prefix methods itself
+    mask = inputs.get("attention_mask")
+    embeds = inputs.get("inputs_embeds")
+    current = embeds if embeds is not None else inputs.get("input_ids")
+    if mask is None or current is None or getattr(mask, "ndim", 0) != 2:
+        return
+    positions = mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(mask == 0, 1)
+    inputs["position_ids"] = positions[:, -current.shape[1] :]
+
+
+@contextlib.contextmanager
+def prompt_learning_generation(model: Any) -> Iterator[None]:
+    """Make ``model.generate`` of a PEFT prompt-learning adapter use the KV cache correctly; call around it.
+
+    PEFT (0.21) finds the KV cache of a generation step under ``past_key_values``; transformers 5 renamed that
+    key to ``cache``. Without this bridge PEFT never sees the cache, so it re-inserts the virtual tokens at every
+    step (prompt tuning, P-tuning: wrong tokens after the first) and its prefix key/values are ignored in favour
+    of the generation cache (prefix tuning, P-tuning v2: the adapter has no effect at all). Here PEFT's
+    ``prepare_inputs_for_generation`` sees the cache under its old name and the model gets it back under the
+    new one. A no-op for models that are not PEFT models or whose forward still takes ``past_key_values``.
+    """
+    peft_prepare = getattr(model, "prepare_inputs_for_generation", None)
+    base_prepare = getattr(model, "base_model_prepare_inputs_for_generation", None)
+    get_base = getattr(model, "get_base_model", None)
+    if peft_prepare is None or base_prepare is None or get_base is None:
+        yield
+        return
+    if "cache" not in inspect.signature(get_base().forward).parameters:
+        yield
+        return
+
+    def base_with_old_name(*args: Any, **kwargs: Any) -> Any:
+        inputs = base_prepare(*args, **kwargs)
+        cache = inputs.pop("cache", None)
+        if inputs.get("use_cache") is False:
+            # Without caching the model still hands back the prefix cache it was given (now holding the step's
+            # keys too); PEFT must build a fresh prefix for the next full forward.
+            cache = None
+        if cache is not None:
+            inputs["past_key_values"] = cache
+        return inputs
+
+    def peft_with_new_name(*args: Any, **kwargs: Any) -> Any:
+        model.base_model_prepare_inputs_for_generation = base_with_old_name
+        try:
+            with warnings.catch_warnings():  # repeated every step; positions are set below instead
+                warnings.filterwarnings("ignore", message="Position ids are not supported")
+                inputs = peft_prepare(*args, **kwargs)
+        finally:
+            model.base_model_prepare_inputs_for_generation = base_prepare
+        if "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        _virtual_token_positions(model, inputs)
+        return inputs
+
+    had_own = "prepare_inputs_for_generation" in vars(model)
+    model.prepare_inputs_for_generation = peft_with_new_name  # PeftModel.generate installs this one
+    try:
+        yield
+    finally:
+        if had_own:
+            model.prepare_inputs_for_generation = peft_prepare
+        else:
+            del model.prepare_inputs_for_generation

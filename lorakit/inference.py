@@ -26,7 +26,7 @@ import attrs
 
 from lorakit.config import ModelSpec, QuantSpec
 from lorakit.errors import ConfigError
-from lorakit.generation import Sampling, StopCutter
+from lorakit.generation import Sampling, StopCutter, prompt_learning_generation
 from lorakit.merging import MergeReport
 from lorakit.run import ADAPTER_CONFIG, RUN_FILE, read_run
 
@@ -426,7 +426,12 @@ class InferenceModel:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        with self._lock, self._active(adapter), torch.inference_mode():
+        with (
+            self._lock,
+            self._active(adapter),
+            prompt_learning_generation(self.model),
+            torch.inference_mode(),
+        ):
             if seed is not None:
                 torch.manual_seed(seed)
             device = next(self.model.parameters()).device

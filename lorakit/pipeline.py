@@ -39,8 +39,12 @@ from lorakit.methods import (
     Ia3Spec,
     LoraSpec,
     MethodSpec,
+    PrefixTuningSpec,
     PromptTuningSpec,
+    PtuningSpec,
+    PtuningV2Spec,
     method_from_dict,
+    supports_grad_checkpointing,
 )
 
 if TYPE_CHECKING:
@@ -103,6 +107,24 @@ def _distribution(section: Mapping[str, Any] | None) -> DistributedSpec | None:
     from lorakit.distributed import DistributedSpec
 
     return DistributedSpec(**section)
+
+
+def _check_grad_checkpointing(method: MethodSpec, training: TrainSpec, *, second: str) -> None:
+    """Refuse an explicit ``grad_checkpointing=True`` with a method that cannot train with it."""
+    if training.grad_checkpointing is not True or supports_grad_checkpointing(method):
+        return
+    gc_call = "with_training(grad_checkpointing=True)"
+    if second == gc_call:
+        conflict = f"{gc_call} conflicts with the earlier with_{method.name}()"
+    elif second.startswith("with_"):
+        conflict = f"{second} conflicts with the earlier {gc_call}"
+    else:
+        conflict = f"{second}: method {method.name!r} conflicts with training.grad_checkpointing=True"
+    raise ConfigError(
+        f"{conflict}: {method.name} cannot train with gradient checkpointing (PEFT's prefix key/values and the "
+        "recomputed forward disagree on sequence lengths). Use grad_checkpointing=None (lorakit then turns it "
+        "off for prefix methods) or False, or a method that supports it (prompt_tuning, ptuning, lora)."
+    )
 
 
 @attrs.frozen
@@ -192,9 +214,59 @@ class Pipeline:
         """Train IA3 scaling vectors. See :class:`lorakit.methods.Ia3Spec`."""
         return self._with_method(Ia3Spec(targets=targets, feedforward=feedforward))
 
-    def with_prompt_tuning(self, num_virtual_tokens: int = 20) -> Pipeline:
-        """Train virtual-token embeddings prepended to every input. See :class:`lorakit.methods.PromptTuningSpec`."""
-        return self._with_method(PromptTuningSpec(num_virtual_tokens=num_virtual_tokens))
+    def with_prompt_tuning(self, num_virtual_tokens: int = 20, init_text: str | None = None) -> Pipeline:
+        """Train virtual-token embeddings prepended to every input. See :class:`lorakit.methods.PromptTuningSpec`.
+
+        ``init_text`` starts the virtual tokens at the embeddings of that text's tokens (repeated or cut to
+        ``num_virtual_tokens``), e.g. ``"Classify the topic of this ticket:"``; the base model's own tokenizer
+        embeds it, offline for a local model directory.
+        """
+        return self._with_method(PromptTuningSpec(num_virtual_tokens=num_virtual_tokens, init_text=init_text))
+
+    def with_ptuning(
+        self,
+        num_virtual_tokens: int = 20,
+        encoder_hidden_size: int = 128,
+        encoder_type: str = "mlp",
+        *,
+        encoder_num_layers: int = 2,
+        encoder_dropout: float = 0.0,
+    ) -> Pipeline:
+        """Train P-tuning (v1): virtual tokens produced by an MLP or LSTM encoder. See
+        :class:`lorakit.methods.PtuningSpec`."""
+        return self._with_method(
+            PtuningSpec(
+                num_virtual_tokens=num_virtual_tokens,
+                encoder_hidden_size=encoder_hidden_size,
+                encoder_type=encoder_type,
+                encoder_num_layers=encoder_num_layers,
+                encoder_dropout=encoder_dropout,
+            )
+        )
+
+    def with_prefix_tuning(
+        self, num_virtual_tokens: int = 20, projection: bool = False, encoder_hidden_size: int | None = None
+    ) -> Pipeline:
+        """Train key/value prefixes in every attention layer. See :class:`lorakit.methods.PrefixTuningSpec`.
+
+        Prefix methods train without gradient checkpointing (see docs/methods.md).
+        """
+        return self._with_method(
+            PrefixTuningSpec(
+                num_virtual_tokens=num_virtual_tokens,
+                projection=projection,
+                encoder_hidden_size=encoder_hidden_size,
+            )
+        )
+
+    def with_ptuning_v2(
+        self, num_virtual_tokens: int = 20, encoder_hidden_size: int | None = None
+    ) -> Pipeline:
+        """Train P-tuning v2 (deep prompt tuning): prefix tuning with the reparameterisation MLP. See
+        :class:`lorakit.methods.PtuningV2Spec`. Trains without gradient checkpointing."""
+        return self._with_method(
+            PtuningV2Spec(num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=encoder_hidden_size)
+        )
 
     def with_adalora(
         self,
@@ -428,7 +500,10 @@ class Pipeline:
             group_by_length=group_by_length,
             optim=optim,
         )
-        return attrs.evolve(self, training=attrs.evolve(self.training, **changes))
+        training = attrs.evolve(self.training, **changes)
+        if self.method is not None and changes.get("grad_checkpointing") is True:
+            _check_grad_checkpointing(self.method, training, second="with_training(grad_checkpointing=True)")
+        return attrs.evolve(self, training=training)
 
     def track(self, backend: str = "none", **options: Any) -> Pipeline:
         """Send metrics to ``"wandb"`` (offline when no API key is set), ``"tensorboard"``, or ``"none"``.
@@ -547,6 +622,7 @@ class Pipeline:
                 f"{_call_name(spec)} conflicts with the earlier {_call_name(self.method)}: a run trains one "
                 f"adapter method. Remove one of the two calls.{hint}"
             )
+        _check_grad_checkpointing(spec, self.training, second=f"with_{spec.name}()")
         return attrs.evolve(self, method=spec)
 
     def _with_quant(self, spec: QuantSpec) -> Pipeline:
@@ -760,7 +836,7 @@ class Pipeline:
                 data["template"] = template_from_dict(data["template"])
         tracking = dict(config.get("tracking") or {"backend": "none"})
         try:
-            return cls(
+            pipeline = cls(
                 model=ModelSpec(**config["model"]) if config.get("model") else None,
                 method=method_from_dict(config["method"]) if config.get("method") else None,
                 quant=QuantSpec(**config["quant"]) if config.get("quant") else None,
@@ -776,6 +852,9 @@ class Pipeline:
             )
         except TypeError as error:
             raise ConfigError(f"Invalid pipeline config: {error}") from error
+        if pipeline.method is not None:
+            _check_grad_checkpointing(pipeline.method, pipeline.training, second="Pipeline config")
+        return pipeline
 
     def save_config(self, path: str | Path) -> Path:
         """Write :meth:`to_config` to a ``.yaml`` / ``.yml`` (YAML) or ``.json`` file; :meth:`from_config` reads it.

@@ -128,6 +128,16 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     return peft_model, total
 
 
+def _method_text(pipeline: Pipeline) -> str:
+    from lorakit.methods import supports_grad_checkpointing
+
+    method = pipeline.resolved_method
+    text = method.describe() + ("" if pipeline.method is not None else " (default)")
+    if not supports_grad_checkpointing(method):
+        text += " (gradient checkpointing off: not supported by prefix methods)"
+    return text
+
+
 def make_plan(pipeline: Pipeline) -> Plan:
     from lorakit.data import count_rows
     from lorakit.memory import estimate_memory
@@ -146,7 +156,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
     method_spec = pipeline.resolved_method
     if isinstance(method_spec, FullSpec):  # no adapter: the modules trained in full
         targets = tuple(name or "all parameters" for name in trained_modules(peft_model, method_spec))
-    base_model = peft_model if isinstance(method_spec, FullSpec) else peft_model.base_model.model
+    base_model = peft_model if isinstance(method_spec, FullSpec) else peft_model.get_base_model()
 
     train_rows = val_rows = per_epoch = total_steps = None
     template = "-"
@@ -179,7 +189,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
     return Plan(
         model=pipeline.model.name_or_path,
         architecture=type(base_model).__name__,
-        method=pipeline.resolved_method.describe() + ("" if pipeline.method is not None else " (default)"),
+        method=_method_text(pipeline),
         quantization=quant_text,
         target_modules=targets,
         total_params=total,

@@ -19,7 +19,7 @@ from lorakit.run import METRICS_FILE, METRICS_LOG, RUN_FILE, check_output_dir, w
 if TYPE_CHECKING:
     from lorakit.pipeline import Pipeline
 
-__all__ = ["TrainResult", "run_training"]
+__all__ = ["TrainResult", "resolve_grad_checkpointing", "run_training"]
 
 
 @attrs.frozen
@@ -54,6 +54,30 @@ def _check_environment(pipeline: Pipeline) -> None:
         problems.extend(missing_packages(pipeline.evaluation.metrics))
     if problems:
         raise MissingDependencyError("Cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def resolve_grad_checkpointing(
+    pipeline: Pipeline, device: str, distributed: bool | None = None
+) -> tuple[bool, str | None]:
+    """Whether the run uses gradient checkpointing, and a note when lorakit turned it off.
+
+    ``grad_checkpointing=None`` means on for CUDA, off elsewhere (``distributed`` overrides that when the
+    distributed set-up decides, e.g. FSDP's own activation checkpointing). Prefix methods cannot train with it
+    (an explicit ``True`` was refused at the builder call), so an automatic one is turned off for them.
+    """
+    from lorakit.methods import supports_grad_checkpointing
+
+    requested = pipeline.training.grad_checkpointing
+    grad_ckpt = requested if requested is not None else device == "cuda"
+    if distributed is not None:
+        grad_ckpt = distributed
+    method = pipeline.resolved_method
+    if grad_ckpt and not supports_grad_checkpointing(method):
+        return False, (
+            f"gradient checkpointing off: {method.name} cannot train with it (PEFT's prefix key/values and the "
+            "recomputed forward disagree on sequence lengths); see docs/methods.md."
+        )
+    return grad_ckpt, None
 
 
 def _metrics_log_callback(path: Path) -> Any:
@@ -116,6 +140,14 @@ def _source_for_config(source: Any, output_dir: Path) -> str:
     return str(path)
 
 
+def _tokenizer_kwargs(spec: Any) -> dict[str, Any]:
+    """What PEFT passes to ``AutoTokenizer.from_pretrained`` to embed a prompt-tuning ``init_text``.
+
+    PEFT drops ``trust_remote_code`` (a loaded checkpoint must not run code), so only the revision is passed.
+    """
+    return {"revision": spec.revision} if spec.revision is not None else {}
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -152,6 +184,7 @@ def run_training(
         quantization_storage,
         training_arguments,
     )
+    from lorakit.methods import peft_config_for
     from lorakit.methods.adalora import AdaLoraSpec, rank_allocation_callback
     from lorakit.methods.full import FullSpec, apply_freeze
     from lorakit.models import (
@@ -183,12 +216,13 @@ def run_training(
             f"with_training(optim={train_spec.optim!r}) pages optimizer state between GPU and CPU memory and "
             f"needs a CUDA GPU; this run is on {device}. Use optim='adamw_torch' (or 'adamw_8bit')."
         )
-    grad_ckpt = (
-        train_spec.grad_checkpointing if train_spec.grad_checkpointing is not None else device == "cuda"
-    )
     preflight(pipeline, cuda=device == "cuda")
     distributed_args = training_arguments(pipeline)
-    grad_ckpt = distributed_args.pop("gradient_checkpointing", grad_ckpt)
+    grad_ckpt, note = resolve_grad_checkpointing(
+        pipeline, device, distributed_args.pop("gradient_checkpointing", None)
+    )
+    if note:
+        print(f"lorakit: {note}", flush=True)
     template = get_template(data_spec.template)
     base_path = resolve_model_path(pipeline.model)
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
@@ -224,7 +258,7 @@ def run_training(
         )
         peft_config = method.to_peft_config(total_step=total_steps)
     else:
-        peft_config = method.to_peft_config()
+        peft_config = peft_config_for(method, base_path, _tokenizer_kwargs(pipeline.model))
     collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
     collator = collator_class(pad_token_id=tokenizer.pad_token_id)
     # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.

@@ -9,7 +9,6 @@ import pytest
 import lorakit as lk
 from lorakit.configfile import apply_overrides, read_config_file
 from lorakit.errors import ConfigError
-from lorakit.methods import METHODS
 from lorakit.quickstart import sample_path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -124,17 +123,7 @@ def _tiny_model(tmp_path, arch):
 SHIPPED = [
     ("llama_lora.yaml", "llama", "LlamaForCausalLM", "llama3"),
     ("qwen_qlora.yaml", "qwen2", "Qwen2ForCausalLM", "chatml"),
-    pytest.param(
-        "mistral_ptuning.yaml",
-        "mistral",
-        "MistralForCausalLM",
-        "mistral",
-        marks=pytest.mark.xfail(
-            "ptuning" not in METHODS,
-            reason="P-tuning (method 'ptuning', with_ptuning) is being added in issue 4",
-            strict=False,
-        ),
-    ),
+    ("mistral_ptuning.yaml", "mistral", "MistralForCausalLM", "mistral"),
 ]
 
 

@@ -15,7 +15,10 @@ from lorakit.methods import (
     FullSpec,
     Ia3Spec,
     LoraSpec,
+    PrefixTuningSpec,
     PromptTuningSpec,
+    PtuningSpec,
+    PtuningV2Spec,
     method_from_dict,
     register_method,
 )
@@ -43,6 +46,18 @@ VARIANTS = {
     "ia3_4bit": lambda p: p.quantize_4bit().with_ia3(),
     "dora_4bit": lambda p: p.quantize_4bit().with_lora(r=4, alpha=8, dropout=0.0, use_dora=True),
     "prompt_tuning": lambda p: p.with_prompt_tuning(num_virtual_tokens=4),
+    "prompt_tuning_text": lambda p: p.with_prompt_tuning(num_virtual_tokens=6, init_text="Say hello."),
+    "ptuning": lambda p: p.with_ptuning(num_virtual_tokens=4, encoder_hidden_size=16),
+    "ptuning_lstm": lambda p: p.with_ptuning(
+        num_virtual_tokens=4, encoder_hidden_size=16, encoder_type="lstm", encoder_num_layers=2
+    ),
+    "prefix_tuning": lambda p: p.with_prefix_tuning(num_virtual_tokens=4),
+    "prefix_projection": lambda p: p.with_prefix_tuning(
+        num_virtual_tokens=4, projection=True, encoder_hidden_size=16
+    ),
+    "ptuning_v2": lambda p: p.with_ptuning_v2(num_virtual_tokens=4, encoder_hidden_size=16),
+    "ptuning_4bit": lambda p: p.quantize_4bit().with_ptuning(num_virtual_tokens=4, encoder_hidden_size=16),
+    "prefix_4bit": lambda p: p.quantize_4bit().with_prefix_tuning(num_virtual_tokens=4),
     "ia3_generic": lambda p: p.with_method(
         "ia3", targets=("v_proj", "down_proj"), feedforward=("down_proj",)
     ),
@@ -136,7 +151,8 @@ def test_reload_and_merge_give_equal_logits(run):
     torch.testing.assert_close(_logits(ours.model, IDS), watch.logits, atol=1e-5, rtol=1e-4)
     with ours.model.disable_adapter():  # the adapter matters
         assert (_logits(ours.model, IDS) - watch.logits[:, -len(IDS) :]).abs().max() > 1e-2
-    if run[0] == "prompt_tuning":
+    assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
+    if not run[1].resolved_method.mergeable:  # prompt-based: virtual tokens / prefixes, no weight update
         with pytest.raises(ConfigError, match="prompt-based .* cannot be merged.*Serve it unmerged"):
             ours.merge()
         return
@@ -144,7 +160,52 @@ def test_reload_and_merge_give_equal_logits(run):
         return
     merged = lk.InferenceModel.load(result.output_dir).merge()
     torch.testing.assert_close(_logits(merged.model, ids), reloaded, atol=1e-4, rtol=1e-4)
-    assert isinstance(ours.generate({"instruction": "Say hello.", "input": ""}, max_new_tokens=3), str)
+
+
+def _until_eos(tokens, eos):
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_cached_generation_picks_the_greedy_tokens_of_full_forwards(run):
+    """generate() with the KV cache equals greedy decoding by full forwards, alone and in a left-padded batch.
+
+    Prompt-based adapters need lorakit.generation.prompt_learning_generation for this: without it PEFT 0.21 and
+    transformers 5 disagree on the cache's name, and prefix adapters are ignored once generation starts.
+    """
+    variant, _, result, _ = run
+    ours = lk.InferenceModel.load(result.output_dir)
+    eos = ours.tokenizer.eos_token_id
+    encoded = [ours.encode({"instruction": row["instruction"], "input": ""}) for row in ROWS[:2]]
+    expected = []
+    for ids in encoded:
+        tokens = list(ids)
+        with torch.no_grad():
+            for _ in range(6):
+                tokens.append(int(ours.model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+        expected.append(_until_eos(tokens[len(ids) :], eos))
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": eos}
+    name = None if variant in FULL else ours.adapters[0]  # a full run is a plain model, no adapter
+    single = [ours._run_generate([ids], options, name, None)[0, len(ids) :].tolist() for ids in encoded]
+    assert [_until_eos(row, eos) for row in single] == expected
+    width = max(len(ids) for ids in encoded)
+    batch = ours._run_generate(encoded, options, name, None)[:, width:].tolist()
+    assert [_until_eos(row, eos) for row in batch] == expected
+    from lorakit.evaluation import generate_texts  # the generation metrics of with_eval use this path
+
+    prompts = [{"instruction": row["instruction"], "input": ""} for row in ROWS[:2]]
+    texts = generate_texts(
+        ours.model, ours.tokenizer, ours.template_for(name), encoded, max_new_tokens=6, batch_size=2
+    )
+    assert texts == ours.generate(prompts, max_new_tokens=6)
+    if variant in FULL:
+        return
+    ids = encoded[0]  # adapter=None generates with the plain base
+    tokens = list(ids)
+    with ours.model.disable_adapter(), torch.no_grad():
+        for _ in range(6):
+            tokens.append(int(ours.model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    plain = ours._run_generate([ids], options, None, None)[0, len(ids) :].tolist()
+    assert _until_eos(plain, eos) == _until_eos(tokens[len(ids) :], eos)
 
 
 def _check_full_run_reloads(run_dir, watch):
@@ -269,7 +330,8 @@ def test_config_round_trip(tiny_model_dir, variant):
 
 def test_registry_rejects_duplicates_and_holds_the_methods():
     assert METHODS["lora"] is LoraSpec and METHODS["ia3"] is Ia3Spec
-    assert METHODS["prompt_tuning"] is PromptTuningSpec
+    assert METHODS["prompt_tuning"] is PromptTuningSpec and METHODS["ptuning"] is PtuningSpec
+    assert METHODS["prefix_tuning"] is PrefixTuningSpec and METHODS["ptuning_v2"] is PtuningV2Spec
     assert METHODS["adalora"] is AdaLoraSpec and METHODS["full"] is FullSpec
     with pytest.raises(ConfigError, match="'ia3' is already registered"):
         register_method("ia3", LoraSpec)
@@ -380,10 +442,58 @@ def test_describe_adalora_and_full():
         (lambda p: p.with_ia3(targets=()), r"targets=\(\)\) must be a non-empty tuple"),
         (
             lambda p: p.with_method("nope"),
-            "Unknown adapter method 'nope'; known: adalora, full, ia3, lora, prompt_tuning",
+            "Unknown adapter method 'nope'; known: adalora, full, ia3, lora, prefix_tuning, prompt_tuning, "
+            "ptuning, ptuning_v2",
         ),
         (lambda p: p.with_method("ia3", rank=4), r"with_method\('ia3', ...\).*rank.*Ia3Spec"),
         (lambda p: p.with_prompt_tuning(num_virtual_tokens=0), "num_virtual_tokens"),
+        (lambda p: p.with_prompt_tuning(init_text="  "), r"init_text='  '\) must be a non-empty string"),
+        (lambda p: p.with_ptuning(num_virtual_tokens=-1), "`num_virtual_tokens` must be a positive integer"),
+        (lambda p: p.with_ptuning(encoder_hidden_size=0), "`encoder_hidden_size` must be a positive integer"),
+        (
+            lambda p: p.with_ptuning(encoder_type="gru"),
+            "`encoder_type` must be one of 'mlp', 'lstm', got 'gru'",
+        ),
+        (lambda p: p.with_ptuning(encoder_num_layers=3), "only apply to encoder_type='lstm'"),
+        (
+            lambda p: p.with_ptuning(encoder_type="lstm", encoder_num_layers=1, encoder_dropout=0.1),
+            "acts between LSTM layers.*encoder_num_layers >= 2",
+        ),
+        (
+            lambda p: p.with_ptuning(encoder_type="lstm", encoder_dropout=1.0),
+            "`encoder_dropout` must be a number",
+        ),
+        (
+            lambda p: p.with_prefix_tuning(num_virtual_tokens=0),
+            "`num_virtual_tokens` must be a positive integer",
+        ),
+        (lambda p: p.with_prefix_tuning(projection="yes"), "`projection` must be True or False, got 'yes'"),
+        (lambda p: p.with_prefix_tuning(encoder_hidden_size=64), "projection=False. Pass projection=True"),
+        (
+            lambda p: p.with_ptuning_v2(encoder_hidden_size=-8),
+            "`encoder_hidden_size` must be a positive integer",
+        ),
+        (
+            lambda p: p.with_method("ptuning", encoder="mlp"),
+            r"with_method\('ptuning', ...\).*encoder.*PtuningSpec",
+        ),
+        (
+            lambda p: p.with_ptuning().with_prefix_tuning(),
+            r"with_prefix_tuning\(\) conflicts with the earlier",
+        ),
+        (
+            lambda p: p.with_training(grad_checkpointing=True).with_prefix_tuning(),
+            r"with_prefix_tuning\(\) conflicts with the earlier with_training\(grad_checkpointing=True\)"
+            ".*cannot train with gradient checkpointing.*grad_checkpointing=None",
+        ),
+        (
+            lambda p: p.with_ptuning_v2().with_training(grad_checkpointing=True),
+            r"with_training\(grad_checkpointing=True\) conflicts with the earlier with_ptuning_v2\(\)",
+        ),
+        (
+            lambda p: p.with_training(grad_checkpointing=True).with_method("prefix_tuning", projection=True),
+            r"with_prefix_tuning\(\) conflicts with the earlier with_training\(grad_checkpointing=True\)",
+        ),
         (lambda p: p.with_lora().with_ia3(), r"with_ia3\(\) conflicts with the earlier with_lora\(\)"),
     ],
 )
@@ -446,3 +556,148 @@ def test_step_and_layer_rules_raise_before_weights_load(
         pipe.plan()
     with pytest.raises(ConfigError, match=message):
         pipe.train(tmp_path / "run")
+
+
+def test_describe_the_prompt_methods():
+    assert PtuningSpec().describe() == "P-tuning num_virtual_tokens=20 encoder=mlp encoder_hidden_size=128"
+    assert PtuningSpec(encoder_type="lstm", encoder_num_layers=2, encoder_dropout=0.1).describe() == (
+        "P-tuning num_virtual_tokens=20 encoder=lstm encoder_hidden_size=128 encoder_num_layers=2 encoder_dropout=0.1"
+    )
+    assert PrefixTuningSpec(num_virtual_tokens=8).describe() == "prefix tuning num_virtual_tokens=8"
+    assert PrefixTuningSpec(projection=True).describe() == (
+        "prefix tuning num_virtual_tokens=20 projection encoder_hidden_size=model hidden size"
+    )
+    assert PtuningV2Spec(encoder_hidden_size=512).describe() == (
+        "P-tuning v2 (deep prompt tuning) num_virtual_tokens=20 encoder_hidden_size=512"
+    )
+    assert PromptTuningSpec(init_text="Be brief.").describe() == (
+        "prompt tuning num_virtual_tokens=20 init_text='Be brief.'"
+    )
+
+
+def test_peft_configs_of_the_prompt_methods():
+    lstm = PtuningSpec(encoder_type="lstm", encoder_hidden_size=32).to_peft_config()
+    assert (lstm.peft_type.value, lstm.encoder_reparameterization_type, lstm.encoder_hidden_size) == (
+        "P_TUNING",
+        "LSTM",
+        32,
+    )
+    v2 = PtuningV2Spec(num_virtual_tokens=8, encoder_hidden_size=64).to_peft_config()
+    assert (v2.peft_type.value, v2.prefix_projection, v2.encoder_hidden_size, v2.num_virtual_tokens) == (
+        "PREFIX_TUNING",
+        True,
+        64,
+        8,
+    )
+    assert PrefixTuningSpec().to_peft_config().prefix_projection is False
+    text = PromptTuningSpec(init_text="Be brief.").to_peft_config(tokenizer_path="/models/x")
+    assert (text.prompt_tuning_init.value, text.prompt_tuning_init_text, text.tokenizer_name_or_path) == (
+        "TEXT",
+        "Be brief.",
+        "/models/x",
+    )
+    with pytest.raises(ConfigError, match="init_text=...\\) needs the base model's tokenizer"):
+        PromptTuningSpec(init_text="Be brief.").to_peft_config()
+
+
+def test_prefix_methods_turn_automatic_grad_checkpointing_off(tiny_model_dir):
+    from lorakit.training import resolve_grad_checkpointing
+
+    prefix = lk.Pipeline.from_model(tiny_model_dir).with_prefix_tuning(num_virtual_tokens=4)
+    on_gpu, note = resolve_grad_checkpointing(prefix, "cuda")
+    assert on_gpu is False and "gradient checkpointing off: prefix_tuning cannot train with it" in note
+    assert resolve_grad_checkpointing(prefix.with_training(grad_checkpointing=False), "cuda") == (False, None)
+    assert resolve_grad_checkpointing(prefix, "cpu") == (False, None)
+    ptuning = lk.Pipeline.from_model(tiny_model_dir).with_ptuning()
+    assert resolve_grad_checkpointing(ptuning, "cuda") == (True, None)
+    assert "gradient checkpointing off: not supported by prefix methods" in prefix.explain()
+    assert "gradient checkpointing" not in ptuning.explain()
+
+
+def test_prefix_methods_get_no_activation_checkpointing_from_fsdp(tiny_model_dir):
+    from lorakit.distributed import training_arguments
+
+    pipe = lk.Pipeline.from_model(tiny_model_dir)
+    fsdp = training_arguments(pipe.with_ptuning_v2().distributed("fsdp"), layer_classes=["LlamaDecoderLayer"])
+    assert "activation_checkpointing" not in fsdp["fsdp_config"]
+    assert "gradient_checkpointing" not in fsdp and "gradient_checkpointing_kwargs" not in fsdp
+    lora = training_arguments(pipe.with_lora().distributed("fsdp"), layer_classes=["LlamaDecoderLayer"])
+    assert lora["fsdp_config"]["activation_checkpointing"] is True
+
+
+def test_a_config_with_a_prefix_method_and_grad_checkpointing_is_refused(tiny_model_dir):
+    config = _pipeline(tiny_model_dir, "ptuning_v2").to_config()
+    config["training"]["grad_checkpointing"] = True
+    with pytest.raises(
+        ConfigError, match="method 'ptuning_v2' conflicts with training.grad_checkpointing=True"
+    ):
+        lk.Pipeline.from_config(config)
+
+
+def test_plan_architecture_is_the_base_model_class(tiny_model_dir):
+    for variant in ("prefix_tuning", "ptuning", "ia3"):
+        assert _pipeline(tiny_model_dir, variant).plan().architecture == "LlamaForCausalLM"
+
+
+class _FirstPrompt:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        watch = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                watch.prompt = model.prompt_encoder["default"].embedding.weight.detach().clone()
+                watch.words = model.get_input_embeddings().weight.detach().clone()
+
+        self.callback = _CB()
+
+
+@pytest.mark.parametrize(
+    ("num_virtual_tokens", "text"),
+    [(10, "Say hello."), (3, "Below is an instruction that describes a task.")],
+    ids=["repeated", "cut"],
+)
+def test_prompt_tuning_starts_at_the_init_text_embeddings(
+    tiny_model_dir, tiny_tokenizer, tmp_path, num_virtual_tokens, text
+):
+    ids = tiny_tokenizer(text)["input_ids"]  # what PEFT does: the tokenizer's own special tokens included
+    assert 1 < len(ids) < num_virtual_tokens or len(ids) > num_virtual_tokens
+    wanted = (ids * num_virtual_tokens)[:num_virtual_tokens]
+    pipe = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_prompt_tuning(num_virtual_tokens=num_virtual_tokens, init_text=text)
+        .with_dataset(ROWS, template="alpaca", val_split=0.0, max_length=128)
+        .with_training(max_steps=1, batch_size=4)
+    )
+    watch = _FirstPrompt()
+    pipe.train(tmp_path / "run", callbacks=[watch.callback])
+    torch.testing.assert_close(watch.prompt, watch.words[torch.tensor(wanted)])
+    assert pipe.plan().trainable_params == num_virtual_tokens * watch.words.shape[1]
+
+
+OVERFIT = {
+    "ptuning": lambda p: p.with_ptuning(num_virtual_tokens=8, encoder_hidden_size=32),
+    "prefix_tuning": lambda p: p.with_prefix_tuning(num_virtual_tokens=8),
+    "ptuning_v2": lambda p: p.with_ptuning_v2(num_virtual_tokens=8, encoder_hidden_size=32),
+    "prompt_tuning_text": lambda p: p.with_prompt_tuning(num_virtual_tokens=8, init_text="Say hello."),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(OVERFIT))
+def test_loss_falls_when_over_fitting_four_rows(tiny_model_dir, tmp_path, variant):
+    import json
+
+    pipe = (
+        OVERFIT[variant](lk.Pipeline.from_model(tiny_model_dir))
+        .with_dataset(ROWS, template="alpaca", val_split=0.0, max_length=128)
+        .with_training(
+            max_steps=15, lr=5e-2, batch_size=4, logging_steps=1, warmup_ratio=0.0, scheduler="constant"
+        )
+    )
+    result = pipe.train(tmp_path / variant)
+    lines = (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    losses = [row["loss"] for row in map(json.loads, lines) if "loss" in row]
+    assert len(losses) == 15
+    print(variant, losses[0], losses[-1])
+    assert losses[-1] < losses[0]

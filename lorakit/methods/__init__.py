@@ -15,7 +15,9 @@ from lorakit.methods.adalora import AdaLoraSpec
 from lorakit.methods.full import FullSpec
 from lorakit.methods.ia3 import Ia3Spec
 from lorakit.methods.lora import LoraSpec
+from lorakit.methods.prefix_tuning import PrefixTuningSpec, PtuningV2Spec
 from lorakit.methods.prompt_tuning import PromptTuningSpec
+from lorakit.methods.ptuning import PtuningSpec
 
 __all__ = [
     "METHODS",
@@ -24,8 +26,13 @@ __all__ = [
     "Ia3Spec",
     "LoraSpec",
     "MethodSpec",
+    "PrefixTuningSpec",
     "PromptTuningSpec",
+    "PtuningSpec",
+    "PtuningV2Spec",
     "method_from_dict",
+    "peft_config_for",
+    "supports_grad_checkpointing",
     "register_method",
 ]
 
@@ -65,8 +72,28 @@ def method_from_dict(data: dict[str, Any]) -> MethodSpec:
     return METHODS[name](**data)
 
 
+def peft_config_for(
+    spec: MethodSpec, tokenizer_path: str, tokenizer_kwargs: dict[str, Any] | None = None
+) -> Any:
+    """The PEFT config of ``spec`` for a base model whose tokenizer is at ``tokenizer_path``.
+
+    Most methods need nothing from the model; prompt tuning with ``init_text`` tokenizes the text with it.
+    """
+    if getattr(spec, "needs_tokenizer", False):
+        return spec.to_peft_config(tokenizer_path=tokenizer_path, tokenizer_kwargs=tokenizer_kwargs)  # type: ignore[call-arg]
+    return spec.to_peft_config()
+
+
+def supports_grad_checkpointing(spec: MethodSpec) -> bool:
+    """Whether ``spec`` trains with gradient checkpointing (prefix methods do not)."""
+    return bool(getattr(spec, "supports_grad_checkpointing", True))
+
+
 register_method("lora", LoraSpec)
 register_method("ia3", Ia3Spec)
 register_method("prompt_tuning", PromptTuningSpec)
 register_method("adalora", AdaLoraSpec)
 register_method("full", FullSpec)
+register_method("ptuning", PtuningSpec)
+register_method("prefix_tuning", PrefixTuningSpec)
+register_method("ptuning_v2", PtuningV2Spec)
