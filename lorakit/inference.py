@@ -577,6 +577,11 @@ class InferenceModel:
         The base is reloaded un-quantized (fp32 on CPU, the run's 16-bit dtype on a GPU) when it was loaded
         in 4 or 8 bits: merging into quantized weights would round the update away.
 
+        A LoftQ adapter (``with_lora(init='loftq')``) is different: its ``B @ A`` started as the fit of
+        ``W - Q(W)``, so it belongs on the quantized weights ``Q(W)``. It is merged into the base loaded in
+        4 bits exactly as trained and then dequantized; folded into ``W`` it would add the quantization error
+        twice.
+
         Args:
             verify: compare the merged model with adapter-on-base on a few sequences (``verify_prompts``, else
                 the run's first training rows, else generic prompts); the result is the returned model's
@@ -625,7 +630,13 @@ class InferenceModel:
                 if inplace:  # free the quantized model before loading the un-quantized base
                     self.model = None
                     gc.collect()
-                base = load_base_model(self.base_path, self.base_spec, dtype=torch_dtype(self.dtype))
+                dtype = torch_dtype(self.dtype)
+                loftq_quant = _loftq_quant(info.path)
+                if loftq_quant is not None:  # the adapter fits Q(W): merge into the dequantized 4-bit base
+                    base = load_base_model(self.base_path, self.base_spec, dtype=dtype, quant=loftq_quant)
+                    base = base.dequantize(dtype=dtype)
+                else:
+                    base = load_base_model(self.base_path, self.base_spec, dtype=dtype)
                 merged = _attach_adapter(base, info.path).merge_and_unload(progressbar=progress_enabled())
             merged.eval()
             if inplace:
@@ -706,6 +717,18 @@ class InferenceModel:
     def __repr__(self) -> str:
         where = "merged" if self.is_merged else f"adapters={self.adapters}"
         return f"InferenceModel(base={self.base_path!r}, {where}, template={self.template.name!r})"
+
+
+def _loftq_quant(adapter_dir: Path) -> QuantSpec | None:
+    """The 4-bit quantization a LoftQ adapter was trained on (from its run file); None for other adapters."""
+    run = read_run(adapter_dir)
+    if run is None:
+        return None
+    config = run["pipeline"]
+    method = config.get("method") or {}
+    if method.get("name") != "lora" or method.get("init") != "loftq" or not config.get("quant"):
+        return None
+    return QuantSpec(**config["quant"])
 
 
 def _attach_adapter(base: Any, adapter_dir: Path) -> Any:

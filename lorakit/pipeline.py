@@ -127,6 +127,30 @@ def _check_grad_checkpointing(method: MethodSpec, training: TrainSpec, *, second
     )
 
 
+def _is_loftq(method: MethodSpec | None) -> bool:
+    return isinstance(method, LoraSpec) and method.init == "loftq"
+
+
+def _check_loftq(method: MethodSpec | None, quant: QuantSpec | None, *, final: bool) -> None:
+    """LoftQ fits the adapter to the error of bitsandbytes 4-bit quantization, so it needs quantize_4bit().
+
+    A missing quantization is only an error once the pipeline is final (train(), plan(), a config file): the
+    ``quantize_4bit()`` call may still follow ``with_lora()``.
+    """
+    if not _is_loftq(method):
+        return
+    if quant is not None and quant.bits != 4:
+        raise ConfigError(
+            f"with_lora(init='loftq') cannot be combined with {quant.method_name}: LoftQ fits the adapter to the "
+            "error of 4-bit quantization. Use quantize_4bit() instead, or another init with quantize_8bit()."
+        )
+    if quant is None and final:
+        raise ConfigError(
+            "with_lora(init='loftq') needs quantize_4bit(): LoftQ fits the adapter to the error of the 4-bit "
+            "quantized base. Add .quantize_4bit(), or use init='pissa' / the default init without quantization."
+        )
+
+
 @attrs.frozen
 class Pipeline:
     """A description of a fine-tuning run. Build it with :meth:`from_model` and the ``with_*`` calls."""
@@ -637,6 +661,7 @@ class Pipeline:
         # Rules between calls run on every new pipeline, so they fail at whichever call comes second
         # (and when a config file is read).
         method, quant = self.method, self.quant
+        _check_loftq(method, quant, final=False)
         if isinstance(method, FullSpec) and quant is not None:
             raise ConfigError(
                 f"{_call_name(method)} cannot be combined with {quant.method_name}: bitsandbytes weights are "
@@ -669,6 +694,7 @@ class Pipeline:
             )
         if data and self.data is None:
             raise ConfigError("No training data: add .with_dataset('data.jsonl') before train().")
+        _check_loftq(self.method, self.quant, final=True)
 
     # --- terminal calls -----------------------------------------------------------------------------------
 
@@ -854,6 +880,7 @@ class Pipeline:
             raise ConfigError(f"Invalid pipeline config: {error}") from error
         if pipeline.method is not None:
             _check_grad_checkpointing(pipeline.method, pipeline.training, second="Pipeline config")
+        _check_loftq(pipeline.method, pipeline.quant, final=True)
         return pipeline
 
     def save_config(self, path: str | Path) -> Path:

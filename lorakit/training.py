@@ -187,6 +187,7 @@ def run_training(
     from lorakit.methods import peft_config_for
     from lorakit.methods.adalora import AdaLoraSpec, rank_allocation_callback
     from lorakit.methods.full import FullSpec, apply_freeze
+    from lorakit.methods.lora import LoraSpec, apply_loftq, loftq_weights_dir
     from lorakit.models import (
         device_kind,
         load_base_model,
@@ -225,6 +226,10 @@ def run_training(
         print(f"lorakit: {note}", flush=True)
     template = get_template(data_spec.template)
     base_path = resolve_model_path(pipeline.model)
+    method = pipeline.resolved_method
+    # LoftQ reads the full-precision weights from safetensors: refuse a base without them before any load.
+    loftq = isinstance(method, LoraSpec) and method.init == "loftq"
+    loftq_dir = loftq_weights_dir(base_path, pipeline.model.revision) if loftq else None
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
     apply_method_on_meta(pipeline, load_model_config(pipeline.model))
 
@@ -246,7 +251,6 @@ def run_training(
         )
     # The method's PEFT config (None: full fine-tuning). AdaLoRA's schedule needs the run's step count, counted
     # from the tokenized rows the way the Trainer counts it; a schedule that does not fit fails here.
-    method = pipeline.resolved_method
     if isinstance(method, AdaLoraSpec):
         _, total_steps = steps_for(
             len(prepared.train),
@@ -364,6 +368,9 @@ def run_training(
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    if loftq_dir is not None and resume_from is None:
+        # LoftQ: A, B start as the rank-r fit of W - Q(W), W read from the safetensors (a resume loads them).
+        apply_loftq(trainer.model, loftq_dir)
 
     # 5. Train, evaluate, save.
     started = time.perf_counter()

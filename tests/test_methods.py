@@ -45,6 +45,7 @@ VARIANTS = {
     "ia3": lambda p: p.with_ia3(),
     "ia3_4bit": lambda p: p.quantize_4bit().with_ia3(),
     "dora_4bit": lambda p: p.quantize_4bit().with_lora(r=4, alpha=8, dropout=0.0, use_dora=True),
+    "loftq_4bit": lambda p: p.quantize_4bit().with_lora(r=4, alpha=8, dropout=0.0, init="loftq"),
     "prompt_tuning": lambda p: p.with_prompt_tuning(num_virtual_tokens=4),
     "prompt_tuning_text": lambda p: p.with_prompt_tuning(num_virtual_tokens=6, init_text="Say hello."),
     "ptuning": lambda p: p.with_ptuning(num_virtual_tokens=4, encoder_hidden_size=16),
@@ -156,10 +157,39 @@ def test_reload_and_merge_give_equal_logits(run):
         with pytest.raises(ConfigError, match="prompt-based .* cannot be merged.*Serve it unmerged"):
             ours.merge()
         return
+    if run[0] == "loftq_4bit":
+        _check_loftq_merge(result.output_dir, ids, reloaded)
+        return
     if run[0].endswith("_4bit"):  # merge reloads the base un-quantized, so its logits are not the 4-bit ones
         return
     merged = lk.InferenceModel.load(result.output_dir).merge()
     torch.testing.assert_close(_logits(merged.model, ids), reloaded, atol=1e-4, rtol=1e-4)
+
+
+def _check_loftq_merge(output_dir, ids, on_4bit):
+    """A LoftQ adapter fits Q(W), so it is merged into the dequantized 4-bit base: the merged logits are those
+    of the adapter on the 4-bit base. Merged into the full-precision W (as other QLoRA adapters are), the
+    quantization error would count twice, and the logits would be much further off."""
+    import lorakit.inference as inference
+
+    merged = lk.InferenceModel.load(output_dir).merge(verify=True)
+    aware = (_logits(merged.model, ids) - on_4bit).abs().max().item()
+    assert merged.merge_report.reference == "adapter on the 4-bit base"
+    assert merged.merge_report.max_logit_diff < 1e-3
+    assert aware < 1e-3
+    original = inference._loftq_quant
+    inference._loftq_quant = lambda path: None  # merge into the un-quantized W, as for other QLoRA adapters
+    try:
+        naive = lk.InferenceModel.load(output_dir).merge(verify=True)
+    finally:
+        inference._loftq_quant = original
+    naive_diff = (_logits(naive.model, ids) - on_4bit).abs().max().item()
+    print(
+        f"LoftQ merge: max logit diff vs the adapter on the 4-bit base {merged.merge_report.max_logit_diff:.2e} "
+        f"(naive merge into W: {naive.merge_report.max_logit_diff:.2e})"
+    )
+    assert naive.merge_report.max_logit_diff > 100 * merged.merge_report.max_logit_diff
+    assert naive_diff > 100 * max(aware, 1e-6)
 
 
 def _until_eos(tokens, eos):
@@ -434,7 +464,18 @@ def test_describe_adalora_and_full():
             r"with_ia3\(\) conflicts with the earlier full_finetune\(\)",
         ),
         (lambda p: p.with_method("full", rank=4), r"with_method\('full', ...\).*rank.*FullSpec"),
-        (lambda p: p.with_lora(init="loftq"), "init='loftq'.*Use init='pissa'"),
+        (
+            lambda p: p.with_lora(init="loftq").quantize_8bit(),
+            r"init='loftq'\) cannot be combined with quantize_8bit\(\).*Use quantize_4bit\(\)",
+        ),
+        (
+            lambda p: p.quantize_8bit().with_lora(init="loftq"),
+            r"init='loftq'\) cannot be combined with quantize_8bit\(\).*Use quantize_4bit\(\)",
+        ),
+        (
+            lambda p: p.quantize_4bit().with_lora(init="loftq", use_dora=True),
+            r"init='loftq', use_dora=True\) is not supported.*use_dora=False",
+        ),
         (lambda p: p.with_lora(init="svd"), "init='svd'.*'default', 'gaussian', 'pissa', 'olora'"),
         (lambda p: p.with_lora(layers=(1,)), r"layers=\(1,\)\) needs explicit module names"),
         (lambda p: p.with_lora(layers=(-1,), targets=("q_proj",)), r"layers=\(-1,\).*layer indices >= 0"),
@@ -500,6 +541,84 @@ def test_describe_adalora_and_full():
 def test_bad_options_raise_at_the_builder_call(call, message):
     with pytest.raises(ConfigError, match=message):
         call(lk.Pipeline.from_model("/nonexistent-model-dir"))
+
+
+def test_loftq_needs_quantize_4bit_once_the_pipeline_is_final(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.models
+
+    message = r"with_lora\(init='loftq'\) needs quantize_4bit\(\).*Add .quantize_4bit\(\)"
+    base = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, val_split=0.0, max_length=128)
+    pipe = base.with_lora(init="loftq")  # quantize_4bit() may still follow: no error yet
+    assert pipe.quantize_4bit().plan().trainable_params > 0
+    monkeypatch.setattr(lorakit.models, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match=message):
+        pipe.plan()
+    with pytest.raises(ConfigError, match=message):
+        pipe.train(tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        lk.Pipeline.from_config(pipe.to_config())
+
+
+def test_loftq_needs_safetensors_weights_before_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import lorakit.models
+
+    model_dir = tmp_path / "bin-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "model.safetensors").unlink()
+    torch.save(load_file(f"{tiny_model_dir}/model.safetensors"), model_dir / "pytorch_model.bin")
+    monkeypatch.setattr(lorakit.models, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    pipe = VARIANTS["loftq_4bit"](lk.Pipeline.from_model(str(model_dir))).with_dataset(
+        ROWS, val_split=0.0, max_length=128
+    )
+    with pytest.raises(
+        ConfigError, match=f"needs the base's full-precision weights as safetensors.*{model_dir}"
+    ):
+        pipe.train(tmp_path / "run")
+
+
+def test_loftq_start_is_closer_to_the_full_precision_weights(tiny_model_dir):
+    """At step 0, Q(W) + scale * B @ A is nearer W than Q(W), on every quantized linear layer; PEFT's own
+    factors (scale ignored) are not, with alpha = 2 r."""
+    import bitsandbytes as bnb
+    from peft import get_peft_model
+    from peft.tuners.lora import Linear4bit
+    from safetensors.torch import load_file
+
+    from lorakit.config import ModelSpec, QuantSpec
+    from lorakit.methods.lora import apply_loftq
+    from lorakit.models import load_base_model
+
+    spec = LoraSpec(r=4, alpha=8, dropout=0.0, init="loftq")
+    base = load_base_model(
+        tiny_model_dir, ModelSpec(tiny_model_dir), dtype=torch.float32, quant=QuantSpec(bits=4)
+    )
+    model = get_peft_model(base, spec.to_peft_config())
+    assert apply_loftq(model, tiny_model_dir) == 14  # 2 layers x 7 linear layers
+    full = load_file(f"{tiny_model_dir}/model.safetensors")
+    before = after = peft_style = 0.0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        w = full[name.removeprefix("base_model.model.") + ".weight"]
+        q = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        update = module.lora_B["default"].weight @ module.lora_A["default"].weight
+        scale = module.scaling["default"]
+        layer_before = torch.linalg.norm(w - q).item()
+        layer_after = torch.linalg.norm(w - (q + scale * update)).item()
+        assert layer_after < 0.95 * layer_before, name
+        before += layer_before**2
+        after += layer_after**2
+        peft_style += torch.linalg.norm(w - (q + scale * scale * update)).item() ** 2
+    print(
+        f"quantization error |W - Q(W)| = {before**0.5:.4f}, with LoftQ {after**0.5:.4f}, "
+        f"PEFT's unscaled factors {peft_style**0.5:.4f}"
+    )
+    assert after**0.5 < 0.95 * before**0.5
+    assert peft_style**0.5 > 0.99 * before**0.5
 
 
 def test_unknown_ia3_target_lists_linear_modules(tiny_model_dir):

@@ -9,7 +9,7 @@ import attrs
 from lorakit.config import number_in, one_of, positive_int
 from lorakit.errors import ConfigError
 
-__all__ = ["LoraSpec"]
+__all__ = ["LoraSpec", "apply_loftq", "loftq_weights_dir"]
 
 
 def to_targets(value: Any) -> Any:
@@ -18,7 +18,7 @@ def to_targets(value: Any) -> Any:
     return value
 
 
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 
 
 def _to_layers(value: Any) -> Any:
@@ -75,7 +75,8 @@ class LoraSpec:
     use_rslora: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     """rsLoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``, stable at high ranks."""
     init: str = attrs.field(default="default")
-    """Adapter initialisation: "default" (zero B, Kaiming A), "gaussian", "pissa" or "olora"."""
+    """Adapter initialisation: "default" (zero B, Kaiming A), "gaussian", "pissa", "olora" or "loftq" (needs
+    quantize_4bit() and safetensors base weights: A, B start as the best rank-r fit of the quantization error)."""
     layers: tuple[int, ...] | None = attrs.field(default=None, converter=_to_layers)
     """Only adapt these decoder layer indices, e.g. (10, 11); ``None`` adapts every layer."""
     modules_to_save: tuple[str, ...] | None = attrs.field(default=None, converter=_to_names)
@@ -83,12 +84,6 @@ class LoraSpec:
 
     @init.validator
     def _check_init(self, attribute: attrs.Attribute, value: Any) -> None:
-        if value == "loftq":
-            raise ConfigError(
-                "with_lora(init='loftq') is not supported: LoftQ needs the full-precision base to quantize "
-                "itself and lorakit cannot yet run that step. Use init='pissa' (also SVD-based) or "
-                "quantize_4bit() with the default init."
-            )
         if value not in INITS:
             raise ConfigError(
                 f"with_lora(init={value!r}) is not a known initialisation; use one of "
@@ -110,6 +105,12 @@ class LoraSpec:
         check_targets(value)
 
     def __attrs_post_init__(self) -> None:
+        if self.init == "loftq" and self.use_dora:
+            raise ConfigError(
+                "with_lora(init='loftq', use_dora=True) is not supported: LoftQ fits B @ A to the quantization "
+                "error, and DoRA's magnitude vector, computed before that, would rescale it. Use use_dora=False "
+                "with init='loftq', or the default init with DoRA."
+            )
         if self.layers is not None and self.targets == "all-linear":
             raise ConfigError(
                 f"with_lora(layers={self.layers!r}) needs explicit module names: PEFT cannot restrict "
@@ -128,7 +129,8 @@ class LoraSpec:
             bias=self.bias,
             use_dora=self.use_dora,
             use_rslora=self.use_rslora,
-            init_lora_weights=True if self.init == "default" else self.init,
+            # LoftQ starts from normal LoRA layers; training replaces A and B (see apply_loftq).
+            init_lora_weights=True if self.init in ("default", "loftq") else self.init,
             layers_to_transform=list(self.layers) if self.layers is not None else None,
             modules_to_save=list(self.modules_to_save) if self.modules_to_save is not None else None,
         )
@@ -156,3 +158,79 @@ class LoraSpec:
         if self.modules_to_save is not None:
             extras.append("modules_to_save=" + ",".join(self.modules_to_save))
         return " ".join([text, *extras])
+
+
+def apply_loftq(peft_model: Any, model_path: str, adapter_name: str = "default") -> int:
+    """LoftQ (Li et al., 2023): set each 4-bit LoRA layer's ``A``, ``B`` so that ``Q(W) + scale * B @ A`` is the
+    best rank-r approximation of the full-precision ``W`` read from ``model_path``; returns the layers changed.
+
+    This is PEFT's ``replace_lora_weights_loftq`` (same safetensors loader, same SVD split) with two fixes: it
+    computes on the weights' device (PEFT's moves them to CUDA, so it fails on CPU), and it divides the factors
+    by ``sqrt(scale)``. PEFT ignores LoRA's ``alpha / r`` scaling, so with ``alpha = 2 r`` its start adds twice
+    the fitted error and is no closer to ``W`` than ``Q(W)`` alone.
+
+    ``model_path`` is a ``.safetensors`` file or a directory holding ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``.
+    """
+    import math
+
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _low_rank_decomposition, _SafetensorLoader
+
+    loader = _SafetensorLoader(peft_model, str(model_path))
+    prefix = "base_model.model."
+    changed = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not isinstance(module, Linear4bit) or adapter_name not in module.lora_A:
+                continue
+            if not name.startswith(prefix):
+                raise TypeError(f"apply_loftq() needs a PeftModel; module {name!r} is not under {prefix!r}.")
+            weight = module.get_base_layer().weight
+            full = loader.get_tensor(name[len(prefix) :] + ".weight").to(
+                device=weight.device, dtype=torch.float32
+            )
+            quantized = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+            parts = _low_rank_decomposition(full - quantized, reduced_rank=module.r[adapter_name])
+            root = math.sqrt(module.scaling[adapter_name])
+            lora_a, lora_b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            lora_a.data = (parts["R"] / root).to(lora_a.dtype).contiguous()
+            lora_b.data = (parts["L"] / root).to(lora_b.dtype).contiguous()
+            changed += 1
+    if not changed:
+        raise ConfigError(
+            "with_lora(init='loftq') found no 4-bit LoRA layer to initialise; LoftQ needs quantize_4bit() and "
+            "LoRA targets among the quantized linear layers."
+        )
+    return changed
+
+
+def loftq_weights_dir(base_path: str, revision: str | None = None) -> str:
+    """The local directory with the base's full-precision safetensors weights that LoftQ reads.
+
+    ``base_path`` is what :func:`lorakit.models.resolve_model_path` returned: a directory, or a Hub id looked up
+    in the local Hugging Face cache only. Raises ConfigError naming the directory when the weights are missing.
+    """
+    from pathlib import Path
+
+    path = Path(base_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(base_path, revision=revision, local_files_only=True))
+        except Exception as error:
+            raise ConfigError(
+                f"with_lora(init='loftq') reads the full-precision weights of {base_path!r} from a local "
+                f"safetensors file, and the model is not in the local cache ({error}). Download it, or pass "
+                "from_model() a local directory."
+            ) from error
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        raise ConfigError(
+            f"with_lora(init='loftq') needs the base's full-precision weights as safetensors, and {str(path)!r} "
+            "has neither model.safetensors nor model.safetensors.index.json. Re-save the model with "
+            "save_pretrained(path, safe_serialization=True) and point from_model() at it."
+        )
+    return str(path)
