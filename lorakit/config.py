@@ -97,6 +97,16 @@ def one_of(choices: tuple[str, ...], fix: str = "") -> Callable[[Any, attrs.Attr
     return check
 
 
+def to_names(value: Any) -> Any:
+    """Converter for module-name options: a single name or a list becomes a tuple; other values pass through
+    to the validator."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
 def _to_float(value: Any) -> Any:
     """Accept "2e-4" from YAML/CLI; leave anything else for the validator to reject."""
     if isinstance(value, str):

@@ -13,20 +13,13 @@ from typing import Any, ClassVar
 
 import attrs
 
+from lorakit.config import to_names
 from lorakit.errors import ConfigError
 
 __all__ = ["FullSpec", "apply_freeze", "trained_modules"]
 
 _FINAL_NORM = re.compile(r"(^|\.)(norm|final_layernorm|final_layer_norm|ln_f|norm_f)$")
 """Names of the norm after the last decoder layer (Llama / Mistral / Qwen, Phi, GPT-2 / Falcon, ...)."""
-
-
-def _to_names(value: Any) -> Any:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list):
-        return tuple(value)
-    return value
 
 
 @attrs.frozen
@@ -39,7 +32,7 @@ class FullSpec:
 
     train_last_n_layers: int | None = attrs.field(default=None)
     """Train only the last N decoder layers (``freeze(train_last_n_layers=N)``); None: no layer restriction."""
-    modules: tuple[str, ...] | None = attrs.field(default=None, converter=_to_names)
+    modules: tuple[str, ...] | None = attrs.field(default=None, converter=to_names)
     """Train only these modules, e.g. ("lm_head",) or ("layers.1.mlp", "norm"); None: no module restriction."""
     final_norm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     """With ``train_last_n_layers``: also train the norm after the last decoder layer."""

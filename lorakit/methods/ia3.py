@@ -6,17 +6,10 @@ from typing import Any, ClassVar
 
 import attrs
 
+from lorakit.config import to_names
 from lorakit.errors import ConfigError
 
 __all__ = ["Ia3Spec"]
-
-
-def _to_names(value: Any) -> Any:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list):
-        return tuple(value)
-    return value
 
 
 def _check_names(label: str) -> Any:
@@ -40,11 +33,11 @@ class Ia3Spec:
     mergeable: ClassVar[bool] = True
 
     targets: tuple[str, ...] | None = attrs.field(
-        default=None, converter=_to_names, validator=_check_names("('k_proj', 'v_proj', 'down_proj')")
+        default=None, converter=to_names, validator=_check_names("('k_proj', 'v_proj', 'down_proj')")
     )
     """Modules whose activations are rescaled; ``None`` uses PEFT's defaults (keys, values, down projection)."""
     feedforward: tuple[str, ...] | None = attrs.field(
-        default=None, converter=_to_names, validator=_check_names("('down_proj',)")
+        default=None, converter=to_names, validator=_check_names("('down_proj',)")
     )
     """Which of ``targets`` are feed-forward layers (their input is scaled, not their output)."""
 

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from lorakit.config import number_in, one_of, positive_int
+from lorakit.config import number_in, one_of, positive_int, to_names
 from lorakit.errors import ConfigError
 
 __all__ = ["LoraSpec", "apply_loftq", "loftq_weights_dir"]
@@ -23,14 +23,6 @@ INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 
 def _to_layers(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def _to_names(value: Any) -> Any:
-    if isinstance(value, str):
         return (value,)
     if isinstance(value, list):
         return tuple(value)
@@ -79,7 +71,7 @@ class LoraSpec:
     quantize_4bit() and safetensors base weights: A, B start as the best rank-r fit of the quantization error)."""
     layers: tuple[int, ...] | None = attrs.field(default=None, converter=_to_layers)
     """Only adapt these decoder layer indices, e.g. (10, 11); ``None`` adapts every layer."""
-    modules_to_save: tuple[str, ...] | None = attrs.field(default=None, converter=_to_names)
+    modules_to_save: tuple[str, ...] | None = attrs.field(default=None, converter=to_names)
     """Extra modules trained in full and saved with the adapter, e.g. ("lm_head",)."""
 
     @init.validator

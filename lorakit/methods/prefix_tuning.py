@@ -16,20 +16,10 @@ from typing import Any, ClassVar
 
 import attrs
 
-from lorakit.config import positive_int
+from lorakit.config import optional_positive_int, positive_int
 from lorakit.errors import ConfigError
 
 __all__ = ["PrefixTuningSpec", "PtuningV2Spec"]
-
-
-def _optional_positive(fix: str) -> Any:
-    inner = positive_int(fix)
-
-    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is not None:
-            inner(inst, attribute, value)
-
-    return check
 
 
 def _check_bool(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -65,7 +55,7 @@ class PrefixTuningSpec:
     """Produce the prefixes with a 2-layer MLP (the reparameterisation of the paper) instead of learning them
     directly; ``True`` is what :class:`PtuningV2Spec` does."""
     encoder_hidden_size: int | None = attrs.field(
-        default=None, validator=_optional_positive("Or None for the model's hidden size.")
+        default=None, validator=optional_positive_int("Or None for the model's hidden size.")
     )
     """Hidden size of the projection MLP (``projection=True`` only); ``None`` uses the model's hidden size."""
 
@@ -110,7 +100,7 @@ class PtuningV2Spec:
     num_virtual_tokens: int = attrs.field(default=20, validator=positive_int("Typical values are 8-100."))
     """How many key/value prefix positions are learned per layer."""
     encoder_hidden_size: int | None = attrs.field(
-        default=None, validator=_optional_positive("Or None for the model's hidden size.")
+        default=None, validator=optional_positive_int("Or None for the model's hidden size.")
     )
     """Hidden size of the reparameterisation MLP; ``None`` uses the model's hidden size."""
 
