@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, MissingDependencyError
+from lorakit.rundir import RUN_FILE
 
 __all__ = ["YAML_SUFFIXES", "apply_overrides", "read_config_file", "write_config_file"]
 
@@ -40,7 +41,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / "lorakit_run.json"
+        path = path / RUN_FILE
     try:
         text = path.read_text()
     except OSError as error:
@@ -111,9 +112,10 @@ def _parse_value(raw: str) -> Any:
     text = raw.strip()
     if text.lower() in ("none", "null", "~"):
         return None
+    yaml = _yaml()
     try:
-        value = _yaml().safe_load(text)
-    except Exception:
+        value = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError):  # not YAML ("a: b: c", "2024-13-45"): the text itself is the value
         return raw
     if isinstance(value, str):
         try:

@@ -96,6 +96,31 @@ def test_overrides_set_nested_values_with_yaml_types():
         apply_overrides(config, ["training.lr"])
 
 
+def test_overrides_keep_text_that_is_not_yaml_and_raise_other_errors(monkeypatch):
+    out = apply_overrides({}, ["data.template=a: b: c", "note.date=2024-13-45", "note.tag=!!int 1.5"])
+    assert out == {"data": {"template": "a: b: c"}, "note": {"date": "2024-13-45", "tag": "!!int 1.5"}}
+
+    import yaml
+
+    def broken(text):
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(yaml, "safe_load", broken)
+    with pytest.raises(RuntimeError, match="parser bug"):  # a bug is not mistaken for "not YAML"
+        apply_overrides({}, ["training.lr=1e-4"])
+
+
+def test_run_directory_config_is_read_from_its_run_file(tmp_path):
+    from lorakit.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.write_run({"pipeline": {"model": {"name_or_path": "m"}}, "versions": {}})
+    assert read_config_file(run.path) == {"model": {"name_or_path": "m"}}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"Cannot read pipeline config .*empty/lorakit_run\.json"):
+        read_config_file(tmp_path / "empty")
+
+
 # --- the shipped example configs ---------------------------------------------------------------------------
 # The Hub is offline in tests, so each config's model is replaced by a tiny local model of the same
 # architecture (built here from LlamaConfig / Qwen2Config / MistralConfig) and its data by the bundled sample;

@@ -9,45 +9,16 @@ through :func:`redact`.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorakit.rundir import SAMPLES_LOG, RunDir
 from lorakit.tracking.report import write_curves, write_run_report
+from lorakit.tracking.secrets import redact, secret_values
 
 __all__ = ["SAMPLES_LOG", "Tracker", "redact", "secret_values", "write_curves", "write_run_report"]
-
-SAMPLES_LOG = "samples.jsonl"
-_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "credential", "auth")
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables whose names look like secrets (at least 8 characters long)."""
-    return [
-        value
-        for name, value in os.environ.items()
-        if any(word in name.lower() for word in _SECRET_WORDS) and len(value) >= 8
-    ]
-
-
-def redact(value: Any, secrets: list[str] | None = None) -> Any:
-    """A copy with secret-looking keys' values and any environment secret inside strings replaced by ``***``."""
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(value, Mapping):
-        return {
-            k: "***"
-            if any(w in str(k).lower() for w in _SECRET_WORDS) and isinstance(v, str) and v
-            else redact(v, secrets)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [redact(v, secrets) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-    return value
 
 
 def _describe_source(source: Any) -> Any:
@@ -64,6 +35,7 @@ class Tracker:
         self.backend = pipeline.tracking.backend if active else "none"
         self.active = active
         self.output_dir = output_dir
+        self.run = RunDir(output_dir)
         self.callbacks: list[Any] = []
         self.writer: Any = None
         self.wandb: Any = None
@@ -75,7 +47,7 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
 
-            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(self.run.tensorboard_dir))
             self.callbacks = [TensorBoardCallback(tb_writer=self.writer)]
             self._close = self.writer.close
         elif self.backend == "wandb":
@@ -105,9 +77,7 @@ class Tracker:
         """Generation samples: appended to ``samples.jsonl``, printed, and sent to TensorBoard / W&B."""
         if not self.active:
             return
-        with (self.output_dir / SAMPLES_LOG).open("a") as handle:
-            for row in rows:
-                handle.write(json.dumps(redact(row), ensure_ascii=False) + "\n")
+        self.run.log_samples([redact(row) for row in rows])
         shown = "\n".join(f"  [{r['step']}] {r['prompt'][-60:]!r} -> {r['generation'][:120]!r}" for r in rows)
         print(f"lorakit samples at step {step}:\n{shown}", flush=True)
         if self.writer is not None:
@@ -125,7 +95,7 @@ class Tracker:
     def describe(self) -> dict[str, str]:
         """Where the tracker wrote, for the run report."""
         if self.backend == "tensorboard":
-            return {"tensorboard": f"tensorboard --logdir {self.output_dir / 'tensorboard'}"}
+            return {"tensorboard": f"tensorboard --logdir {self.run.tensorboard_dir}"}
         if self.backend == "wandb" and self.wandb_dir is not None:
             if self.wandb_mode == "offline":
                 return {

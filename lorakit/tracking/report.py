@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lorakit.rundir import (
+    CURVES_FILE,
+    METRICS_LOG,
+    RUN_FILE,
+    RunDir,
+    atomic_target,
+    read_log,
+    write_text_atomic,
+)
+from lorakit.tracking.secrets import redact
+
 __all__ = ["read_log", "write_curves", "write_run_report"]
 
-CURVES_FILE = "curves.png"
-REPORT_FILE = "report.md"
 # Logged eval numbers that are bookkeeping, not quality metrics.
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "num_tokens", "entropy", "epoch")
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The entries of a ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
-    entries = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return entries
 
 
 def _series(entries: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
@@ -46,7 +42,7 @@ def write_curves(output_dir: Path, entries: list[dict[str, Any]] | None = None) 
 
     Needs matplotlib (``pip install 'lorakit[metrics]'``); without it a warning says so and None is returned.
     """
-    entries = read_log(output_dir / "metrics.jsonl") if entries is None else entries
+    entries = RunDir(output_dir).read_metrics_log() if entries is None else entries
     series = _series(entries)
     if not series:
         return None
@@ -57,7 +53,7 @@ def write_curves(output_dir: Path, entries: list[dict[str, Any]] | None = None) 
         import matplotlib.pyplot as plt
     except ImportError:
         warnings.warn(
-            "No curves.png: plotting needs matplotlib (pip install 'lorakit[metrics]').", stacklevel=2
+            f"No {CURVES_FILE}: plotting needs matplotlib (pip install 'lorakit[metrics]').", stacklevel=2
         )
         return None
     losses = {k: v for k, v in series.items() if k in ("loss", "eval_loss")}
@@ -79,11 +75,12 @@ def write_curves(output_dir: Path, entries: list[dict[str, Any]] | None = None) 
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    path = output_dir / CURVES_FILE
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
+    path = RunDir(output_dir).curves_file
+    try:
+        with atomic_target(path) as tmp:
+            figure.savefig(tmp, dpi=100)
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -102,19 +99,31 @@ def write_run_report(
     trackers: dict[str, str] | None = None,
 ) -> Path:
     """Write ``report.md`` (and ``curves.png``): settings, final numbers, evaluation history, samples."""
-    from lorakit.tracking import SAMPLES_LOG, redact
-
-    entries = read_log(output_dir / "metrics.jsonl")
+    run = RunDir(output_dir)
+    entries = run.read_metrics_log()
     curves = write_curves(output_dir, entries)
+    lines = [f"# lorakit run: {output_dir.name}", "", *_settings(pipeline, data_report)]
+    lines += ["", "## Final numbers", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {_fmt(value)} |" for key, value in metrics.items()]
+    lines += _evaluations(entries)
+    if curves is not None:
+        lines += ["", "## Curves", "", f"![loss and metrics]({CURVES_FILE})"]
+    lines += _samples(run.read_samples())
+    if trackers:
+        lines += ["", "## Trackers", ""] + [f"- {name}: {text}" for name, text in trackers.items()]
+    lines += ["", f"Every logged step: `{METRICS_LOG}`. Config: `{RUN_FILE}`.", ""]
+    path = run.report_file
+    write_text_atomic(path, redact("\n".join(lines)))
+    return path
+
+
+def _settings(pipeline: Any, data_report: dict[str, Any] | None) -> list[str]:
     model = pipeline.model.name_or_path if pipeline.model is not None else "?"
-    method = pipeline.resolved_method.describe()
     train = pipeline.training
     lines = [
-        f"# lorakit run: {output_dir.name}",
-        "",
         f"- base model: `{model}`"
         + (f" ({pipeline.quant.method_name})" if pipeline.quant is not None else ""),
-        f"- method: {method}",
+        f"- method: {pipeline.resolved_method.describe()}",
         f"- training: lr {train.lr}, batch {train.batch_size} x grad_accum {train.grad_accum}, "
         f"scheduler {train.scheduler}, seed {train.seed}",
     ]
@@ -122,44 +131,36 @@ def write_run_report(
         lines.append(
             f"- data: {data_report.get('train_rows')} train rows, {data_report.get('val_rows')} validation rows"
         )
-    lines += ["", "## Final numbers", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in metrics.items()]
+    return lines
 
-    def is_metric(key: str) -> bool:
-        return key.startswith("eval_") and not any(word in key for word in _NOT_METRICS)
 
-    history = [e for e in entries if any(is_metric(k) for k in e)]
-    if history:
-        keys = sorted({k for e in history for k in e if is_metric(k)})
-        # An evaluation logs its numbers in two lines (trainer loss, then lorakit's metrics): merge per step.
-        merged: dict[Any, dict[str, Any]] = {}
-        for entry in history:
-            merged.setdefault(entry.get("step"), {}).update(entry)
-        lines += [
-            "",
-            "## Evaluations",
-            "",
-            "| step | " + " | ".join(keys) + " |",
-            "|---" * (len(keys) + 1) + "|",
-        ]
-        for step, entry in list(merged.items())[-20:]:
-            lines.append(f"| {step} | " + " | ".join(_fmt(entry.get(k, "")) for k in keys) + " |")
-    if curves is not None:
-        lines += ["", "## Curves", "", f"![loss and metrics]({CURVES_FILE})"]
-    samples_path = output_dir / SAMPLES_LOG
-    if samples_path.is_file():
-        samples = read_log(samples_path)
-        if samples:
-            last = max(s.get("step", 0) for s in samples)
-            lines += ["", f"## Samples at step {last}", ""]
-            for sample in (s for s in samples if s.get("step") == last):
-                prompt = str(sample.get("prompt", "")).strip().replace("\n", " ")
-                lines.append(f"- `{prompt[-100:]}` -> {str(sample.get('generation', ''))[:200]!r}")
-    if trackers:
-        lines += ["", "## Trackers", ""] + [f"- {name}: {text}" for name, text in trackers.items()]
-    lines += ["", "Every logged step: `metrics.jsonl`. Config: `lorakit_run.json`.", ""]
-    path = output_dir / REPORT_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(redact("\n".join(lines)))
-    tmp.replace(path)
-    return path
+def _is_metric(key: str) -> bool:
+    return key.startswith("eval_") and not any(word in key for word in _NOT_METRICS)
+
+
+def _evaluations(entries: list[dict[str, Any]]) -> list[str]:
+    """The last 20 evaluations as a table (an evaluation logs two lines, trainer loss then lorakit's metrics:
+    merged per step)."""
+    history = [e for e in entries if any(_is_metric(k) for k in e)]
+    if not history:
+        return []
+    keys = sorted({k for e in history for k in e if _is_metric(k)})
+    merged: dict[Any, dict[str, Any]] = {}
+    for entry in history:
+        merged.setdefault(entry.get("step"), {}).update(entry)
+    lines = ["", "## Evaluations", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for step, entry in list(merged.items())[-20:]:
+        lines.append(f"| {step} | " + " | ".join(_fmt(entry.get(k, "")) for k in keys) + " |")
+    return lines
+
+
+def _samples(samples: list[dict[str, Any]]) -> list[str]:
+    """The generation samples of the last step that logged any."""
+    if not samples:
+        return []
+    last = max(s.get("step", 0) for s in samples)
+    lines = ["", f"## Samples at step {last}", ""]
+    for sample in (s for s in samples if s.get("step") == last):
+        prompt = str(sample.get("prompt", "")).strip().replace("\n", " ")
+        lines.append(f"- `{prompt[-100:]}` -> {str(sample.get('generation', ''))[:200]!r}")
+    return lines
