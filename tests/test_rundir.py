@@ -407,3 +407,32 @@ def test_prepare_resume(tmp_path):
         "metrics.jsonl",
         "samples.jsonl",
     ]
+
+
+# --- the tracker and the report write through the run directory --------------------------------------------
+
+
+def test_tracker_samples_and_report(tmp_path, monkeypatch, capsys):
+    import lorakit as lk
+    from lorakit.tracking import Tracker, write_run_report
+
+    monkeypatch.setenv("MY_API_TOKEN", "s3cr3t-value")
+    pipeline = (
+        lk.Pipeline.from_model("some/model").with_lora(r=4).with_dataset([{"prompt": "a", "completion": "b"}])
+    )
+    run = RunDir(tmp_path)
+    tracker = Tracker(pipeline, tmp_path)
+    tracker.log_samples(3, [{"step": 3, "prompt": "say s3cr3t-value", "generation": "ok"}])
+    assert run.read_samples() == [{"step": 3, "prompt": "say ***", "generation": "ok"}]
+    assert "lorakit samples at step 3" in capsys.readouterr().out
+    Tracker(pipeline, tmp_path, active=False).log_samples(4, [{"step": 4, "prompt": "p", "generation": "g"}])
+    assert len(run.read_samples()) == 1  # an inactive tracker (not the main process) writes nothing
+    run.log_metrics(1, {"loss": 2.0})
+    run.log_metrics(2, {"eval_loss": 1.5, "eval_runtime": 0.1})
+    path = write_run_report(tmp_path, pipeline=pipeline, metrics={"train_loss": 1.25})
+    assert path == run.report_file
+    report = path.read_text()
+    assert "| train_loss | 1.25 |" in report and "| 2 | 1.5 |" in report and "eval_runtime" not in report
+    assert "## Samples at step 3\n\n- `say ***` -> 'ok'" in report
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary file left
+    assert report.endswith("Every logged step: `metrics.jsonl`. Config: `lorakit_run.json`.\n")
