@@ -26,9 +26,10 @@ class PromptTemplate(Protocol):
     these members works (``get_template`` accepts it); it does not have to subclass anything.
 
     Saving a run stores ``to_dict()``; :func:`lorakit.templates.template_from_dict` rebuilds the template
-    from it. A template of your own should return ``{"class": "my_module:MyTemplate", ...}``: the class is
-    re-imported and rebuilt with ``MyTemplate.from_dict(d)`` if it defines one, else ``MyTemplate(**rest)``
-    with the other keys.
+    from it. A template of your own should return ``{"class": "my_module:MyTemplate", ...}`` and be decorated
+    with :func:`lorakit.templates.register_template_class` (only registered classes may be named in a file);
+    it is rebuilt with ``MyTemplate.from_dict(d)`` if it defines one, else ``MyTemplate(**rest)`` with the
+    other keys.
     """
 
     @property
