@@ -7,7 +7,16 @@ from typing import Any, Protocol, runtime_checkable
 
 from lorakit.errors import DataError
 
-__all__ = ["ROLES", "Message", "PromptTemplate", "Segment", "check_messages", "merge_segments", "user_text"]
+__all__ = [
+    "ROLES",
+    "Message",
+    "PromptTemplate",
+    "Segment",
+    "adds_bos",
+    "check_messages",
+    "merge_segments",
+    "user_text",
+]
 
 Segment = tuple[str, bool]
 """A piece of rendered text and whether it is trained (carries loss)."""
@@ -102,3 +111,13 @@ def user_text(message: Message) -> str:
     """The user's content with an alpaca ``input`` field, if any, appended after a blank line."""
     extra = message.get("input") or ""
     return f"{message['content']}\n\n{extra}" if extra else message["content"]
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts BOS first by default (so lorakit's encoder and exported templates do too)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and without[:1] != [bos]
