@@ -1,4 +1,5 @@
-"""The tokenized-data cache: a partial or stale entry is recomputed, any other error propagates."""
+"""Narrow error handling in data/: a partial or stale cache entry is recomputed (any other error
+propagates); unreadable tables and Parquet files are DataErrors with the cause attached."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import pytest
 
 import lorakit.data.prepare as prepare_module
-from lorakit.data import prepare_data
+from lorakit.data import load_source, prepare_data
+from lorakit.data.load import rows_to_dataset
+from lorakit.errors import DataError
 
 ROWS = [{"instruction": f"Say {i}.", "output": f"hello {i}"} for i in range(20)]
 
@@ -76,3 +79,25 @@ def test_other_errors_while_loading_the_cache_propagate(tmp_path, tiny_tokenizer
 
 def test_stale_cache_errors_are_exactly_these():
     assert prepare_module._STALE_CACHE_ERRORS == (OSError, ValueError, KeyError, TypeError)
+
+
+# --- load errors: narrowed, re-raised as DataError with the cause -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[{"output": "x"}, {"output": 1}], [{"output": [1]}, {"output": "x"}], [{"n": 1}, {"n": 2**70}]],
+    ids=["str-then-int", "list-then-str", "huge-int"],
+)
+def test_rows_that_cannot_form_a_table_are_a_data_error(rows):
+    with pytest.raises(DataError, match=r"^rows: the rows cannot form a table \(\w+: ") as caught:
+        rows_to_dataset(rows, "rows")
+    assert caught.value.__cause__ is not None
+
+
+def test_a_file_that_is_not_parquet_is_a_data_error(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_text("hello")
+    with pytest.raises(DataError, match=r"cannot read it as Parquet \(ArrowInvalid: ") as caught:
+        load_source(path)
+    assert caught.value.__cause__ is not None
