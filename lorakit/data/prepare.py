@@ -469,7 +469,7 @@ class _Options:
     train_on_inputs: bool
     packing: bool
     val_split: float
-    val_source: Any = attrs.field(repr=False)
+    val_source: Any = attrs.field(repr=False, eq=False)  # a DataFrame or Dataset: not compared
 
     def read_args(self) -> dict[str, Any]:
         """The keyword arguments of :func:`_read`."""
