@@ -20,6 +20,7 @@ from lorakit.templates import (
     Template,
     get_template,
     register_template,
+    register_template_class,
     template_from_dict,
 )
 
@@ -253,6 +254,7 @@ def test_register_template_rejects_duplicates_and_non_templates(monkeypatch):
     assert template_from_dict({"name": "my-zephyr"}) is ZEPHYR
 
 
+@register_template_class
 @attrs.frozen
 class ShoutTemplate:
     """A template that is not a lorakit class: it only satisfies the protocol."""
@@ -311,8 +313,10 @@ def test_builtins_have_the_expected_types():
 def test_template_from_dict_errors():
     with pytest.raises(ConfigError, match="Cannot rebuild a template from .*'nope'.* call register_template"):
         template_from_dict({"name": "nope"})
-    with pytest.raises(ConfigError, match="Cannot import template class 'no_such_module:X'"):
+    with pytest.raises(ConfigError, match="'no_such_module:X' is not a registered template class"):
         template_from_dict({"class": "no_such_module:X"})
+    with pytest.raises(ConfigError, match="Cannot import template class 'no_such_module:X'"):
+        template_from_dict({"class": "no_such_module:X"}, trust_template_classes=True)
     with pytest.raises(ConfigError, match="must look like 'package.module:ClassName'"):
         template_from_dict({"class": "ShoutTemplate"})
     with pytest.raises(ConfigError, match="Unknown Template field"):

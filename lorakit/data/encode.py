@@ -15,12 +15,16 @@ import attrs
 from lorakit.data.formats import TEXT_ROLE
 from lorakit.errors import ConfigError
 from lorakit.templates import get_template
-from lorakit.templates.base import Message, PromptTemplate, Segment, merge_segments
+from lorakit.templates.base import Message, PromptTemplate, Segment, adds_bos, merge_segments
 
 __all__ = ["IGNORE_INDEX", "OVERFLOW_POLICIES", "Encoded", "Encoder", "encode", "encode_prompt"]
 
 IGNORE_INDEX = -100
-"""The label of a token that carries no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
+"""The label of a token that carries no loss (PyTorch's ``cross_entropy`` default ``ignore_index``).
+
+This is its one home: every other module (collators, trainer, evaluation, methods) imports it from here
+(``from lorakit.data.encode import IGNORE_INDEX``, or ``lorakit.data.IGNORE_INDEX``) instead of spelling -100.
+"""
 
 _BATCH = 1024
 
@@ -70,7 +74,7 @@ class Encoder:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.bos_id: int | None = tokenizer.bos_token_id
-        self.adds_bos = _adds_bos(tokenizer)
+        self.adds_bos = adds_bos(tokenizer)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added."""
@@ -240,15 +244,6 @@ def encode_prompt(messages: Sequence[Message], template: PromptTemplate, tokeniz
     )
     ids, _ = encoder.join(segments, encoder.tokenize([text for text, _ in segments]))
     return ids
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    with_special = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return with_special[:1] == [bos] and without[:1] != [bos]
 
 
 def check_overflow(on_overflow: Any) -> None:

@@ -148,6 +148,7 @@ def read_source(source: Any, *, name: str | None = None, text_unit: str = "line"
 
 def rows_to_dataset(rows: list[dict[str, Any]], label: str) -> Dataset:
     """A Dataset with the union of the rows' fields as columns (a field a row lacks is None)."""
+    import pyarrow
     from datasets import Dataset
 
     columns: dict[str, None] = {}
@@ -155,7 +156,10 @@ def rows_to_dataset(rows: list[dict[str, Any]], label: str) -> Dataset:
         columns.update(dict.fromkeys(row))
     try:
         return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns})
-    except Exception as error:  # pyarrow type inference: e.g. a column mixing strings and numbers
+    except (
+        pyarrow.ArrowException,
+        OverflowError,
+    ) as error:  # type inference: a column mixing types, a huge int
         raise DataError(
             f"{label}: the rows cannot form a table ({type(error).__name__}: {error}). Give each field the "
             "same type in every row (e.g. quote numbers in 'output')."
@@ -258,11 +262,12 @@ def _read_plain_text(text: str, label: str, text_unit: str) -> Source:
 
 
 def _read_parquet(path: Path, label: str) -> Source:
-    try:
-        import pyarrow.parquet as pq
+    import pyarrow
+    import pyarrow.parquet as pq
 
+    try:
         table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises ArrowInvalid for a file that is not parquet
+    except (pyarrow.ArrowException, OSError) as error:  # ArrowInvalid: not a Parquet file
         raise DataError(
             f"{label}: cannot read it as Parquet ({type(error).__name__}: {error}). Check that the file is "
             "a Parquet file (e.g. written by pandas.DataFrame.to_parquet)."
@@ -297,7 +302,7 @@ def _read_hub(dataset_id: str, label: str) -> Source:
 
     try:
         loaded = load_dataset(dataset_id, split="train")
-    except Exception as error:  # no network, unknown id, gated dataset, ...
+    except Exception as error:  # datasets/huggingface_hub raise many types (offline, unknown id, gated, bad config): re-raised with context
         raise DataError(
             f"Cannot load {label!r}: it is not a local file or directory, and loading it as a Hugging Face "
             f"Hub dataset failed ({type(error).__name__}: {str(error)[:300]}). Check the path, or the dataset "

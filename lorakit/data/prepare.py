@@ -13,12 +13,15 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from lorakit import __version__
 from lorakit.data.encode import IGNORE_INDEX, Encoded, Encoder, _check_max_length, check_overflow
 from lorakit.data.formats import FORMATS, TEXT_ROLE, Format, detect_format, rename_columns, to_messages
 from lorakit.data.load import read_source
@@ -296,102 +299,18 @@ def prepare_data(
         ConfigError: an invalid option or template.
     """
     template = get_template(template)
-    _check_max_length(max_length)
-    check_overflow(on_overflow)
-    _check_options(
-        format=format, on_bad_row=on_bad_row, num_proc=num_proc, min_chars=min_chars, max_chars=max_chars
-    )
-    options = {
-        "format": format,
-        "columns": columns,
-        "on_bad_row": on_bad_row,
-        "dedup": dedup,
-        "min_chars": min_chars,
-        "max_chars": max_chars,
-        "text_unit": text_unit,
-    }
+    arguments = locals()  # every option by name, checked once in _Options
+    options = _Options(**{name: arguments[name] for name in attrs.fields_dict(_Options)})
     train_rows, val_rows, counts = _conversations(
-        source, val_split=val_split, seed=seed, val_source=val_source, **options
+        source, val_split=val_split, seed=seed, val_source=val_source, **options.read_args()
     )
-    settings = {
-        "max_length": max_length,
-        "train_on_inputs": train_on_inputs,
-        "on_overflow": on_overflow,
-        "packing": packing,
-    }
-    directory = cache_dir(cache)
-    key = None
-    if directory is not None:
-        key = _cache_key(train_rows, val_rows, tokenizer, template, settings, counts)
-        cached = _cache_load(directory / key)
-        if cached is not None:
-            return cached
-
-    encoder = Encoder(tokenizer)
-    encode_args = {"max_length": max_length, "train_on_inputs": train_on_inputs, "on_overflow": on_overflow}
-    train_encoded, bad_train = _encode(encoder, train_rows, template, encode_args, on_bad_row, num_proc)
-    val_encoded, bad_val = _encode(encoder, val_rows, template, encode_args, on_bad_row, num_proc)
-    counts["skipped_bad_rows"] += len(bad_train) + len(bad_val)
-    counts["bad_row_examples"] = (counts["bad_row_examples"] + bad_train + bad_val)[:_EXAMPLES_KEPT]
-
-    overflow = [(where, e) for where, e in [*train_encoded, *val_encoded] if e.overflow]
-    if overflow and on_overflow == "error":
-        where, first = overflow[0]
-        raise DataError(
-            f"{where}: {first.length_before} tokens, over max_length={max_length} "
-            f"({len(overflow)} example(s) are too long). Raise max_length, or pass "
-            "on_overflow='truncate_prompt' / 'truncate' / 'drop'."
-        )
-    every = [e for _, e in [*train_encoded, *val_encoded] if not e.overflow]
-    train_kept = [e for _, e in train_encoded if not e.overflow and e.has_trainable_tokens]
-    val_kept = [e for _, e in val_encoded if not e.overflow and e.has_trainable_tokens]
-    report = DataReport(
-        source=counts["source"],
-        format=counts["format"],
-        max_length=max_length,
-        rows_loaded=counts["rows_loaded"],
-        dropped_empty_response=counts["dropped_empty_response"],
-        truncated=sum(e.truncated and e.has_trainable_tokens for e in every),
-        truncated_response=sum(e.reply_cut and e.has_trainable_tokens for e in every),
-        dropped_no_trainable_tokens=sum(not e.has_trainable_tokens for e in every),
-        train_rows=len(train_kept),
-        val_rows=len(val_kept),
-        train_tokens=sum(len(e.input_ids) for e in train_kept),
-        trained_tokens=sum(e.n_trained_tokens for e in train_kept),
-        skipped_bad_rows=counts["skipped_bad_rows"],
-        bad_row_examples=tuple(counts["bad_row_examples"]),
-        skipped_blank_lines=counts["skipped_blank_lines"],
-        stripped_rows=counts["stripped"],
-        nfc_normalized_rows=counts["nfc_normalized"],
-        dropped_duplicates=counts["dropped_duplicates"],
-        dropped_too_short=counts["dropped_too_short"],
-        dropped_too_long_chars=counts["dropped_too_long_chars"],
-        dropped_overflow=len(overflow),
-        on_overflow=on_overflow,
-        **_audit(train_kept + val_kept, train_kept, tokenizer, template),
-    )
-    if not train_kept:
-        raise DataError(
-            f"No training rows left from {report.source}: {report.rows_loaded} loaded, "
-            f"{report.dropped_empty_response} with an empty reply, "
-            f"{report.dropped_no_trainable_tokens} with no reply token within max_length={max_length}, "
-            f"{report.dropped_overflow} over max_length dropped, {report.dropped_duplicates} duplicates, "
-            f"{report.skipped_bad_rows} bad rows skipped, {len(val_kept)} in validation. Raise max_length, "
-            "fix the replies, or lower val_split."
-        )
-    use_val = val_source is not None or val_split > 0
-    train_set = _to_dataset(train_kept, packing=packing, max_length=max_length)
-    val_set = _to_dataset(val_kept, packing=packing, max_length=max_length) if use_val and val_kept else None
-    if packing:
-        report = attrs.evolve(
-            report,
-            packing=True,
-            packed_sequences=len(train_set),
-            packing_efficiency=round(report.train_tokens / (len(train_set) * max_length), 4),
-        )
-    prepared = PreparedData(train=train_set, val=val_set, report=report)
-    if directory is not None and key is not None:
-        _cache_store(directory / key, prepared)
+    entry = _cache_entry(cache, train_rows, val_rows, tokenizer, template, options, counts)
+    cached = _cache_load(entry) if entry is not None else None
+    if cached is not None:
+        return cached
+    prepared = _tokenize(train_rows, val_rows, counts, tokenizer, template, options)
+    if entry is not None:
+        _cache_store(entry, prepared)
     return prepared
 
 
@@ -505,6 +424,7 @@ def cache_dir(cache: bool | str | Path | None = True) -> Path | None:
 # --- steps ------------------------------------------------------------------------------------------------
 
 _Row = tuple[str, list[dict[str, Any]]]  # (where, messages)
+_Located = list[tuple[str, Encoded]]  # encoded rows with their locations
 
 
 def _check_val_split(val_split: Any) -> None:
@@ -512,19 +432,179 @@ def _check_val_split(val_split: Any) -> None:
         raise ConfigError(f"`val_split` must be in [0, 1), got {val_split!r}. Use e.g. 0.1, or 0 for none.")
 
 
-def _check_options(**options: Any) -> None:
-    fmt = options["format"]
-    if fmt is not None and fmt not in FORMATS:
-        raise ConfigError(f"`format` must be one of {', '.join(FORMATS)} or None (detect), got {fmt!r}.")
-    if options["on_bad_row"] not in BAD_ROW_POLICIES:
-        raise ConfigError(f"`on_bad_row` must be 'error' or 'skip', got {options['on_bad_row']!r}.")
-    num_proc = options["num_proc"]
-    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
-        raise ConfigError(f"`num_proc` must be a positive integer or None, got {num_proc!r}.")
-    for name in ("min_chars", "max_chars"):
-        value = options[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ConfigError(f"`{name}` must be a non-negative integer or None, got {value!r}.")
+def _check_format(instance: Any, attribute: Any, value: Any) -> None:
+    if value is not None and value not in FORMATS:
+        raise ConfigError(f"`format` must be one of {', '.join(FORMATS)} or None (detect), got {value!r}.")
+
+
+def _check_on_bad_row(instance: Any, attribute: Any, value: Any) -> None:
+    if value not in BAD_ROW_POLICIES:
+        raise ConfigError(f"`on_bad_row` must be 'error' or 'skip', got {value!r}.")
+
+
+def _check_num_proc(instance: Any, attribute: Any, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"`num_proc` must be a positive integer or None, got {value!r}.")
+
+
+def _check_chars(instance: Any, attribute: Any, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"`{attribute.name}` must be a non-negative integer or None, got {value!r}.")
+
+
+@attrs.frozen
+class _Options:
+    """The options of :func:`prepare_data`, checked in this order when built."""
+
+    max_length: int = attrs.field(validator=lambda _i, _a, value: _check_max_length(value))
+    on_overflow: str = attrs.field(validator=lambda _i, _a, value: check_overflow(value))
+    format: str | None = attrs.field(validator=_check_format)
+    on_bad_row: str = attrs.field(validator=_check_on_bad_row)
+    num_proc: int | None = attrs.field(validator=_check_num_proc)
+    min_chars: int | None = attrs.field(validator=_check_chars)
+    max_chars: int | None = attrs.field(validator=_check_chars)
+    columns: Mapping[str, str] | None
+    dedup: bool
+    text_unit: str
+    train_on_inputs: bool
+    packing: bool
+    val_split: float
+    val_source: Any = attrs.field(repr=False, eq=False)  # a DataFrame or Dataset: not compared
+
+    def read_args(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`_read`."""
+        names = ("format", "columns", "on_bad_row", "dedup", "min_chars", "max_chars", "text_unit")
+        return {name: getattr(self, name) for name in names}
+
+    def encode_args(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`Encoder.fit`."""
+        return {
+            "max_length": self.max_length,
+            "train_on_inputs": self.train_on_inputs,
+            "on_overflow": self.on_overflow,
+        }
+
+    def cache_settings(self) -> dict[str, Any]:
+        """The token-side settings in the cache key."""
+        return {**self.encode_args(), "packing": self.packing}
+
+
+def _tokenize(
+    train_rows: list[_Row],
+    val_rows: list[_Row],
+    counts: dict[str, Any],
+    tokenizer: Any,
+    template: PromptTemplate,
+    options: _Options,
+) -> PreparedData:
+    """Render and tokenize both splits, apply the overflow policy, audit, and build the datasets."""
+    encoder = Encoder(tokenizer)
+    train_encoded, bad_train = _encode(
+        encoder, train_rows, template, options.encode_args(), options.on_bad_row, options.num_proc
+    )
+    val_encoded, bad_val = _encode(
+        encoder, val_rows, template, options.encode_args(), options.on_bad_row, options.num_proc
+    )
+    counts["skipped_bad_rows"] += len(bad_train) + len(bad_val)
+    counts["bad_row_examples"] = (counts["bad_row_examples"] + bad_train + bad_val)[:_EXAMPLES_KEPT]
+    n_overflow = _apply_overflow_policy(
+        [*train_encoded, *val_encoded], options.max_length, options.on_overflow
+    )
+    train_kept, val_kept = _trainable(train_encoded), _trainable(val_encoded)
+    every = [e for _, e in [*train_encoded, *val_encoded] if not e.overflow]
+    report = _report(counts, every, train_kept, val_kept, n_overflow, tokenizer, template, options)
+    _check_rows_left(report, n_val=len(val_kept))
+    return _datasets(train_kept, val_kept, report, options)
+
+
+def _apply_overflow_policy(encoded: _Located, max_length: int, on_overflow: str) -> int:
+    """How many examples are over ``max_length``; with ``on_overflow="error"`` any is a DataError."""
+    overflow = [(where, e) for where, e in encoded if e.overflow]
+    if overflow and on_overflow == "error":
+        where, first = overflow[0]
+        raise DataError(
+            f"{where}: {first.length_before} tokens, over max_length={max_length} "
+            f"({len(overflow)} example(s) are too long). Raise max_length, or pass "
+            "on_overflow='truncate_prompt' / 'truncate' / 'drop'."
+        )
+    return len(overflow)
+
+
+def _trainable(encoded: _Located) -> list[Encoded]:
+    """The examples kept: within ``max_length`` (or cut to it) and with at least one trained token."""
+    return [e for _, e in encoded if not e.overflow and e.has_trainable_tokens]
+
+
+def _report(
+    counts: dict[str, Any],
+    every: list[Encoded],
+    train_kept: list[Encoded],
+    val_kept: list[Encoded],
+    n_overflow: int,
+    tokenizer: Any,
+    template: PromptTemplate,
+    options: _Options,
+) -> DataReport:
+    """The :class:`DataReport`: the counts so far, the token-side counts and the audit."""
+    return DataReport(
+        source=counts["source"],
+        format=counts["format"],
+        max_length=options.max_length,
+        rows_loaded=counts["rows_loaded"],
+        dropped_empty_response=counts["dropped_empty_response"],
+        truncated=sum(e.truncated and e.has_trainable_tokens for e in every),
+        truncated_response=sum(e.reply_cut and e.has_trainable_tokens for e in every),
+        dropped_no_trainable_tokens=sum(not e.has_trainable_tokens for e in every),
+        train_rows=len(train_kept),
+        val_rows=len(val_kept),
+        train_tokens=sum(len(e.input_ids) for e in train_kept),
+        trained_tokens=sum(e.n_trained_tokens for e in train_kept),
+        skipped_bad_rows=counts["skipped_bad_rows"],
+        bad_row_examples=tuple(counts["bad_row_examples"]),
+        skipped_blank_lines=counts["skipped_blank_lines"],
+        stripped_rows=counts["stripped"],
+        nfc_normalized_rows=counts["nfc_normalized"],
+        dropped_duplicates=counts["dropped_duplicates"],
+        dropped_too_short=counts["dropped_too_short"],
+        dropped_too_long_chars=counts["dropped_too_long_chars"],
+        dropped_overflow=n_overflow,
+        on_overflow=options.on_overflow,
+        **_audit(train_kept + val_kept, train_kept, tokenizer, template),
+    )
+
+
+def _check_rows_left(report: DataReport, *, n_val: int) -> None:
+    if report.train_rows == 0:
+        raise DataError(
+            f"No training rows left from {report.source}: {report.rows_loaded} loaded, "
+            f"{report.dropped_empty_response} with an empty reply, "
+            f"{report.dropped_no_trainable_tokens} with no reply token within max_length={report.max_length}, "
+            f"{report.dropped_overflow} over max_length dropped, {report.dropped_duplicates} duplicates, "
+            f"{report.skipped_bad_rows} bad rows skipped, {n_val} in validation. Raise max_length, "
+            "fix the replies, or lower val_split."
+        )
+
+
+def _datasets(
+    train_kept: list[Encoded], val_kept: list[Encoded], report: DataReport, options: _Options
+) -> PreparedData:
+    """The train / validation datasets (packed if asked), and the report with the packing numbers."""
+    max_length = options.max_length
+    train_set = _to_dataset(train_kept, packing=options.packing, max_length=max_length)
+    use_val = options.val_source is not None or options.val_split > 0
+    val_set = (
+        _to_dataset(val_kept, packing=options.packing, max_length=max_length)
+        if use_val and val_kept
+        else None
+    )
+    if options.packing:
+        report = attrs.evolve(
+            report,
+            packing=True,
+            packed_sequences=len(train_set),
+            packing_efficiency=round(report.train_tokens / (len(train_set) * max_length), 4),
+        )
+    return PreparedData(train=train_set, val=val_set, report=report)
 
 
 def _conversations(
@@ -565,14 +645,24 @@ def _read(
     max_chars: int | None,
     text_unit: str,
 ) -> tuple[list[_Row], str, str]:
+    """The cleaned conversations of one source, its label and its row format."""
     read = read_source(source, text_unit=text_unit)
     rows = rename_columns(read.rows, columns, source_name=read.label)
     present: dict[str, None] = {}
     for row in rows:
         present.update(dict.fromkeys(row))
-    fmt: Format = format or detect_format(present)  # type: ignore[assignment]  # checked by _check_options
+    fmt: Format = format or detect_format(present)  # type: ignore[assignment]  # checked by _Options
     counts["rows_loaded"] += len(rows)
     counts["skipped_blank_lines"] += read.skipped_blank
+    conversations = _convert(read, rows, fmt, counts, on_bad_row=on_bad_row)
+    kept = _filter(conversations, counts, dedup=dedup, min_chars=min_chars, max_chars=max_chars)
+    return kept, read.label, fmt
+
+
+def _convert(
+    read: Any, rows: list[dict[str, Any]], fmt: Format, counts: dict[str, Any], *, on_bad_row: str
+) -> list[_Row]:
+    """Each row as messages with its location; a bad row raises, or is skipped and counted."""
     conversations: list[_Row] = []
     for index, row in enumerate(rows):
         line = read.lines[index] if read.lines is not None else None
@@ -592,6 +682,18 @@ def _read(
             counts["bad_row_examples"].append(str(error))
             continue
         conversations.append((read.where(index), messages))
+    return conversations
+
+
+def _filter(
+    conversations: list[_Row],
+    counts: dict[str, Any],
+    *,
+    dedup: bool,
+    min_chars: int | None,
+    max_chars: int | None,
+) -> list[_Row]:
+    """Drop (and count) empty replies, exact duplicates and rows outside the character limits."""
     seen: set[str] = set()
     kept: list[_Row] = []
     for where, messages in conversations:
@@ -612,7 +714,7 @@ def _read(
             counts["dropped_too_long_chars"] += 1
             continue
         kept.append((where, messages))
-    return kept, read.label, fmt
+    return kept
 
 
 def _has_replies(messages: Sequence[dict[str, Any]]) -> bool:
@@ -788,17 +890,21 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def _cache_key(
+def _cache_entry(
+    cache: bool | str | Path,
     train: list[_Row],
     val: list[_Row],
     tokenizer: Any,
     template: PromptTemplate,
-    settings: dict[str, Any],
+    options: _Options,
     counts: dict[str, Any],
-) -> str:
+) -> Path | None:
+    """The cache directory of this exact call (rows, tokenizer, template, settings); None with caching off."""
+    directory = cache_dir(cache)
+    if directory is None:
+        return None
     digest = hashlib.sha256()
-    from lorakit import __version__
-
+    settings = options.cache_settings()
     digest.update(
         json.dumps([CACHE_VERSION, __version__, settings, counts], sort_keys=True, default=str).encode()
     )
@@ -808,27 +914,39 @@ def _cache_key(
         digest.update(b"\x01")
         for where, messages in rows:
             digest.update(json.dumps([where, messages], sort_keys=True, ensure_ascii=False).encode())
-    return digest.hexdigest()[:32]
+    return directory / digest.hexdigest()[:32]
 
 
 def _cache_load(path: Path) -> PreparedData | None:
+    """The cached result at ``path``; None when there is none, or the entry is partial or stale.
+
+    A partial entry (a file cut short or missing) or a stale one (written by another lorakit or datasets
+    version) raises one of :data:`_STALE_CACHE_ERRORS` and is recomputed; any other error propagates.
+    """
     if not (path / "report.json").is_file():
         return None
     from datasets import load_from_disk
 
     try:
-        report = DataReport.from_dict(json.loads((path / "report.json").read_text()))
+        raw = json.loads((path / "report.json").read_text())
+        if not isinstance(raw, dict):
+            return None
+        report = DataReport.from_dict(raw)
         train = load_from_disk(str(path / "train"))
         val = load_from_disk(str(path / "val")) if (path / "val").is_dir() else None
-    except Exception:  # a partial or stale entry: recompute
+    except _STALE_CACHE_ERRORS:
         return None
     return PreparedData(train=train, val=val, report=attrs.evolve(report, cache_hit=True))
 
 
-def _cache_store(path: Path, prepared: PreparedData) -> None:
-    import shutil
-    import tempfile
+_STALE_CACHE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, TypeError)
+"""What reading a partial or stale cache entry raises: a missing file (FileNotFoundError), a file cut short
+(json.JSONDecodeError, UnicodeDecodeError and pyarrow's ArrowInvalid are ValueErrors), a datasets
+``state.json`` without a key it needs (KeyError) or of another shape (TypeError), a report without a field
+this version needs (TypeError). Anything else (a bug, MemoryError, KeyboardInterrupt) propagates."""
 
+
+def _cache_store(path: Path, prepared: PreparedData) -> None:
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     quiet = not are_progress_bars_disabled()

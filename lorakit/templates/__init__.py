@@ -15,6 +15,12 @@ in place of the tokenizer's template.
 Formats of your own: ``Template(name, user=..., assistant=..., ...)`` from format strings, optionally
 registered under a name with :func:`register_template`.
 
+Template classes of your own (saved as ``{"class": "module:Name", ...}``): a run record, YAML config or
+``data.template`` may only name a class registered in :data:`TEMPLATE_CLASSES` (the built-ins, and classes
+decorated with :func:`register_template_class`). Any other class path raises a ConfigError before its module
+is imported, so a file cannot make lorakit import and call arbitrary code (``{"class": "subprocess:run"}``),
+unless the caller opts in with ``trust_template_classes=True``.
+
 Example:
     >>> from lorakit.templates import get_template
     >>> get_template("chatml").stop_strings(tokenizer=None)
@@ -46,6 +52,7 @@ from lorakit.templates.model import ModelTemplate
 
 __all__ = [
     "TEMPLATES",
+    "TEMPLATE_CLASSES",
     "AlpacaTemplate",
     "Message",
     "ModelTemplate",
@@ -54,6 +61,7 @@ __all__ = [
     "Template",
     "get_template",
     "register_template",
+    "register_template_class",
     "template_from_dict",
 ]
 
@@ -70,6 +78,51 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "model": ModelTemplate(),
 }
 """Every template known by name. Add to it with :func:`register_template`."""
+
+TEMPLATE_CLASSES: dict[str, type] = {}
+"""The template classes a ``{"class": "module:QualName", ...}`` dict may name, by that class path.
+
+Add to it with :func:`register_template_class`. A dict naming any other class is refused (before anything
+is imported) unless the caller passes ``trust_template_classes=True``.
+"""
+
+_TEMPLATE_MEMBERS = ("render", "stop_strings", "to_dict")
+
+
+def _class_path(cls: type) -> str:
+    """``"module:QualName"``: how a template's ``to_dict()`` names its class."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_template_class(cls: type) -> type:
+    """Allow ``cls`` to be named as ``{"class": "module:QualName", ...}`` in a run record or config file.
+
+    Use it as a class decorator on a template of your own (or call it before loading a run that saved one)::
+
+        @register_template_class
+        @attrs.frozen
+        class ShoutTemplate: ...
+
+    Registering a class again under the same path (e.g. a notebook cell run twice) replaces the entry.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        ConfigError: ``cls`` is not a class with ``render()``, ``stop_strings()`` and ``to_dict()``.
+    """
+    if not isinstance(cls, type) or not all(callable(getattr(cls, m, None)) for m in _TEMPLATE_MEMBERS):
+        raise ConfigError(
+            f"register_template_class() needs a template class (with render(), stop_strings() and to_dict()), "
+            f"got {cls!r}."
+        )
+    TEMPLATE_CLASSES[_class_path(cls)] = cls
+    return cls
+
+
+for _builtin_class in (AlpacaTemplate, ModelTemplate, Template):
+    register_template_class(_builtin_class)
+del _builtin_class
 
 
 def register_template(name: str, template: PromptTemplate) -> None:
@@ -93,8 +146,12 @@ def register_template(name: str, template: PromptTemplate) -> None:
     TEMPLATES[name] = template
 
 
-def get_template(name_or_template: str | Mapping[str, Any] | PromptTemplate) -> PromptTemplate:
+def get_template(
+    name_or_template: str | Mapping[str, Any] | PromptTemplate, *, trust_template_classes: bool = False
+) -> PromptTemplate:
     """The template registered under a name, a Jinja chat template string, one rebuilt from ``to_dict()`` output, or the object itself.
+
+    ``trust_template_classes`` is passed to :func:`template_from_dict` for a dict.
 
     Raises:
         ConfigError: an unknown name (the message lists the known ones) or an object that is not a template.
@@ -110,7 +167,7 @@ def get_template(name_or_template: str | Mapping[str, Any] | PromptTemplate) -> 
             )
         return template
     if isinstance(name_or_template, Mapping):
-        return template_from_dict(name_or_template)
+        return template_from_dict(name_or_template, trust_template_classes=trust_template_classes)
     if isinstance(name_or_template, PromptTemplate):
         return name_or_template
     raise ConfigError(
@@ -119,21 +176,27 @@ def get_template(name_or_template: str | Mapping[str, Any] | PromptTemplate) -> 
     )
 
 
-def template_from_dict(data: Mapping[str, Any]) -> PromptTemplate:
+def template_from_dict(data: Mapping[str, Any], *, trust_template_classes: bool = False) -> PromptTemplate:
     """Rebuild a template from its ``to_dict()`` output.
 
-    - ``{"class": "module:QualName", ...}``: the class is imported and built with ``cls.from_dict(data)`` if
-      it has one, else ``cls(**rest)`` with the other keys.
+    - ``{"class": "module:QualName", ...}``: a class registered in :data:`TEMPLATE_CLASSES`, built with
+      ``cls.from_dict(data)`` if it has one, else ``cls(**rest)`` with the other keys.
     - ``{"kind": "format", ...}``: a :class:`Template`.
     - ``{"name": ...}``: the template registered under that name.
 
+    Args:
+        data: the dict, e.g. read from a run record or a YAML config.
+        trust_template_classes: also import and build a ``"class"`` that is not registered. Only for files
+            you trust: importing a module and calling the class runs its code.
+
     Raises:
-        ConfigError: the dict matches none of these, or the class cannot be imported.
+        ConfigError: the dict matches none of these, it names an unregistered class (without
+            ``trust_template_classes=True``; nothing is imported then), or the class cannot be imported.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"template_from_dict() needs a dict, got {type(data).__name__}.")
     if "class" in data:
-        cls = _import_class(data["class"])
+        cls = _template_class(data["class"], trust=trust_template_classes)
         if hasattr(cls, "from_dict"):
             template = cls.from_dict(dict(data))
         else:
@@ -151,9 +214,30 @@ def template_from_dict(data: Mapping[str, Any]) -> PromptTemplate:
     )
 
 
-def _import_class(path: Any) -> Any:
+def _template_class(path: Any, *, trust: bool) -> type:
+    """The registered class at ``path``; an unregistered one is imported only when ``trust`` is set."""
     if not isinstance(path, str) or ":" not in path:
         raise ConfigError(f"A template 'class' must look like 'package.module:ClassName', got {path!r}.")
+    registered = TEMPLATE_CLASSES.get(path)
+    if registered is not None:
+        return registered
+    if not trust:
+        raise ConfigError(
+            f"Template class {path!r} is not a registered template class, so it was not imported (a run "
+            "record or config file could otherwise make lorakit run any code). If you wrote it, register it "
+            "before loading: decorate the class with @lorakit.templates.register_template_class (or call "
+            "register_template_class(cls)); or, for a file you trust, pass trust_template_classes=True."
+        )
+    target = _import_class(path)
+    if not isinstance(target, type) or not all(callable(getattr(target, m, None)) for m in _TEMPLATE_MEMBERS):
+        raise ConfigError(
+            f"Template class {path!r} is not a template class (a class with render(), stop_strings() and "
+            f"to_dict()); got {target!r}. It was imported but not called."
+        )
+    return target
+
+
+def _import_class(path: str) -> Any:
     module_name, _, qualname = path.partition(":")
     try:
         target: Any = importlib.import_module(module_name)

@@ -7,7 +7,16 @@ from typing import Any, Protocol, runtime_checkable
 
 from lorakit.errors import DataError
 
-__all__ = ["ROLES", "Message", "PromptTemplate", "Segment", "check_messages", "merge_segments", "user_text"]
+__all__ = [
+    "ROLES",
+    "Message",
+    "PromptTemplate",
+    "Segment",
+    "adds_bos",
+    "check_messages",
+    "merge_segments",
+    "user_text",
+]
 
 Segment = tuple[str, bool]
 """A piece of rendered text and whether it is trained (carries loss)."""
@@ -26,9 +35,10 @@ class PromptTemplate(Protocol):
     these members works (``get_template`` accepts it); it does not have to subclass anything.
 
     Saving a run stores ``to_dict()``; :func:`lorakit.templates.template_from_dict` rebuilds the template
-    from it. A template of your own should return ``{"class": "my_module:MyTemplate", ...}``: the class is
-    re-imported and rebuilt with ``MyTemplate.from_dict(d)`` if it defines one, else ``MyTemplate(**rest)``
-    with the other keys.
+    from it. A template of your own should return ``{"class": "my_module:MyTemplate", ...}`` and be decorated
+    with :func:`lorakit.templates.register_template_class` (only registered classes may be named in a file);
+    it is rebuilt with ``MyTemplate.from_dict(d)`` if it defines one, else ``MyTemplate(**rest)`` with the
+    other keys.
     """
 
     @property
@@ -101,3 +111,13 @@ def user_text(message: Message) -> str:
     """The user's content with an alpaca ``input`` field, if any, appended after a blank line."""
     extra = message.get("input") or ""
     return f"{message['content']}\n\n{extra}" if extra else message["content"]
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts BOS first by default (so lorakit's encoder and exported templates do too)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and without[:1] != [bos]

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.templates.base import PromptTemplate
+from lorakit.templates.base import PromptTemplate, adds_bos
 from lorakit.templates.builtin import PREAMBLE, PREAMBLE_WITH_INPUT, AlpacaTemplate
 from lorakit.templates.format import Template
 from lorakit.templates.model import ModelTemplate
@@ -117,8 +117,6 @@ def to_chat_template(template: PromptTemplate, tokenizer: Any) -> str:
     Raises:
         ConfigError: a template of another kind (a user class), which cannot be translated.
     """
-    from lorakit.data.encode import _adds_bos
-
     if isinstance(template, AlpacaTemplate):
         body = _alpaca_template()
     elif isinstance(template, Template):
@@ -135,4 +133,4 @@ def to_chat_template(template: PromptTemplate, tokenizer: Any) -> str:
             "Jinja chat template: only built-in, Template(...) and 'model' templates can be exported. Pass "
             "chat_template=False to save() to keep the tokenizer's own, or chat_template='<jinja>' to set one."
         )
-    return _with_bos(body) if _adds_bos(tokenizer) else body
+    return _with_bos(body) if adds_bos(tokenizer) else body

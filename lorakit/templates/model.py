@@ -112,7 +112,7 @@ def _apply(
             add_generation_prompt=add_generation_prompt,
             **({"chat_template": chat_template} if chat_template is not None else {}),
         )
-    except Exception as error:  # jinja raises its own errors, e.g. "roles must alternate"
+    except Exception as error:  # a chat template is user code: jinja2.TemplateError (e.g. "roles must alternate"), or any error its filters raise; re-raised with context
         raise ConfigError(
             f"The tokenizer's chat_template failed to render {len(messages)} message(s): {error}. "
             "Fix the conversation, or pass template='chatml' or a Template(...) of your own."
