@@ -401,6 +401,7 @@ def _activation_part(
 ) -> tuple[int, int]:
     """(sequence length, activation bytes) of one micro-batch of full-length sequences."""
     default_length = attrs.fields(DataSpec).max_length.default
+    assert isinstance(default_length, int)
     seq_len = pipeline.data.max_length if pipeline.data is not None else default_length
     if pipeline.data is None:
         notes.append(f"sequence length {seq_len} (DataSpec default) until with_dataset(max_length=...)")

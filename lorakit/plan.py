@@ -250,10 +250,11 @@ def make_plan(pipeline: Pipeline) -> Plan:
     targeted = getattr(peft_model, "targeted_module_names", None) or []  # prompt-based methods target none
     targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in targeted}))
     method_spec = pipeline.resolved_method
-    full = isinstance(method_spec, FullSpec)  # method hook pending (issue 15 item 5)
-    if full:  # no adapter: the modules trained in full
+    base_model = peft_model
+    if isinstance(method_spec, FullSpec):  # no adapter: the modules trained in full (method hook pending)
         targets = tuple(name or "all parameters" for name in trained_modules(peft_model, method_spec))
-    base_model = peft_model if full else peft_model.get_base_model()
+    else:
+        base_model = peft_model.get_base_model()
     precision = resolve_precision(pipeline.training.precision)
     device = device_kind()
     grad_ckpt = decide_grad_checkpointing(pipeline.training, method_spec, device, pipeline.distribution)
