@@ -466,6 +466,9 @@ def launch(
     This is what ``lorakit train CONFIG --num-processes N`` runs. ``num_processes`` defaults to the pipeline's
     ``distributed(num_processes=...)`` (2 without one). Machines other than rank 0 of a multi-machine job run
     the same call with their ``machine_rank``.
+
+    A config (dict, file or run directory) is checked here as far as launching reads it (model, method,
+    quantization, training and distributed sections); each process builds the whole pipeline from it.
     """
     if isinstance(pipeline, (Mapping, str, Path)):
         config = dict(pipeline) if isinstance(pipeline, Mapping) else _read_config(Path(pipeline))
