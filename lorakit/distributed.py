@@ -26,12 +26,17 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from lorakit.config import ModelSpec, QuantSpec, TrainSpec
 from lorakit.errors import ConfigError, MissingDependencyError
+from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
+from lorakit.models import load_model_config
+from lorakit.plan import decide_grad_checkpointing
 
 if TYPE_CHECKING:
     from lorakit.pipeline import Pipeline
@@ -148,7 +153,10 @@ def _env_int(name: str, default: int = 1) -> int:
 
 def check_spec_against(pipeline: Pipeline, spec: DistributedSpec) -> None:
     """Cross-checks with the rest of the pipeline, raised when ``distributed()`` is called or a run starts."""
-    quant = pipeline.quant
+    _check_quant(pipeline.quant, spec)
+
+
+def _check_quant(quant: QuantSpec | None, spec: DistributedSpec) -> None:
     if quant is not None and quant.bits == 8 and spec.strategy != "ddp":
         raise ConfigError(
             f"distributed({spec.strategy!r}) with quantize_8bit(): bitsandbytes int8 weights cannot be sharded. "
@@ -167,14 +175,9 @@ def preflight(pipeline: Pipeline, *, cuda: bool) -> None:
     spec = pipeline.distribution
     if spec is not None:
         check_spec_against(pipeline, spec)
-        if spec.strategy != "ddp" and not cuda:
-            raise ConfigError(
-                f"distributed({spec.strategy!r}) needs CUDA GPUs and none is available; through the Trainer on "
-                "CPU it would silently become plain DDP. Use distributed('ddp') (gloo on CPU) or run on GPUs."
-            )
+        if not cuda:
+            _require_cuda(spec)
         if spec.strategy == "deepspeed":
-            from importlib.util import find_spec
-
             if find_spec("deepspeed") is None:
                 raise MissingDependencyError(
                     "distributed('deepspeed') needs deepspeed: pip install deepspeed (on a CUDA machine)."
@@ -184,6 +187,15 @@ def preflight(pipeline: Pipeline, *, cuda: bool) -> None:
         raise ConfigError(
             f"WORLD_SIZE={world} is set but MASTER_ADDR is not: these processes cannot find each other and "
             f"would train {world} unsynchronised copies. {_LAUNCH_FIX}"
+        )
+
+
+def _require_cuda(spec: DistributedSpec) -> None:
+    """FSDP and DeepSpeed through the Trainer need CUDA (on CPU they silently become plain DDP)."""
+    if spec.strategy != "ddp":
+        raise ConfigError(
+            f"distributed({spec.strategy!r}) needs CUDA GPUs and none is available; through the Trainer on "
+            "CPU it would silently become plain DDP. Use distributed('ddp') (gloo on CPU) or run on GPUs."
         )
 
 
@@ -235,8 +247,6 @@ def _layer_classes(pipeline: Pipeline) -> list[str]:
     from the model config without loading weights."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import load_model_config
-
     assert pipeline.model is not None
     config = load_model_config(pipeline.model)
     try:
@@ -246,72 +256,78 @@ def _layer_classes(pipeline: Pipeline) -> list[str]:
     return list(getattr(model_class, "_no_split_modules", None) or [])
 
 
-def training_arguments(pipeline: Pipeline, *, layer_classes: Sequence[str] | None = None) -> dict[str, Any]:
+def training_arguments(
+    pipeline: Pipeline, *, layer_classes: Sequence[str] | None = None, device: str = "cuda"
+) -> dict[str, Any]:
     """The ``TrainingArguments`` / ``SFTConfig`` keywords of the pipeline's distributed set-up.
 
     DDP adds nothing but ``ddp_find_unused_parameters=False`` (frozen base weights get no gradient, and
     searching for them every step costs time). FSDP returns ``fsdp`` and an FSDP2 ``fsdp_config`` wrapping one
     decoder layer per unit; with QLoRA the weights load straight to their shards
     (``cpu_ram_efficient_loading``). DeepSpeed returns a ZeRO-2/3 ``deepspeed`` dict whose batch and precision
-    fields are ``"auto"`` (filled from the TrainingArguments).
+    fields are ``"auto"`` (filled from the TrainingArguments). Gradient checkpointing follows
+    :func:`lorakit.plan.decide_grad_checkpointing` on ``device`` (FSDP and DeepSpeed run on CUDA).
     """
     spec = pipeline.distribution
     if spec is None:
         return {"ddp_find_unused_parameters": False}
     check_spec_against(pipeline, spec)
-    from lorakit.methods import supports_grad_checkpointing
-
-    grad_ckpt = pipeline.training.grad_checkpointing
-    if not supports_grad_checkpointing(pipeline.resolved_method):
-        grad_ckpt = False  # prefix methods: neither the Trainer's nor FSDP's activation checkpointing
+    grad_ckpt = decide_grad_checkpointing(pipeline.training, pipeline.resolved_method, device, spec)
     kwargs: dict[str, Any] = {"ddp_find_unused_parameters": False}
-    if grad_ckpt is not False:
+    if grad_ckpt.on and not grad_ckpt.by_fsdp:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if spec.strategy == "fsdp":
         classes = list(layer_classes) if layer_classes is not None else _layer_classes(pipeline)
-        fsdp_config: dict[str, Any] = {
-            "version": 2,
-            "reshard_after_forward": spec.sharding == "full_shard",
-            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "cpu_ram_efficient_loading": True,
-            "state_dict_type": "FULL_STATE_DICT",
-            "cpu_offload": spec.cpu_offload,
-        }
-        if classes:
-            fsdp_config["transformer_layer_cls_to_wrap"] = classes
-        if grad_ckpt is not False:
+        kwargs.update(fsdp=True, fsdp_config=_fsdp_config(spec, classes))
+        if grad_ckpt.by_fsdp:
             # FSDP's own activation checkpointing, not the Trainer's (which costs an extra AllGather)
-            fsdp_config["activation_checkpointing"] = True
+            kwargs["fsdp_config"]["activation_checkpointing"] = True
             kwargs["gradient_checkpointing"] = False
-            kwargs.pop("gradient_checkpointing_kwargs")
-        kwargs.update(fsdp=True, fsdp_config=fsdp_config)
     elif spec.strategy == "deepspeed":
-        zero: dict[str, Any] = {
-            "stage": spec.stage,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "reduce_bucket_size": "auto",
-        }
-        if spec.stage == 3:
-            zero.update(
-                stage3_prefetch_bucket_size="auto",
-                stage3_param_persistence_threshold="auto",
-                stage3_gather_16bit_weights_on_model_save=True,
-            )
-        if spec.cpu_offload:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-            if spec.stage == 3:
-                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        kwargs["deepspeed"] = {
-            "zero_optimization": zero,
-            "bf16": {"enabled": "auto"},
-            "fp16": {"enabled": "auto"},
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "train_batch_size": "auto",
-            "train_micro_batch_size_per_gpu": "auto",
-        }
+        kwargs["deepspeed"] = _deepspeed_config(spec)
     return kwargs
+
+
+def _fsdp_config(spec: DistributedSpec, classes: list[str]) -> dict[str, Any]:
+    fsdp_config: dict[str, Any] = {
+        "version": 2,
+        "reshard_after_forward": spec.sharding == "full_shard",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_ram_efficient_loading": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_offload": spec.cpu_offload,
+    }
+    if classes:
+        fsdp_config["transformer_layer_cls_to_wrap"] = classes
+    return fsdp_config
+
+
+def _deepspeed_config(spec: DistributedSpec) -> dict[str, Any]:
+    zero: dict[str, Any] = {
+        "stage": spec.stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if spec.stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    if spec.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if spec.stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    }
 
 
 def quantization_storage(pipeline: Pipeline) -> str | None:
@@ -450,26 +466,22 @@ def launch(
     This is what ``lorakit train CONFIG --num-processes N`` runs. ``num_processes`` defaults to the pipeline's
     ``distributed(num_processes=...)`` (2 without one). Machines other than rank 0 of a multi-machine job run
     the same call with their ``machine_rank``.
-    """
-    from lorakit.pipeline import Pipeline
 
-    if isinstance(pipeline, Pipeline):
-        config: Any = pipeline.to_config()
-    elif isinstance(pipeline, Mapping):
-        config = dict(pipeline)
-    else:
-        path = Path(pipeline)
-        try:
-            config = json.loads((path / "lorakit_run.json" if path.is_dir() else path).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ConfigError(f"launch(): cannot read the pipeline config {path}: {error}") from error
-        config = config.get("pipeline", config)
-    built = Pipeline.from_config(config)
-    spec = built.distribution
+    A config (dict, file or run directory) is checked here as far as launching reads it (model, method,
+    quantization, training and distributed sections); each process builds the whole pipeline from it.
+    """
+    if isinstance(pipeline, (Mapping, str, Path)):
+        config = dict(pipeline) if isinstance(pipeline, Mapping) else _read_config(Path(pipeline))
+        specs: Any = _LaunchSpecs.from_config(config)
+    else:  # a Pipeline: its config, rebuilt in each process
+        config, specs = pipeline.to_config(), pipeline
+    spec = specs.distribution
     processes = num_processes if num_processes is not None else (spec.num_processes if spec else 2)
     cuda = _cuda_available()
-    if spec is not None and spec.strategy != "ddp" and not cuda:
-        preflight(built, cuda=False)
+    if spec is not None:
+        check_spec_against(specs, spec)
+        if not cuda:
+            _require_cuda(spec)
     with tempfile.TemporaryDirectory(prefix="lorakit-launch-") as scratch:
         config_path = Path(scratch) / "pipeline.json"
         config_path.write_text(json.dumps(config, ensure_ascii=False))
@@ -478,7 +490,7 @@ def launch(
             import yaml
 
             accelerate_file = Path(scratch) / "accelerate.yaml"
-            accelerate_file.write_text(yaml.safe_dump(accelerate_config(built, machine_rank=machine_rank)))
+            accelerate_file.write_text(yaml.safe_dump(accelerate_config(specs, machine_rank=machine_rank)))
         command, extra_env = launch_command(
             config_path,
             output_dir,
@@ -495,11 +507,49 @@ def launch(
         return subprocess.run(command, env=full_env, check=False).returncode
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lorakit.distributed run CONFIG OUTPUT [--overwrite]``: what each launched process runs."""
-    import argparse
+@attrs.frozen
+class _LaunchSpecs:
+    """The specs of a pipeline config that launching reads (the processes build the whole pipeline)."""
 
-    from lorakit.pipeline import Pipeline
+    model: ModelSpec | None
+    method: MethodSpec | None
+    quant: QuantSpec | None
+    training: TrainSpec
+    distribution: DistributedSpec | None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> _LaunchSpecs:
+        try:
+            return cls(
+                model=ModelSpec(**config["model"]) if config.get("model") else None,
+                method=method_from_dict(config["method"]) if config.get("method") else None,
+                quant=QuantSpec(**config["quant"]) if config.get("quant") else None,
+                training=TrainSpec(**(config.get("training") or {})),
+                distribution=DistributedSpec(**config["distributed"]) if config.get("distributed") else None,
+            )
+        except TypeError as error:
+            raise ConfigError(f"Invalid pipeline config: {error}") from error
+
+    @property
+    def resolved_method(self) -> MethodSpec:
+        return self.method if self.method is not None else LoraSpec()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The pipeline config of a config file or a run directory (its ``lorakit_run.json``)."""
+    try:
+        config = json.loads((path / "lorakit_run.json" if path.is_dir() else path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"launch(): cannot read the pipeline config {path}: {error}") from error
+    return config.get("pipeline", config)
+
+
+def _main(builder: Any, argv: Sequence[str] | None = None) -> int:
+    """``python -m lorakit.distributed run CONFIG OUTPUT [--overwrite]``: what each launched process runs.
+
+    ``builder`` is :class:`lorakit.Pipeline` (passed in by the script block: this module sits below the builder).
+    """
+    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lorakit.distributed")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -508,11 +558,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("output_dir")
     run.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    result = Pipeline.from_config(args.config).train(args.output_dir, overwrite=args.overwrite)
+    result = builder.from_config(args.config).train(args.output_dir, overwrite=args.overwrite)
     if is_main_process():
         print(json.dumps(result.metrics), flush=True)
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_main())
+    # Run as a script (``python -m``), this file is the module ``__main__``, a layer above the builder;
+    # ``lorakit.distributed`` itself never imports it.
+    from lorakit.pipeline import Pipeline
+
+    sys.exit(_main(Pipeline))

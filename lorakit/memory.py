@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from lorakit.config import DataSpec
+
 if TYPE_CHECKING:
     from lorakit.pipeline import Pipeline
 
@@ -305,7 +307,13 @@ def activation_shape(config: Any) -> dict[str, int]:
 
 
 def estimate_memory(
-    pipeline: Pipeline, peft_model: Any, config: Any, *, precision: str, device: str
+    pipeline: Pipeline,
+    peft_model: Any,
+    config: Any,
+    *,
+    precision: str,
+    device: str,
+    grad_checkpointing: bool,
 ) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of ``pipeline.train()`` from its PEFT model on the meta device.
 
@@ -315,18 +323,37 @@ def estimate_memory(
         config: the model's ``PretrainedConfig``.
         precision: the resolved training precision (``"fp32"``, ``"bf16"``, ``"fp16"``).
         device: ``"cuda"`` or ``"cpu"``.
+        grad_checkpointing: whether activations are checkpointed (``plan.decide_grad_checkpointing(...).on``).
     """
-    from lorakit.config import DataSpec
-
-    quant, spec, train = pipeline.quant, pipeline.model, pipeline.training
-    assert spec is not None
+    assert pipeline.model is not None
     notes: list[str] = []
     # Unquantized weights: the model's dtype, else the precision on a GPU, fp32 on CPU (bf16 there is autocast).
-    load_dtype = spec.dtype if spec.dtype != "auto" else (precision if device == "cuda" else "fp32")
-    float_bytes = FLOAT_BYTES[load_dtype]
-    if quant is not None and float_bytes < 4:
+    dtype = pipeline.model.dtype
+    float_bytes = FLOAT_BYTES[dtype if dtype != "auto" else (precision if device == "cuda" else "fp32")]
+    if pipeline.quant is not None and float_bytes < 4:
         float_bytes = 4
         notes.append("prepare_model_for_kbit_training upcasts unquantized fp16/bf16 weights to fp32")
+    weights = _weight_bytes(pipeline.quant, peft_model, float_bytes, notes)
+    full = getattr(pipeline.resolved_method, "name", None) == "full"
+    adapter, optimizer = _trained_bytes(
+        pipeline, peft_model, float_bytes=float_bytes, precision=precision, full=full, notes=notes
+    )
+    seq_len, activations = _activation_part(pipeline, config, precision, grad_checkpointing, notes)
+    return MemoryEstimate(
+        weights=weights,
+        adapter=adapter,
+        gradients=adapter,  # gradients have the dtype of their parameter
+        optimizer=optimizer,
+        activations=activations,
+        batch_size=pipeline.training.batch_size,
+        seq_len=seq_len,
+        notes=tuple(notes),
+        trained_label="trained weights" if full else "adapter",
+    )
+
+
+def _weight_bytes(quant: Any, peft_model: Any, float_bytes: int, notes: list[str]) -> int:
+    """Bytes of the frozen base weights as stored, with a note on the quantized layout."""
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     weights = base_weight_bytes(base, float_bytes=float_bytes, quant=quant)
     if quant is not None:
@@ -337,7 +364,14 @@ def estimate_memory(
             else "int8 with an fp32 scale per row"
         )
         notes.append(f"linear layers {layout}; {', '.join(modules_not_quantized(base))} unquantized")
+    return weights
 
+
+def _trained_bytes(
+    pipeline: Pipeline, peft_model: Any, *, float_bytes: int, precision: str, full: bool, notes: list[str]
+) -> tuple[int, int]:
+    """(bytes of the trainable parameters, bytes of their optimizer state)."""
+    quant = pipeline.quant
     trainable = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
     # TRL casts the adapter of a quantized model to bf16 (not DoRA's magnitude); lorakit re-casts it on fp32 runs.
     bf16_adapter = quant is not None and precision != "fp32"
@@ -346,7 +380,6 @@ def estimate_memory(
     }
     # Full fine-tuning / freeze(): no adapter; ``adapter`` is then the trained part of the model's own weights
     # (``weights`` counts only the frozen part), stored in the model's dtype.
-    full = getattr(pipeline.resolved_method, "name", None) == "full"
     if full:
         param_bytes = {name: float_bytes for name, _ in trainable}
     adapter = sum(p.numel() * param_bytes[name] for name, p in trainable)
@@ -354,37 +387,32 @@ def estimate_memory(
         notes.append("full fine-tuning: 'adapter' is the trained part of the model's own weights")
     else:
         notes.append("adapter in bf16 (TRL's QLoRA cast)" if bf16_adapter else "adapter in fp32")
-    gradients = adapter  # gradients have the dtype of their parameter
     optimizer, optim_note = optimizer_state_bytes(
-        train.optim,
+        pipeline.training.optim,
         [tuple(p.shape) for _, p in trainable],
         float_bytes if full else (2 if bf16_adapter else 4),
     )
     notes.append(optim_note)
+    return adapter, optimizer
 
+
+def _activation_part(
+    pipeline: Pipeline, config: Any, precision: str, grad_checkpointing: bool, notes: list[str]
+) -> tuple[int, int]:
+    """(sequence length, activation bytes) of one micro-batch of full-length sequences."""
     default_length = attrs.fields(DataSpec).max_length.default
+    assert isinstance(default_length, int)
     seq_len = pipeline.data.max_length if pipeline.data is not None else default_length
     if pipeline.data is None:
         notes.append(f"sequence length {seq_len} (DataSpec default) until with_dataset(max_length=...)")
-    grad_ckpt = train.grad_checkpointing if train.grad_checkpointing is not None else device == "cuda"
     activations = activation_bytes(
-        tokens=train.batch_size * seq_len,
+        tokens=pipeline.training.batch_size * seq_len,
         **activation_shape(config),
-        grad_checkpointing=grad_ckpt,
+        grad_checkpointing=grad_checkpointing,
         element_bytes=4 if precision == "fp32" else 2,
     )
     notes.append(
-        f"activations for full-length sequences, gradient checkpointing {'on' if grad_ckpt else 'off'}, "
+        f"activations for full-length sequences, gradient checkpointing {'on' if grad_checkpointing else 'off'}, "
         "factor calibrated on CPU in fp32"
     )
-    return MemoryEstimate(
-        weights=weights,
-        adapter=adapter,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=activations,
-        batch_size=train.batch_size,
-        seq_len=seq_len,
-        notes=tuple(notes),
-        trained_label="trained weights" if full else "adapter",
-    )
+    return seq_len, activations

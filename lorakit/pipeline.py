@@ -31,6 +31,10 @@ from lorakit.config import (
     TrackSpec,
     TrainSpec,
 )
+from lorakit.configfile import read_config_file, write_config_file
+from lorakit.data import prepare_data, preview_examples
+from lorakit.data.load import SUFFIXES
+from lorakit.distributed import DistributedSpec, check_spec_against
 from lorakit.errors import ConfigError
 from lorakit.methods import (
     METHODS,
@@ -46,10 +50,14 @@ from lorakit.methods import (
     method_from_dict,
     supports_grad_checkpointing,
 )
+from lorakit.metrics import metric_name
+from lorakit.models import load_tokenizer, resolve_model_path
+from lorakit.plan import make_plan
+from lorakit.templates import get_template, template_from_dict
+from lorakit.training import run_training
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
-    from lorakit.distributed import DistributedSpec
     from lorakit.plan import Plan
     from lorakit.training import TrainResult
 
@@ -76,9 +84,21 @@ _EXTRA_SECTIONS: dict[str, Any] = {
 
 def _looks_like_a_file(path: str) -> bool:
     """A path with a data-file extension or a separator-led form; other strings may be Hub dataset ids."""
-    from lorakit.data.load import SUFFIXES
-
     return Path(path).suffix.lower() in SUFFIXES or path.startswith((".", "/", "~"))
+
+
+def _check_data_arguments(source: Any, val: Any, template: Any) -> None:
+    """``with_dataset()``: a missing data file or an unknown template name fails at the call."""
+    for name, value in (("source", source), ("val", val)):
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, str) and not Path(value).expanduser().exists() and _looks_like_a_file(value):
+            raise ConfigError(
+                f"with_dataset({name}={value!r}): no such file. Pass a .json, .jsonl, .csv, .tsv, .parquet "
+                "or .txt path, a directory, or a Hub dataset id."
+            )
+    if isinstance(template, str):
+        get_template(template)  # unknown names fail here, listing the known ones
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -104,8 +124,6 @@ def _has_known_length(source: Any) -> bool:
 def _distribution(section: Mapping[str, Any] | None) -> DistributedSpec | None:
     if not section:
         return None
-    from lorakit.distributed import DistributedSpec
-
     return DistributedSpec(**section)
 
 
@@ -443,18 +461,7 @@ class Pipeline:
             num_proc: processes for tokenization.
             cache: reuse the tokenized data of an identical earlier run.
         """
-        from lorakit.templates import get_template
-
-        for name, value in (("source", source), ("val", val)):
-            if isinstance(value, Path):
-                value = str(value)
-            if isinstance(value, str) and not Path(value).expanduser().exists() and _looks_like_a_file(value):
-                raise ConfigError(
-                    f"with_dataset({name}={value!r}): no such file. Pass a .json, .jsonl, .csv, .tsv, .parquet "
-                    "or .txt path, a directory, or a Hub dataset id."
-                )
-        if isinstance(template, str):
-            get_template(template)  # unknown names fail here, listing the known ones
+        _check_data_arguments(source, val, template)
         return attrs.evolve(
             self,
             data=DataSpec(
@@ -555,8 +562,6 @@ class Pipeline:
         on GPUs); ``lorakit.distributed.accelerate_config(pipeline)`` / ``training_arguments(pipeline)`` give the
         generated configuration. FSDP and DeepSpeed need CUDA GPUs. See docs/distributed.md.
         """
-        from lorakit.distributed import DistributedSpec, check_spec_against
-
         spec = DistributedSpec(
             strategy,
             num_processes=num_processes,
@@ -706,8 +711,6 @@ class Pipeline:
         gradients and optimizer state, and an activation estimate for one micro-batch of ``max_length`` tokens
         (see docs/memory.md for how each is computed and what is not modelled).
         """
-        from lorakit.plan import make_plan
-
         return make_plan(self)
 
     def explain(self) -> str:
@@ -737,8 +740,6 @@ class Pipeline:
         that checkpoint or run directory) with the optimizer, scheduler, RNG and data position restored, after
         checking that this pipeline's config and data fingerprint equal the checkpoint's.
         """
-        from lorakit.training import run_training
-
         return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks, resume=resume)
 
     def prepare_data(self) -> PreparedData:
@@ -747,8 +748,6 @@ class Pipeline:
         Returns a :class:`lorakit.data.PreparedData` with ``.train`` / ``.val`` (``datasets.Dataset`` with
         ``input_ids`` and ``labels``) and ``.report``.
         """
-        from lorakit.data import prepare_data
-
         tokenizer, template = self._tokenizer_and_template()
         assert self.data is not None
         return prepare_data(
@@ -761,8 +760,6 @@ class Pipeline:
         ``print()`` it in a terminal (trained tokens in green, or between ``[[ ]]`` without colour); a
         notebook shows it as HTML. Examples are shown unpacked, even with ``packing=True``.
         """
-        from lorakit.data import prepare_data, preview_examples
-
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"preview(n) needs a positive integer, got {n!r}.")
         tokenizer, template = self._tokenizer_and_template()
@@ -782,9 +779,6 @@ class Pipeline:
         return self.prepare_data().report
 
     def _tokenizer_and_template(self) -> tuple[Any, Any]:
-        from lorakit.models import load_tokenizer, resolve_model_path
-        from lorakit.templates import get_template
-
         self.require()
         assert self.model is not None and self.data is not None
         return load_tokenizer(resolve_model_path(self.model), self.model), get_template(self.data.template)
@@ -796,8 +790,6 @@ class Pipeline:
 
         In-memory data (a list of dicts) is inlined; a ``datasets.Dataset`` is inlined as its rows.
         """
-        from lorakit.templates import get_template
-
         data = None
         if self.data is not None:
             data = attrs.asdict(self.data)
@@ -822,8 +814,6 @@ class Pipeline:
 
     def _extras_config(self) -> dict[str, Any]:
         """Config sections of the evaluation / samples / checkpoint / early-stopping specs that are set."""
-        from lorakit.metrics import metric_name
-
         extras: dict[str, Any] = {}
         if self.evaluation is not None:
             extras["evaluation"] = {
@@ -841,11 +831,7 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | Path) -> Pipeline:
         """Rebuild a pipeline from :meth:`to_config` output, a YAML / JSON file, or a run directory."""
-        from lorakit.templates import template_from_dict
-
         if isinstance(config, (str, Path)):
-            from lorakit.configfile import read_config_file
-
             config = read_config_file(config)
         if not isinstance(config, Mapping):
             raise ConfigError(
@@ -888,6 +874,4 @@ class Pipeline:
 
         In-memory data (a list of dicts or a Dataset) is written inline; prefer a file path for big data.
         """
-        from lorakit.configfile import write_config_file
-
         return write_config_file(path, self.to_config())

@@ -7,13 +7,82 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from lorakit.config import TrainSpec
+from lorakit.data import count_rows
 from lorakit.errors import ConfigError
+from lorakit.memory import MemoryEstimate, estimate_memory
+from lorakit.methods import MethodSpec, supports_grad_checkpointing
+from lorakit.methods.adalora import AdaLoraSpec
+from lorakit.methods.full import FullSpec, apply_freeze, trained_modules
+from lorakit.models import device_kind, load_model_config, resolve_precision
+from lorakit.templates import get_template
 
 if TYPE_CHECKING:
-    from lorakit.memory import MemoryEstimate
+    from lorakit.distributed import DistributedSpec
     from lorakit.pipeline import Pipeline
 
-__all__ = ["Plan", "make_plan", "steps_for"]
+__all__ = ["GradCheckpointing", "Plan", "decide_grad_checkpointing", "make_plan", "steps_for"]
+
+
+# --- decisions ----------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GradCheckpointing:
+    """Whether activations are recomputed in the backward pass, and why (see :func:`decide_grad_checkpointing`)."""
+
+    on: bool
+    """Activations are checkpointed (by the Trainer / PEFT, or by FSDP when ``by_fsdp``)."""
+    reason: str
+    """The decision and why, as ``explain()`` shows it: ``"on (CUDA)"``, ``"off (CPU)"``,
+    ``"off (grad_checkpointing=False)"``, ``"off: prefix_tuning cannot train with it"``."""
+    by_fsdp: bool = False
+    """FSDP's own activation checkpointing does it; the Trainer's ``gradient_checkpointing`` stays off."""
+    note: str | None = None
+    """Printed when training starts: lorakit turned off what the request or the default would have turned on."""
+
+    @property
+    def trainer(self) -> bool:
+        """The value of the Trainer's ``gradient_checkpointing`` argument."""
+        return self.on and not self.by_fsdp
+
+
+def decide_grad_checkpointing(
+    training: TrainSpec, method: MethodSpec, device: str, distribution: DistributedSpec | None = None
+) -> GradCheckpointing:
+    """The one decision on gradient checkpointing, from the training spec, the method that will train, the
+    device kind (``"cuda"`` / ``"cpu"``) and the distributed set-up.
+
+    ``grad_checkpointing=None`` means on for CUDA, off elsewhere; ``True`` / ``False`` are kept. Prefix methods
+    cannot train with it (an explicit ``True`` was refused at the builder call), so it is off for them. With
+    FSDP, FSDP's own activation checkpointing replaces the Trainer's (which would cost an extra AllGather).
+
+    Example:
+        >>> from lorakit.config import TrainSpec
+        >>> from lorakit.methods import LoraSpec
+        >>> decide_grad_checkpointing(TrainSpec(), LoraSpec(), "cpu").reason
+        'off (CPU)'
+    """
+    requested = training.grad_checkpointing
+    wanted = requested if requested is not None else device == "cuda"
+    if not supports_grad_checkpointing(method):
+        reason = f"{method.name} cannot train with it"
+        note = None
+        if wanted:
+            note = (
+                f"gradient checkpointing off: {reason} (PEFT's prefix key/values and the recomputed forward "
+                "disagree on sequence lengths); see docs/methods.md."
+            )
+        return GradCheckpointing(False, f"off: {reason}", note=note)
+    why = f"grad_checkpointing={requested}" if requested is not None else device.upper()
+    if wanted and distribution is not None and distribution.strategy == "fsdp":
+        return GradCheckpointing(
+            True, f"on ({why}): FSDP's activation checkpointing, not the Trainer's", by_fsdp=True
+        )
+    return GradCheckpointing(wanted, f"{'on' if wanted else 'off'} ({why})")
+
+
+# --- the plan -----------------------------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -36,6 +105,8 @@ class Plan:
     total_steps: int | None
     memory: MemoryEstimate | None = None
     """Bytes of weights, adapter, gradients, optimizer state and activations (``lorakit.memory``)."""
+    grad_checkpointing: GradCheckpointing | None = None
+    """The gradient checkpointing decision and its reason (:func:`decide_grad_checkpointing`)."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -60,6 +131,8 @@ class Plan:
             f"  data             {rows}",
             f"  steps            {steps}",
         ]
+        if self.grad_checkpointing is not None:
+            lines.append(f"  grad checkpoint  {self.grad_checkpointing.reason}")
         if self.memory is not None:
             lines.append(f"  memory           {self.memory.render()}")
         return "\n".join(lines)
@@ -100,15 +173,13 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorakit.methods.full import FullSpec, apply_freeze
-
     assert pipeline.model is not None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=pipeline.model.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     linear = _linear_module_names(model)
     method = pipeline.resolved_method
-    if isinstance(method, FullSpec):
+    if isinstance(method, FullSpec):  # method hook pending (issue 15 item 5)
         apply_freeze(model, method)
         return model, total
     try:
@@ -129,23 +200,48 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
 
 
 def _method_text(pipeline: Pipeline) -> str:
-    from lorakit.methods import supports_grad_checkpointing
+    return pipeline.resolved_method.describe() + ("" if pipeline.method is not None else " (default)")
 
+
+def _quant_text(pipeline: Pipeline) -> str:
+    quant = pipeline.quant
+    if quant is None:
+        return "none"
+    details = f" ({quant.quant_type}, double quant {'on' if quant.double_quant else 'off'})"
+    return f"{quant.bits}-bit bitsandbytes" + (details if quant.bits == 4 else "")
+
+
+def _data_plan(pipeline: Pipeline) -> dict[str, Any]:
+    """Rows, steps and template name of the pipeline's data (``None`` / ``"-"`` without data)."""
+    if pipeline.data is None:
+        return {
+            "train_rows": None,
+            "val_rows": None,
+            "steps_per_epoch": None,
+            "total_steps": None,
+            "template": "-",
+        }
+    spec, t = pipeline.data, pipeline.training
+    train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())
+    per_epoch, total_steps = steps_for(
+        train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps
+    )
     method = pipeline.resolved_method
-    text = method.describe() + ("" if pipeline.method is not None else " (default)")
-    if not supports_grad_checkpointing(method):
-        text += " (gradient checkpointing off: not supported by prefix methods)"
-    return text
+    if isinstance(
+        method, AdaLoraSpec
+    ):  # its schedule must fit in the run (method hook pending, issue 15 item 5)
+        method.check_steps(total_steps)
+    return {
+        "train_rows": train_rows,
+        "val_rows": val_rows,
+        "steps_per_epoch": per_epoch,
+        "total_steps": total_steps,
+        "template": getattr(get_template(spec.template), "name", type(spec.template).__name__),
+    }
 
 
 def make_plan(pipeline: Pipeline) -> Plan:
-    from lorakit.data import count_rows
-    from lorakit.memory import estimate_memory
-    from lorakit.methods.adalora import AdaLoraSpec
-    from lorakit.methods.full import FullSpec, trained_modules
-    from lorakit.models import device_kind, load_model_config, resolve_precision
-    from lorakit.templates import get_template
-
+    """The :class:`Plan` of ``pipeline``: model config and the method on the meta device, no weights loaded."""
     pipeline.require(data=False)
     assert pipeline.model is not None
     config = load_model_config(pipeline.model)
@@ -154,52 +250,28 @@ def make_plan(pipeline: Pipeline) -> Plan:
     targeted = getattr(peft_model, "targeted_module_names", None) or []  # prompt-based methods target none
     targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in targeted}))
     method_spec = pipeline.resolved_method
-    if isinstance(method_spec, FullSpec):  # no adapter: the modules trained in full
+    base_model = peft_model
+    if isinstance(method_spec, FullSpec):  # no adapter: the modules trained in full (method hook pending)
         targets = tuple(name or "all parameters" for name in trained_modules(peft_model, method_spec))
-    base_model = peft_model if isinstance(method_spec, FullSpec) else peft_model.get_base_model()
-
-    train_rows = val_rows = per_epoch = total_steps = None
-    template = "-"
-    if pipeline.data is not None:
-        spec = pipeline.data
-        train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())
-        t = pipeline.training
-        per_epoch, total_steps = steps_for(
-            train_rows,
-            batch_size=t.batch_size,
-            grad_accum=t.grad_accum,
-            epochs=t.epochs,
-            max_steps=t.max_steps,
-        )
-        template = getattr(get_template(spec.template), "name", type(spec.template).__name__)
-        if isinstance(method_spec, AdaLoraSpec):  # its schedule must fit in the run
-            method_spec.check_steps(total_steps)
-
-    quant = pipeline.quant
-    quant_text = "none"
-    if quant is not None:
-        quant_text = f"{quant.bits}-bit bitsandbytes" + (
-            f" ({quant.quant_type}, double quant {'on' if quant.double_quant else 'off'})"
-            if quant.bits == 4
-            else ""
-        )
+    else:
+        base_model = peft_model.get_base_model()
     precision = resolve_precision(pipeline.training.precision)
     device = device_kind()
-    memory = estimate_memory(pipeline, peft_model, config, precision=precision, device=device)
+    grad_ckpt = decide_grad_checkpointing(pipeline.training, method_spec, device, pipeline.distribution)
+    memory = estimate_memory(
+        pipeline, peft_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt.on
+    )
     return Plan(
         model=pipeline.model.name_or_path,
         architecture=type(base_model).__name__,
         method=_method_text(pipeline),
-        quantization=quant_text,
+        quantization=_quant_text(pipeline),
         target_modules=targets,
         total_params=total,
         trainable_params=trainable,
         device=device,
         precision=precision,
-        template=template,
-        train_rows=train_rows,
-        val_rows=val_rows,
-        steps_per_epoch=per_epoch,
-        total_steps=total_steps,
+        **_data_plan(pipeline),
         memory=memory,
+        grad_checkpointing=grad_ckpt,
     )

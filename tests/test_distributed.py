@@ -314,3 +314,50 @@ def test_accelerate_config_passes_accelerate_launch_validation(
         assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
     if strategy == "deepspeed":
         assert args.zero_stage == 3 and args.zero3_init_flag is True
+
+
+def test_launch_takes_a_pipeline_a_config_or_a_file(tiny_model_dir, tmp_path, monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    import lorakit.distributed as dist
+
+    seen = {}
+
+    def fake_run(command, env, check):
+        seen["config"] = json.loads(Path(command[command.index("run") + 1]).read_text())
+        seen["command"] = command
+        if "--config_file" in command:
+            seen["accelerate"] = yaml.safe_load(Path(command[command.index("--config_file") + 1]).read_text())
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(dist.subprocess, "run", fake_run)
+    monkeypatch.setattr(dist, "_cuda_available", lambda: False)
+    pipe = _pipeline(tiny_model_dir, 4).distributed("ddp", num_processes=3)
+    path = pipe.save_config(tmp_path / "pipe.json")
+    for source in (pipe, pipe.to_config(), path, str(path)):
+        assert dist.launch(source, tmp_path / "out") == 0
+        assert "--nproc_per_node=3" in seen["command"]
+        assert seen["command"][-5:] == [
+            "-m",
+            "lorakit.distributed",
+            "run",
+            seen["command"][-2],
+            str(tmp_path / "out"),
+        ]
+        assert lk.Pipeline.from_config(seen["config"]) == lk.Pipeline.from_config(pipe.to_config())
+    fsdp = _pipeline(tiny_model_dir, 4).distributed("fsdp").to_config()
+    with pytest.raises(ConfigError, match="distributed\\('fsdp'\\) needs CUDA GPUs"):
+        dist.launch(fsdp, tmp_path / "out")
+    int8 = lk.Pipeline.from_model(tiny_model_dir).quantize_8bit().distributed("ddp").to_config()
+    int8["distributed"]["strategy"] = "deepspeed"
+    with pytest.raises(ConfigError, match="int8 weights cannot be sharded"):
+        dist.launch(int8, tmp_path / "out")
+    with pytest.raises(ConfigError, match="Invalid pipeline config: .*bogus"):
+        dist.launch({**pipe.to_config(), "training": {"bogus": 1}}, tmp_path / "out")
+    # On GPUs the accelerate config is generated from the config's specs (no builder needed).
+    monkeypatch.setattr(dist, "_cuda_available", lambda: True)
+    assert dist.launch(fsdp, tmp_path / "out", machine_rank=0) == 0
+    assert seen["accelerate"]["distributed_type"] == "FSDP"
+    assert seen["accelerate"]["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert seen["accelerate"]["fsdp_config"]["fsdp_activation_checkpointing"] is True

@@ -213,3 +213,77 @@ def test_smollm2_weight_estimate_matches_the_loaded_model():
     assert abs(memory.weights / measured["footprint"] - 1) < 0.10
     # The tied embedding / head stays fp32 (49152 x 576 x 4 bytes) and is counted once.
     assert 49152 * 576 * 4 < memory.weights < 2 * 49152 * 576 * 4
+
+
+# --- gradient checkpointing: one decision, shown by explain() ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "method", "device", "strategy", "expected"),
+    [
+        (None, "lora", "cpu", None, (False, False, "off (CPU)", None)),
+        (None, "lora", "cuda", None, (True, True, "on (CUDA)", None)),
+        (True, "lora", "cpu", None, (True, True, "on (grad_checkpointing=True)", None)),
+        (False, "lora", "cuda", None, (False, False, "off (grad_checkpointing=False)", None)),
+        (None, "ptuning", "cuda", "ddp", (True, True, "on (CUDA)", None)),
+        (
+            None,
+            "lora",
+            "cuda",
+            "fsdp",
+            (True, False, "on (CUDA): FSDP's activation checkpointing, not the Trainer's", None),
+        ),
+        (False, "lora", "cuda", "fsdp", (False, False, "off (grad_checkpointing=False)", None)),
+        (None, "prefix_tuning", "cpu", None, (False, False, "off: prefix_tuning cannot train with it", None)),
+        (False, "ptuning_v2", "cuda", None, (False, False, "off: ptuning_v2 cannot train with it", None)),
+        (
+            None,
+            "prefix_tuning",
+            "cuda",
+            "fsdp",
+            (
+                False,
+                False,
+                "off: prefix_tuning cannot train with it",
+                "gradient checkpointing off: prefix_tuning",
+            ),
+        ),
+    ],
+)
+def test_decide_grad_checkpointing(requested, method, device, strategy, expected):
+    from lorakit.config import TrainSpec
+    from lorakit.distributed import DistributedSpec
+    from lorakit.methods import METHODS
+    from lorakit.plan import decide_grad_checkpointing
+
+    distribution = DistributedSpec(strategy) if strategy else None
+    decision = decide_grad_checkpointing(
+        TrainSpec(grad_checkpointing=requested), METHODS[method](), device, distribution
+    )
+    on, trainer, reason, note = expected
+    assert (decision.on, decision.trainer, decision.reason) == (on, trainer, reason)
+    if note is None:
+        assert decision.note is None
+    else:
+        assert decision.note.startswith(note) and "see docs/methods.md" in decision.note
+
+
+def test_explain_shows_the_grad_checkpointing_decision(tiny_model_dir, monkeypatch):
+    import lorakit.plan
+
+    pipeline = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=64)
+    plan = pipeline.plan()
+    assert plan.grad_checkpointing.reason == "off (CPU)"
+    assert "  grad checkpoint  off (CPU)" in plan.render().splitlines()
+    assert "activations for full-length sequences, gradient checkpointing off" in " ".join(plan.memory.notes)
+    prefix = pipeline.with_prefix_tuning(num_virtual_tokens=4).plan()
+    assert "  grad checkpoint  off: prefix_tuning cannot train with it" in prefix.render().splitlines()
+    # On a GPU the default turns it on, and the memory estimate follows the same decision.
+    monkeypatch.setattr(lorakit.plan, "device_kind", lambda: "cuda")
+    monkeypatch.setattr(lorakit.plan, "resolve_precision", lambda precision: "fp32")
+    on_gpu = pipeline.plan()
+    assert on_gpu.grad_checkpointing.reason == "on (CUDA)"
+    assert on_gpu.memory.activations < plan.memory.activations
+    prefix_gpu = pipeline.with_prefix_tuning(num_virtual_tokens=4).plan()
+    assert prefix_gpu.grad_checkpointing.on is False
+    assert "gradient checkpointing off" in " ".join(prefix_gpu.memory.notes)
