@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.checkpoints import EarlyStopper, list_checkpoints
+from lorakit.checkpoints import list_checkpoints
 from lorakit.config import EarlyStopSpec
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.trainer import EarlyStopper
 
 ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},

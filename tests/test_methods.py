@@ -306,12 +306,14 @@ def test_adalora_adds_the_orthogonality_penalty_sftrainer_drops(tiny_model_dir, 
     from trl import SFTConfig, SFTTrainer
 
     from lorakit.collate import PadCollator
-    from lorakit.training import _with_orth_regularization
+    from lorakit.trainer import LorakitTrainer
 
     rows = Dataset.from_list([{"input_ids": [1, 5, 9, 13, 17], "labels": [-100, 5, 9, 13, 17]}])
     collate = PadCollator(pad_token_id=2)
     losses = {}
-    for name, trainer_class in (("sft", SFTTrainer), ("ours", _with_orth_regularization(SFTTrainer))):
+    spec = AdaLoraSpec(init_r=4, target_r=2, dropout=0.0, orth_reg_weight=10.0)
+    ours = {"method": spec}  # the method's extra_loss hook adds the penalty
+    for name, trainer_class, extra in (("sft", SFTTrainer, {}), ("ours", LorakitTrainer, ours)):
         torch.manual_seed(0)
         trainer = trainer_class(
             model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -325,9 +327,8 @@ def test_adalora_adds_the_orthogonality_penalty_sftrainer_drops(tiny_model_dir, 
             train_dataset=rows,
             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
             data_collator=collate,
-            peft_config=AdaLoraSpec(init_r=4, target_r=2, dropout=0.0, orth_reg_weight=10.0).to_peft_config(
-                10
-            ),
+            peft_config=spec.to_peft_config(10),
+            **extra,
         )
         trainer.model.train()
         batch = trainer._prepare_inputs(collate([rows[0]]))
