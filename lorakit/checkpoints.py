@@ -4,7 +4,7 @@ Layout inside a run directory::
 
     <run>/checkpoints/checkpoint-<step>/      adapter, optimizer, scheduler, RNG states, trainer_state.json,
                                               lorakit_method_state.safetensors (the method's own state,
-                                              e.g. AdaLoRA's importance estimates; optional),
+                                              saved by its resume_state hook; optional),
                                               lorakit_resume.json (config + data fingerprint; written last)
     <run>/checkpoints/.partial/               a checkpoint being written; renamed into place when complete
 

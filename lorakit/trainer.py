@@ -454,8 +454,8 @@ class LorakitTrainer(SFTTrainer):
     def compute_loss(
         self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """SFTTrainer's loss plus the method's extra term (e.g. AdaLoRA's orthogonality penalty: PEFT adds it
-        to ``outputs.loss``, which SFTTrainer never reads)."""
+        """SFTTrainer's loss plus the method's extra loss term (``extra_loss`` hook): SFTTrainer computes the
+        loss from the logits and never reads a term a PEFT model adds to ``outputs.loss``."""
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not model.training or self.lorakit_method is None:
             return result

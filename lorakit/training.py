@@ -145,7 +145,7 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
         tokenizer_kwargs=_tokenizer_kwargs(pipeline.model),
         resuming=resume_from is not None,
     )
-    method.check_run(context)  # e.g. LoftQ refuses a base without safetensors weights, before any load
+    method.check_run(context)  # what the method cannot do with this base fails before any load
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
     apply_method_on_meta(pipeline, load_model_config(pipeline.model))
     return _Run(
@@ -244,7 +244,7 @@ def _prepare(run: _Run) -> tuple[Any, Any]:
 def _with_data(run: _Run, prepared: Any) -> _Run:
     """The decisions that need the tokenized rows: the step count, resume checks, evaluation settings."""
     pipeline, train_spec = run.pipeline, run.pipeline.training
-    # Counted from the tokenized rows the way the Trainer counts them (AdaLoRA's schedule needs it).
+    # Counted from the tokenized rows the way the Trainer counts them (a method's schedule may need it).
     _, total_steps = steps_for(
         len(prepared.train),
         batch_size=train_spec.batch_size,
