@@ -472,7 +472,7 @@ class LorakitTrainer(SFTTrainer):
 
     def _raise_non_finite(self, loss: Any) -> None:
         step = self.state.global_step + 1
-        found = ckpt.list_checkpoints(Path(self.args.output_dir))
+        found = ckpt.list_checkpoints(Path(str(self.args.output_dir)))
         kept = (
             f"The last good checkpoint is {found[-1]} (step {ckpt.checkpoint_step(found[-1])}); nothing after it "
             "was saved. Resume from it with train(dir, resume=True) once the cause is fixed."

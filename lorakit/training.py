@@ -57,6 +57,7 @@ from lorakit.tracking import Tracker, write_run_report
 from lorakit.trainer import EarlyStopper, LorakitTrainer
 
 if TYPE_CHECKING:
+    from lorakit.config import DataSpec, ModelSpec
     from lorakit.pipeline import Pipeline
 
 __all__ = ["TrainResult", "resolve_grad_checkpointing", "run_training"]
@@ -107,6 +108,8 @@ class _Run:
     """What the phases share: the pipeline and every decision taken before loading anything."""
 
     pipeline: Pipeline
+    model_spec: ModelSpec
+    data_spec: DataSpec
     output_dir: Path
     resume_from: Path | None
     precision: str
@@ -150,6 +153,8 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
     apply_method_on_meta(pipeline, load_model_config(pipeline.model))
     return _Run(
         pipeline=pipeline,
+        model_spec=pipeline.model,
+        data_spec=pipeline.data,
         output_dir=output_dir,
         resume_from=resume_from,
         precision=precision,
@@ -223,10 +228,9 @@ def _tokenizer_kwargs(spec: Any) -> dict[str, Any]:
 
 def _prepare(run: _Run) -> tuple[Any, Any]:
     """The tokenizer and the tokenized rows; fatal data problems stop here, before any weights load."""
-    pipeline = run.pipeline
-    tokenizer = load_tokenizer(run.context.base_path, pipeline.model)
+    tokenizer = load_tokenizer(run.context.base_path, run.model_spec)
     prepared = prepare_data(
-        pipeline.data.source, tokenizer=tokenizer, template=run.template, **pipeline.data.prepare_kwargs()
+        run.data_spec.source, tokenizer=tokenizer, template=run.template, **run.data_spec.prepare_kwargs()
     )
     report = prepared.report
     print("lorakit data: " + report.summary().replace("\n", "\n              "), flush=True)
@@ -275,7 +279,7 @@ def _load(run: _Run) -> Any:
     set_seed(pipeline.training.seed)
     model = load_base_model(
         run.context.base_path,
-        pipeline.model,
+        run.model_spec,
         # On CPU, bf16 is autocast over fp32 weights (the Trainer's bf16=True); GPUs load the weights in it.
         dtype=torch_dtype(run.precision if run.device == "cuda" else "fp32"),
         quant=pipeline.quant,
@@ -304,7 +308,7 @@ def _training_args(run: _Run) -> Any:
     """The SFTConfig: optimisation settings, then evaluation / checkpoint / best-model settings."""
     from trl import SFTConfig
 
-    train_spec, data_spec, device = run.pipeline.training, run.pipeline.data, run.device
+    train_spec, data_spec, device = run.pipeline.training, run.data_spec, run.device
     args = SFTConfig(
         output_dir=str(run.output_dir / ckpt.CHECKPOINTS_DIR),
         use_cpu=device == "cpu",
@@ -360,7 +364,7 @@ def _build_trainer(
 ) -> tuple[LorakitTrainer, TrainingExtras, Tracker]:
     from transformers import set_seed
 
-    pipeline, data_spec = run.pipeline, run.pipeline.data
+    pipeline, data_spec = run.pipeline, run.data_spec
     args = _training_args(run)
     _prepare_run_dir(run)
     tracker = Tracker(pipeline, run.output_dir, active=is_main_process())
@@ -396,7 +400,8 @@ def _build_trainer(
         trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
     if pipeline.quant is not None and run.precision == "fp32":
         # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
-        for param in trainer.model.parameters():
+        adapted: Any = trainer.model
+        for param in adapted.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
     run.method.setup_trainer(trainer, run.context)
@@ -450,7 +455,7 @@ def _fit(run: _Run, trainer: LorakitTrainer, extras: TrainingExtras) -> dict[str
 
 def _save(
     run: _Run,
-    trainer: LorakitTrainer,
+    trainer: Any,
     tokenizer: Any,
     prepared: Any,
     metrics: dict[str, float],
@@ -462,7 +467,7 @@ def _save(
         trainer.model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     config = pipeline.to_config()
-    config["data"]["source"] = _source_for_config(pipeline.data.source, output_dir)
+    config["data"]["source"] = _source_for_config(run.data_spec.source, output_dir)
     record = {
         "pipeline": config,
         "base_model_path": run.context.base_path,
