@@ -92,6 +92,13 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     ),
     PrivateName(
         "transformers",
+        "transformers.Trainer._load_best_model",
+        "trainer.py: overridden (the method's saving context and state around it)",
+        (),
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
         "transformers.Trainer._get_output_dir",
         "trainer.py: overridden (staging dir)",
         ("trial",),
@@ -557,6 +564,17 @@ class LorakitTrainer(SFTTrainer):
             save_total_limit=self.lorakit_keep or self.args.save_total_limit,
             best_model_checkpoint=self.state.best_model_checkpoint,
         )
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's weights, loaded as the method saved them, then its method state (e.g. the rank
+        pattern that goes with the weights)."""
+        saving = self.lorakit_method.saving(self.model, checkpoint=True) if self.lorakit_method else None
+        with saving or contextlib.nullcontext():
+            super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        saved = ckpt.read_method_state(Path(best)) if best and self.lorakit_method is not None else None
+        if saved is not None:
+            self.lorakit_method.load_resume_state(self.model, *saved)
 
     def _write_lorakit_state(self, staged: Path) -> None:
         """The trainer state (best checkpoint renamed), the method's resume state, then the resume record: the

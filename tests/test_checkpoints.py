@@ -337,3 +337,33 @@ def test_adalora_killed_then_resumed_equals_the_uninterrupted_run(tiny_model_dir
     pattern = json.loads((whole.output_dir / "adapter_config.json").read_text())["rank_pattern"]
     assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"] == pattern
     assert len(set(map(sum, pattern.values()))) > 1  # the budget really moved between modules
+
+
+def test_adalora_ends_with_the_best_checkpoints_weights_and_rank_pattern(tiny_model_dir, tmp_path):
+    from lorakit.checkpoints import read_method_state
+
+    # Evaluations at steps 2, 4, 6, 8; the rank budget shrinks at steps 2-5, so patterns differ between them.
+    metric = _crafted([0.1, 0.9, 0.2, 0.3] + [0.0] * 8)  # the best by this metric is checkpoint-4
+    result = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_adalora(init_r=4, target_r=2, alpha=8, dropout=0.0, tinit=1, tfinal=2)
+        .with_dataset(ROWS, template="alpaca", val=ROWS[:2], max_length=128)
+        .with_training(max_steps=8, lr=5e-2, batch_size=4, logging_steps=1, warmup_ratio=0.0, seed=7)
+        .with_eval([metric], every=2, samples=1, max_new_tokens=1)
+        .with_checkpoints(every=2, keep=1, best_metric="crafted")
+        .train(tmp_path / "run")
+    )
+    assert result.metrics["best_step"] == 4
+    best = result.output_dir / "checkpoints" / "checkpoint-4"
+    _, info = read_method_state(best)
+    expected = {name.replace(".default", ""): mask for name, mask in info["rank_pattern"].items()}
+    saved = json.loads((result.output_dir / "adapter_config.json").read_text())["rank_pattern"]
+    assert saved == expected
+    final, full = _adapter(result.output_dir), _adapter(best)  # the checkpoint keeps the full-size tensors
+    assert final.keys() == full.keys()
+    for name, tensor in final.items():
+        module = name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] + ".lora_E"
+        kept = torch.tensor(expected[module])
+        # AdaLoRA's factors are ParameterDict entries: "...q_proj.lora_A", "...lora_E", "...lora_B" (columns)
+        picked = full[name][:, kept] if name.endswith(".lora_B") else full[name][kept]
+        assert torch.equal(tensor, picked), name
