@@ -8,8 +8,8 @@ random. Padding is masked, so each batch's loss is exactly the loss of its rows 
 rows share a batch changes. Chosen by measurement against padding-free packing on the CPU: see
 ``docs/benchmarks.md``.
 
-Token counting (:func:`lorakit_trainer`): every training micro-batch is counted once, when it is trained, on
-every process:
+Token counting (:func:`token_counts`, called by :class:`lorakit.trainer.LorakitTrainer`): every training
+micro-batch is counted once, when it is trained, on every process:
 
 - ``tokens``: real tokens (``attention_mask.sum()``; a padding-free batch has no padding: all its tokens);
 - ``computed_tokens``: every position the model computed, padding included (``input_ids.numel()``);
@@ -24,9 +24,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["GroupedSampler", "grouped_indices", "lorakit_trainer", "token_counts"]
+from lorakit.data.encode import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["GroupedSampler", "grouped_indices", "token_counts"]
+
 WINDOW_BATCHES = 64
 """Batches sorted together: large enough that neighbours in length share a batch, small enough to mix."""
 
@@ -92,48 +93,3 @@ class GroupedSampler:
         order = grouped_indices(self.lengths, self.batch_size, seed=self.seed + self.epoch)
         self.epoch += 1
         return iter(order)
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def lorakit_trainer(base: type) -> type:
-    """A subclass of the trainer class ``base`` (TRL's ``SFTTrainer``) that counts the tokens of every trained
-    micro-batch and, after :meth:`group_by_length`, samples length-grouped batches.
-    """
-    if base in _CLASSES:
-        return _CLASSES[base]
-
-    class LorakitTrainer(base):  # type: ignore[misc, valid-type]
-        _lorakit_counts: tuple[int, ...] = (0, 0, 0)
-        _lorakit_lengths: list[int] | None = None
-
-        def group_by_length(self, lengths: Sequence[int]) -> None:
-            """Sample the training rows (of these lengths) in length-grouped batches."""
-            self._lorakit_lengths = list(lengths)
-
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            if self._lorakit_lengths is None:
-                return super()._get_train_sampler(train_dataset)
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return GroupedSampler(self._lorakit_lengths, self.args.per_device_train_batch_size, seed)
-
-        def training_step(self, *args: Any, **kwargs: Any) -> Any:
-            inputs = kwargs["inputs"] if "inputs" in kwargs else args[1]
-            counted = token_counts(inputs)
-            self._lorakit_counts = tuple(a + b for a, b in zip(self._lorakit_counts, counted, strict=True))
-            return super().training_step(*args, **kwargs)
-
-        def token_totals(self) -> dict[str, int]:
-            """Counts of all trained micro-batches, summed over the processes (a collective: call on all)."""
-            import torch
-
-            counts = torch.tensor(self._lorakit_counts, dtype=torch.int64, device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                counts = self.accelerator.reduce(counts, reduction="sum")
-            tokens, computed, loss_tokens = (int(value) for value in counts.tolist())
-            return {"tokens": tokens, "computed_tokens": computed, "loss_tokens": loss_tokens}
-
-    LorakitTrainer.__name__ = LorakitTrainer.__qualname__ = f"Lorakit{base.__name__}"
-    _CLASSES[base] = LorakitTrainer
-    return LorakitTrainer

@@ -1,9 +1,11 @@
-"""Checkpoints that survive crashes, resume checks, early stopping and the NaN / inf loss guard.
+"""Checkpoints that survive crashes and the checks that let a run resume from one.
 
 Layout inside a run directory::
 
     <run>/checkpoints/checkpoint-<step>/      adapter, optimizer, scheduler, RNG states, trainer_state.json,
-                                              lorakit_resume.json (config + data fingerprint)
+                                              lorakit_method_state.safetensors (the method's own state,
+                                              saved by its resume_state hook; optional),
+                                              lorakit_resume.json (config + data fingerprint; written last)
     <run>/checkpoints/.partial/               a checkpoint being written; renamed into place when complete
 
 A checkpoint is written into ``.partial/`` and renamed to ``checkpoint-<step>`` only when every file is there,
@@ -14,7 +16,6 @@ so a crash (even SIGKILL) in the middle of a save leaves the previous checkpoint
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,27 +24,31 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import eval_key
-from lorakit.errors import ConfigError, TrainingError
+from lorakit.errors import ConfigError
 from lorakit.run import write_json_atomic
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "METHOD_STATE_FILE",
     "RESUME_FILE",
-    "EarlyStopper",
     "check_resume",
+    "checkpoint_step",
+    "commit_checkpoint",
     "data_fingerprint",
     "find_resume_checkpoint",
     "list_checkpoints",
+    "prepare_resume",
+    "read_method_state",
     "resume_meta",
-    "trainer_arguments",
-    "trainer_class",
+    "write_method_state",
+    "write_resume_record",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".partial"
 RESUME_FILE = "lorakit_resume.json"
 STATE_FILE = "trainer_state.json"
+METHOD_STATE_FILE = "lorakit_method_state.safetensors"
 # Config sections that do not change what is trained; they may differ between a run and its resumption.
 _FREE_SECTIONS = ("tracking", "evaluation", "samples", "checkpoints", "early_stop")
 _FREE_DATA_FIELDS = ("source", "val", "cache", "num_proc")
@@ -94,7 +99,8 @@ def resume_meta(pipeline: Any, train_dataset: Any) -> dict[str, Any]:
     }
 
 
-def _step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-<step>`` directory (-1 when the name has none)."""
     try:
         return int(path.name.rsplit("-", 1)[1])
     except (IndexError, ValueError):
@@ -108,9 +114,9 @@ def list_checkpoints(directory: Path) -> list[Path]:
     found = [
         p
         for p in directory.glob("checkpoint-*")
-        if p.is_dir() and _step(p) >= 0 and (p / STATE_FILE).is_file()
+        if p.is_dir() and checkpoint_step(p) >= 0 and (p / STATE_FILE).is_file()
     ]
-    return sorted(found, key=_step)
+    return sorted(found, key=checkpoint_step)
 
 
 def find_resume_checkpoint(output_dir: Path, resume: bool | str | Path) -> Path:
@@ -180,243 +186,48 @@ def check_resume(checkpoint: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-# --- early stopping -------------------------------------------------------------------------------------
+# --- writing a checkpoint -------------------------------------------------------------------------------
 
 
-class EarlyStopper:
-    """Counts evaluations without improvement of one metric; says stop after ``patience`` of them."""
-
-    def __init__(self, spec: Any) -> None:
-        self.spec = spec
-        self.key = eval_key(spec.metric)
-        self.best: float | None = None
-        self.bad = 0
-        self.stopped_step: int | None = None
-        self.last_step: int | None = None
-
-    def update(self, metrics: dict[str, Any], step: int) -> bool:
-        """Record one evaluation; True when training should stop."""
-        if step == self.last_step:
-            return self.stopped_step is not None
-        if self.key not in metrics:
-            known = sorted(k for k in metrics if k.startswith("eval_"))
-            raise ConfigError(
-                f"early_stopping(metric={self.spec.metric!r}): the evaluation produced no {self.key!r}; it "
-                f"produced {known}. Pick one of those, or add the metric to with_eval(metrics=...)."
-            )
-        self.last_step = step
-        value = float(metrics[self.key])
-        delta = self.spec.min_delta
-        if self.best is None:
-            improved = True
-        elif self.spec.direction == "min":
-            improved = value < self.best - delta
-        else:
-            improved = value > self.best + delta
-        if improved:
-            self.best, self.bad = value, 0
-        else:
-            self.bad += 1
-        if self.bad >= self.spec.patience and self.stopped_step is None:
-            self.stopped_step = step
-        return self.stopped_step is not None
-
-    def state(self) -> dict[str, Any]:
-        return {"best": self.best, "bad": self.bad, "last_step": self.last_step}
-
-    def load(self, state: dict[str, Any] | None) -> None:
-        if state:
-            self.best, self.bad, self.last_step = (
-                state.get("best"),
-                state.get("bad", 0),
-                state.get("last_step"),
-            )
+def write_resume_record(checkpoint: Path, record: dict[str, Any]) -> None:
+    """Write the checkpoint's resume record (the last file of a checkpoint)."""
+    write_json_atomic(checkpoint / RESUME_FILE, record)
 
 
-# --- trainer arguments ----------------------------------------------------------------------------------
+def write_method_state(checkpoint: Path, tensors: dict[str, Any], info: dict[str, Any]) -> None:
+    """Save a method's resume state: tensors as safetensors, ``info`` as JSON in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tmp = checkpoint / f".{METHOD_STATE_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
+    os.replace(tmp, checkpoint / METHOD_STATE_FILE)
 
 
-def check_specs(pipeline: Any, *, has_val: bool) -> None:
-    """Evaluation / checkpoint / early-stopping settings that cannot work with this data: raised before any
-    weights load."""
-    evaluation, checkpoints, early = pipeline.evaluation, pipeline.checkpoints, pipeline.early_stop
-    if not has_val:
-        for name, spec in (("with_eval()", evaluation), ("early_stopping()", early)):
-            if spec is not None:
-                raise ConfigError(
-                    f"{name} needs a validation split, but this run has none. Set with_dataset(val_split=0.1) "
-                    "or with_dataset(val=...)."
-                )
-        return
-    if checkpoints is not None and checkpoints.best_metric is not None:
-        eval_every = _eval_every(pipeline)
-        if checkpoints.every % eval_every:
-            raise ConfigError(
-                f"with_checkpoints(every={checkpoints.every}) must be a multiple of the evaluation interval "
-                f"({eval_every} steps) so each checkpoint has a {checkpoints.best_metric!r} to compare. "
-                "Change one of the two."
-            )
-    known = known_eval_keys(pipeline)
-    watched = [("early_stopping(metric=...)", early.metric if early else None)]
-    if checkpoints is not None:
-        watched.append(("with_checkpoints(best_metric=...)", checkpoints.best_metric))
-    for call, metric in watched:
-        if metric is not None and known is not None and eval_key(metric) not in known:
-            raise ConfigError(
-                f"{call}: {metric!r} is not among the evaluation results {sorted(known)}. Pick one of those, "
-                "or add its metric to with_eval(metrics=...)."
-            )
+def read_method_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(tensors, info)`` saved by :func:`write_method_state`, or None when the checkpoint has none."""
+    from safetensors import safe_open
+
+    path = checkpoint / METHOD_STATE_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata() or {}
+    return tensors, json.loads(metadata.get("info", "{}"))
 
 
-def _eval_every(pipeline: Any) -> int:
-    """Steps between evaluations when checkpoints pick the best: with_eval(every=), else eval_steps, else the
-    checkpoint interval."""
-    evaluation = pipeline.evaluation
-    if evaluation is not None and evaluation.every:
-        return int(evaluation.every)
-    return int(pipeline.training.eval_steps or pipeline.checkpoints.every)
-
-
-def trainer_arguments(args: Any, pipeline: Any, *, has_val: bool) -> Any:
-    """The SFTConfig with evaluation / checkpoint / best-model settings from the pipeline's specs."""
-    check_specs(pipeline, has_val=has_val)
-    evaluation, checkpoints, early = pipeline.evaluation, pipeline.checkpoints, pipeline.early_stop
-    changes: dict[str, Any] = {}
-    if has_val and evaluation is not None and evaluation.every:
-        changes.update(eval_strategy="steps", eval_steps=evaluation.every)
-    if checkpoints is not None:
-        # No save_total_limit here: lorakit rotates (the trainer's own rotation would, with a limit of 1,
-        # delete the latest checkpoint at the end of training; lorakit keeps the best and the latest).
-        changes.update(save_strategy="steps", save_steps=checkpoints.every, save_total_limit=None)
-        if has_val and checkpoints.best_metric is not None:
-            key = eval_key(checkpoints.best_metric)
-            lowered = key.lower()
-            changes.update(
-                eval_strategy="steps",
-                eval_steps=_eval_every(pipeline),
-                metric_for_best_model=key,
-                greater_is_better=not ("loss" in lowered or "perplexity" in lowered),
-                load_best_model_at_end=checkpoints.load_best,
-            )
-    if (
-        early is not None
-        and "eval_strategy" not in changes
-        and getattr(args.eval_strategy, "value", args.eval_strategy) == "no"
-    ):
-        changes.update(eval_strategy="epoch")
-    if not changes:
-        return args
-    with warnings.catch_warnings():  # re-passing every field repeats transformers' deprecation notices
-        warnings.simplefilter("ignore", FutureWarning)
-        return dataclasses.replace(args, **changes)
-
-
-# --- the trainer ----------------------------------------------------------------------------------------
-
-
-def trainer_class(base: type) -> type:
-    """``base`` (TRL's SFTTrainer) with atomic checkpoints, the NaN / inf guard, lorakit's evaluation
-    numbers and early stopping."""
-    import torch
-    from transformers.trainer_utils import rotate_checkpoints
-
-    class LorakitTrainer(base):  # type: ignore[misc, valid-type]
-        lorakit_evaluator: Any = None
-        lorakit_early_stop: EarlyStopper | None = None
-        lorakit_resume_meta: dict[str, Any] | None = None
-        lorakit_keep: int | None = None
-        _lorakit_staging = False
-
-        def _get_output_dir(self, trial: Any) -> str:
-            run_dir = super()._get_output_dir(trial)
-            return os.path.join(run_dir, STAGING_DIR) if self._lorakit_staging else run_dir
-
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            run_dir = Path(super()._get_output_dir(trial))
-            name = f"checkpoint-{self.state.global_step}"
-            staged, final = run_dir / STAGING_DIR / name, run_dir / name
-            if staged.exists():
-                shutil.rmtree(staged)
-            self._lorakit_staging = True
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._lorakit_staging = False
-            if not self.args.should_save:
-                return
-            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
-                self.state.best_model_checkpoint = str(final)
-            self.state.save_to_json(str(staged / STATE_FILE))
-            record = dict(self.lorakit_resume_meta or {}, step=self.state.global_step)
-            if self.lorakit_early_stop is not None:
-                record["early_stop"] = self.lorakit_early_stop.state()
-            write_json_atomic(staged / RESUME_FILE, record)
-            if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-                old = run_dir / STAGING_DIR / f"{name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(staged, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staged, final)
-            with contextlib.suppress(OSError):
-                (run_dir / STAGING_DIR).rmdir()  # only when empty
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.lorakit_keep or self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-            )
-
-        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if not bool(torch.isfinite(loss).all()):
-                step = self.state.global_step + 1
-                found = list_checkpoints(Path(self.args.output_dir))
-                kept = (
-                    f"The last good checkpoint is {found[-1]} (step {_step(found[-1])}); nothing after it was "
-                    "saved. Resume from it with train(dir, resume=True) once the cause is fixed."
-                    if found
-                    else "No checkpoint had been written yet (with_checkpoints(every=N) keeps one)."
-                )
-                raise TrainingError(
-                    f"The training loss became {float(loss)} at step {step} (epoch {self.state.epoch or 0:.2f}); "
-                    f"training stopped. {kept} Usual causes: a learning rate that is too high, fp16 overflow "
-                    "(use bf16 or fp32), or a broken row in the data."
-                )
-            return loss
-
-        def evaluate(
-            self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
-        ) -> Any:
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-            if metric_key_prefix != "eval":
-                return metrics
-            if self.lorakit_evaluator is not None:
-                extra = self.lorakit_evaluator(self.model, metrics.get("eval_loss"))
-                if extra:
-                    self.log(dict(extra))
-                    metrics.update(extra)
-            wanted = self.args.metric_for_best_model
-            if wanted is not None and eval_key(wanted) not in metrics:
-                known = sorted(k for k in metrics if k.startswith("eval_"))
-                raise ConfigError(
-                    f"with_checkpoints(best_metric={wanted!r}): the evaluation produced no {eval_key(wanted)!r}; it "
-                    f"produced {known}. Pick one of those, or add the metric to with_eval(metrics=...)."
-                )
-            stopper = self.lorakit_early_stop
-            if stopper is not None and self.state.global_step > 0:
-                before = stopper.stopped_step
-                if stopper.update(metrics, self.state.global_step):
-                    self.control.should_training_stop = True
-                    if before is None:
-                        print(
-                            f"lorakit: early stopping at step {self.state.global_step}: {stopper.key} has not "
-                            f"improved on {stopper.best} for {stopper.bad} evaluations.",
-                            flush=True,
-                        )
-            return metrics
-
-    return LorakitTrainer
+def commit_checkpoint(staged: Path, final: Path) -> None:
+    """Rename a complete staged checkpoint into place (replacing an older save of the same step)."""
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = staged.parent / f"{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    with contextlib.suppress(OSError):
+        staged.parent.rmdir()  # only when empty
 
 
 def clean_staging(checkpoint_dir: Path) -> None:
@@ -459,107 +270,8 @@ def _truncate_log(path: Path, step: int) -> None:
 def prepare_resume(output_dir: Path, checkpoint: Path) -> None:
     """Before resuming: drop what a crash left half-written and log lines past the checkpoint."""
     clean_staging(checkpoint.parent)
-    step = _step(checkpoint)
+    step = checkpoint_step(checkpoint)
     for name in ("metrics.jsonl", "samples.jsonl"):
         _truncate_log(output_dir / name, step)
     for name in ("metrics.json", "report.md", "curves.png"):
         (output_dir / name).unlink(missing_ok=True)
-
-
-# --- what train() adds to the trainer -------------------------------------------------------------------
-
-_BUILTIN_KEYS = {
-    "perplexity": ("perplexity",),
-    "rouge": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
-    "bleu": ("bleu",),
-    "chrf": ("chrf",),
-    "exact_match": ("exact_match",),
-    "accuracy": ("accuracy", "accuracy_unmatched"),
-}
-_TRAINER_EVAL_KEYS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens")
-_BOOKKEEPING = ("runtime", "per_second", "num_tokens", "entropy", "epoch")
-
-
-def known_eval_keys(pipeline: Any) -> set[str] | None:
-    """The ``eval_*`` keys an evaluation will produce, or None when a custom metric makes them unknowable."""
-    keys = set(_TRAINER_EVAL_KEYS)
-    specs = pipeline.evaluation.metrics if pipeline.evaluation is not None else ()
-    for spec in specs:
-        if not isinstance(spec, str) or spec not in _BUILTIN_KEYS:
-            return None
-        keys.update(f"eval_{key}" for key in _BUILTIN_KEYS[spec])
-    return keys
-
-
-class TrainingHooks:
-    """Evaluation numbers, generation samples and early stopping for one ``train()`` call."""
-
-    def __init__(self, pipeline: Any, val: Any, tokenizer: Any, template: Any, tracker: Any) -> None:
-        from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
-
-        self.callbacks: list[Any] = []
-        self.evaluator: Any = None
-        self.stopper = EarlyStopper(pipeline.early_stop) if pipeline.early_stop is not None else None
-        self.keep = pipeline.checkpoints.keep if pipeline.checkpoints is not None else None
-        spec = pipeline.evaluation
-        if spec is not None:
-            from lorakit.metrics import get_metric
-
-            generation_set = None
-            if val is not None and any(get_metric(m).needs == "text" for m in spec.metrics):
-                generation_set = GenerationSet.from_dataset(
-                    val, n=spec.samples, tokenizer=tokenizer, template=template
-                )
-                if not generation_set.prompts:
-                    warnings.warn(
-                        "with_eval(): no validation row has an untrained prompt to generate from (raw text, or "
-                        "train_on_inputs=True), so the text metrics are skipped.",
-                        stacklevel=3,
-                    )
-            self.evaluator = TrainingEvaluator(spec, generation_set, tokenizer, template)
-        if pipeline.samples is not None:
-            prompts, shown = sample_prompts(pipeline.samples, val, tokenizer, template)
-            if prompts:
-                self.callbacks.append(
-                    sample_callback(pipeline.samples, prompts, shown, tokenizer, template, tracker)
-                )
-            else:
-                warnings.warn(
-                    "log_samples(): no prompts given and no validation rows to take them from; no samples are "
-                    "logged. Pass log_samples(prompts=[...]).",
-                    stacklevel=3,
-                )
-
-    def install(self, trainer: Any, meta: dict[str, Any] | None, resumed: dict[str, Any] | None) -> None:
-        trainer.lorakit_keep = self.keep
-        trainer.lorakit_evaluator = self.evaluator
-        trainer.lorakit_early_stop = self.stopper
-        trainer.lorakit_resume_meta = meta
-        if resumed is not None and self.stopper is not None:
-            self.stopper.load(resumed.get("early_stop"))
-
-    def summary(self, trainer: Any) -> dict[str, float]:
-        """Early stopping and best-checkpoint numbers for ``metrics.json``."""
-        out: dict[str, float] = {}
-        if self.stopper is not None and self.stopper.stopped_step is not None:
-            out["early_stopped_at_step"] = self.stopper.stopped_step
-        state = trainer.state
-        if state.best_model_checkpoint and state.best_metric is not None:
-            out["best_step"] = _step(Path(state.best_model_checkpoint))
-            out[f"best_{trainer.args.metric_for_best_model}"] = float(state.best_metric)
-        return out
-
-    @staticmethod
-    def final_metrics(eval_metrics: dict[str, Any]) -> dict[str, float]:
-        """The quality numbers of the final evaluation (no timings)."""
-        return {
-            key: float(value)
-            for key, value in eval_metrics.items()
-            if key.startswith("eval_")
-            and isinstance(value, (int, float))
-            and not any(word in key for word in _BOOKKEEPING)
-        }
-
-
-def training_hooks(pipeline: Any, val: Any, tokenizer: Any, template: Any, tracker: Any) -> TrainingHooks:
-    return TrainingHooks(pipeline, val, tokenizer, template, tracker)

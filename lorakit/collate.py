@@ -20,10 +20,9 @@ from typing import Any
 
 import attrs
 
-__all__ = ["IGNORE_INDEX", "PadCollator", "PaddingFreeCollator"]
+from lorakit.data.encode import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-"""The label padding value (the same constant as :data:`lorakit.data.IGNORE_INDEX`)."""
+__all__ = ["IGNORE_INDEX", "PadCollator", "PaddingFreeCollator"]
 
 
 @attrs.frozen

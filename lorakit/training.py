@@ -1,7 +1,16 @@
-"""``Pipeline.train()``: check -> load -> prepare data -> SFTTrainer -> save, top to bottom."""
+"""``Pipeline.train()``, in named phases read top to bottom:
+
+resolve (check everything that can be checked before loading anything) -> data (tokenizer and tokenized rows:
+data errors surface before the slow weight load) -> load (the base model, prepared by the method) -> trainer
+(:class:`lorakit.trainer.LorakitTrainer` with the method's hooks) -> fit -> save.
+
+This module imports :mod:`lorakit.trainer`, hence torch, transformers and TRL; ``import lorakit`` does not
+import it (``Pipeline.train()`` and ``lorakit.TrainResult`` load it on first use).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -11,12 +20,44 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from transformers import TrainerCallback
 
 from lorakit import __version__
+from lorakit import checkpoints as ckpt
+from lorakit.collate import PadCollator, PaddingFreeCollator
+from lorakit.config import eval_key
+from lorakit.data import prepare_data
+from lorakit.distributed import (
+    check_launch,
+    is_main_process,
+    preflight,
+    quantization_storage,
+    training_arguments,
+)
 from lorakit.errors import ConfigError, MissingDependencyError
+from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
+from lorakit.methods import supports_grad_checkpointing
+from lorakit.methods.base import MethodContext
+from lorakit.metrics import get_metric
+from lorakit.metrics.builtin import missing_packages
+from lorakit.models import (
+    device_kind,
+    load_base_model,
+    load_model_config,
+    load_tokenizer,
+    resolve_model_path,
+    resolve_precision,
+    torch_dtype,
+)
+from lorakit.plan import apply_method_on_meta, steps_for
+from lorakit.provenance import write_provenance
 from lorakit.run import METRICS_FILE, METRICS_LOG, RUN_FILE, check_output_dir, write_json_atomic
+from lorakit.templates import get_template
+from lorakit.tracking import Tracker, write_run_report
+from lorakit.trainer import EarlyStopper, LorakitTrainer
 
 if TYPE_CHECKING:
+    from lorakit.config import DataSpec, ModelSpec
     from lorakit.pipeline import Pipeline
 
 __all__ = ["TrainResult", "resolve_grad_checkpointing", "run_training"]
@@ -36,6 +77,96 @@ class TrainResult:
     """What data preparation kept, cut and dropped (see :class:`lorakit.data.DataReport`)."""
 
 
+def run_training(
+    pipeline: Pipeline,
+    output_dir: Path,
+    *,
+    overwrite: bool = False,
+    callbacks: list[Any] | None = None,
+    resume: bool | str | Path = False,
+) -> TrainResult:
+    run = _resolve(pipeline, output_dir.expanduser(), overwrite=overwrite, resume=resume)
+    tokenizer, prepared = _prepare(run)
+    run = _with_data(run, prepared)
+    model = _load(run)
+    trainer, extras, tracker = _build_trainer(run, model, tokenizer, prepared, callbacks or [])
+    try:
+        metrics = _fit(run, trainer, extras)
+    finally:
+        tracker.close()
+    if is_main_process():  # the run directory is written by the main process only
+        _save(run, trainer, tokenizer, prepared, metrics, tracker)
+    _release(run, trainer, model)
+    return TrainResult(output_dir=run.output_dir, metrics=metrics, data_report=prepared.report.to_dict())
+
+
+# --- 1. resolve -----------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Run:
+    """What the phases share: the pipeline and every decision taken before loading anything."""
+
+    pipeline: Pipeline
+    model_spec: ModelSpec
+    data_spec: DataSpec
+    output_dir: Path
+    resume_from: Path | None
+    precision: str
+    device: str
+    grad_ckpt: bool
+    distributed_args: dict[str, Any]
+    template: Any
+    method: Any
+    context: MethodContext
+    has_val: bool = False
+    meta: dict[str, Any] | None = None
+    resumed: dict[str, Any] | None = None
+
+
+def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: bool | str | Path) -> _Run:
+    """Check everything that can be checked before loading the tokenizer, the data or the weights."""
+    pipeline.require()
+    assert pipeline.model is not None and pipeline.data is not None
+    resume_from = ckpt.find_resume_checkpoint(output_dir, resume) if resume else None
+    if resume_from is None:
+        check_output_dir(output_dir, overwrite=overwrite)
+    _check_environment(pipeline)
+    precision, device = resolve_precision(pipeline.training.precision), device_kind()
+    _check_optimizer(pipeline.training.optim, device)
+    preflight(pipeline, cuda=device == "cuda")
+    distributed_args = training_arguments(pipeline)
+    grad_ckpt, note = resolve_grad_checkpointing(
+        pipeline, device, distributed_args.pop("gradient_checkpointing", None)
+    )
+    if note:
+        print(f"lorakit: {note}", flush=True)
+    method = pipeline.resolved_method
+    context = MethodContext(
+        base_path=resolve_model_path(pipeline.model),
+        revision=pipeline.model.revision,
+        tokenizer_kwargs=_tokenizer_kwargs(pipeline.model),
+        resuming=resume_from is not None,
+    )
+    method.check_run(context)  # what the method cannot do with this base fails before any load
+    # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
+    apply_method_on_meta(pipeline, load_model_config(pipeline.model))
+    return _Run(
+        pipeline=pipeline,
+        model_spec=pipeline.model,
+        data_spec=pipeline.data,
+        output_dir=output_dir,
+        resume_from=resume_from,
+        precision=precision,
+        device=device,
+        grad_ckpt=grad_ckpt,
+        distributed_args=distributed_args,
+        template=get_template(pipeline.data.template),
+        method=method,
+        context=context,
+    )
+
+
 def _check_environment(pipeline: Pipeline) -> None:
     """Collect every missing package / unsupported request and raise them together, before any load."""
     from importlib.util import find_spec
@@ -49,11 +180,17 @@ def _check_environment(pipeline: Pipeline) -> None:
     if backend == "tensorboard" and find_spec("tensorboard") is None:
         problems.append("track('tensorboard') needs tensorboard: pip install 'lorakit[tensorboard]'")
     if pipeline.evaluation is not None:
-        from lorakit.metrics.builtin import missing_packages
-
         problems.extend(missing_packages(pipeline.evaluation.metrics))
     if problems:
         raise MissingDependencyError("Cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _check_optimizer(optim: str, device: str) -> None:
+    if optim.startswith("paged_") and device != "cuda":
+        raise ConfigError(
+            f"with_training(optim={optim!r}) pages optimizer state between GPU and CPU memory and "
+            f"needs a CUDA GPU; this run is on {device}. Use optim='adamw_torch' (or 'adamw_8bit')."
+        )
 
 
 def resolve_grad_checkpointing(
@@ -65,8 +202,6 @@ def resolve_grad_checkpointing(
     distributed set-up decides, e.g. FSDP's own activation checkpointing). Prefix methods cannot train with it
     (an explicit ``True`` was refused at the builder call), so an automatic one is turned off for them.
     """
-    from lorakit.methods import supports_grad_checkpointing
-
     requested = pipeline.training.grad_checkpointing
     grad_ckpt = requested if requested is not None else device == "cuda"
     if distributed is not None:
@@ -80,50 +215,285 @@ def resolve_grad_checkpointing(
     return grad_ckpt, None
 
 
-def _metrics_log_callback(path: Path) -> Any:
-    from transformers import TrainerCallback
+def _tokenizer_kwargs(spec: Any) -> dict[str, Any]:
+    """What PEFT passes to ``AutoTokenizer.from_pretrained`` to embed a prompt-tuning ``init_text``.
 
-    class MetricsLog(TrainerCallback):
-        """Append every log event to ``metrics.jsonl`` (always on, whatever the tracker)."""
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
-        ) -> None:
-            if not state.is_world_process_zero or not logs:
-                return
-            with path.open("a") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    return MetricsLog()
-
-
-def _with_orth_regularization(base: type) -> type:
-    """``base`` with AdaLoRA's orthogonality penalty added to the training loss.
-
-    PEFT adds it to ``outputs.loss`` in ``AdaLoraModel.forward``, but SFTTrainer computes the loss from the
-    per-token log-probabilities and never reads ``outputs.loss``, so the penalty would be lost.
+    PEFT drops ``trust_remote_code`` (a loaded checkpoint must not run code), so only the revision is passed.
     """
-    from lorakit.methods.adalora import orth_regularization
+    return {"revision": spec.revision} if spec.revision is not None else {}
 
-    class AdaLoraTrainer(base):  # type: ignore[misc, valid-type]
-        def compute_loss(
-            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if not model.training:
-                return result
-            penalty = orth_regularization(self.accelerator.unwrap_model(model))
-            if penalty is None:
-                return result
-            # With num_items_in_batch the loss of a micro-batch is a share of the accumulated step's loss.
-            if num_items_in_batch is not None:
-                penalty = penalty / self.current_gradient_accumulation_steps
-            if return_outputs:
-                loss, outputs = result
-                return loss + penalty, outputs
-            return result + penalty
 
-    return AdaLoraTrainer
+# --- 2. data --------------------------------------------------------------------------------------------
+
+
+def _prepare(run: _Run) -> tuple[Any, Any]:
+    """The tokenizer and the tokenized rows; fatal data problems stop here, before any weights load."""
+    tokenizer = load_tokenizer(run.context.base_path, run.model_spec)
+    prepared = prepare_data(
+        run.data_spec.source, tokenizer=tokenizer, template=run.template, **run.data_spec.prepare_kwargs()
+    )
+    report = prepared.report
+    print("lorakit data: " + report.summary().replace("\n", "\n              "), flush=True)
+    # The audit: fatal problems (nothing trained, end-of-turn never trained) stop here.
+    report.raise_if_fatal()
+    _, problems = report.problems()
+    if problems:
+        warnings.warn(
+            "Data preparation: " + " ".join(problems) + " See the data report in lorakit_run.json.",
+            stacklevel=4,
+        )
+    return tokenizer, prepared
+
+
+def _with_data(run: _Run, prepared: Any) -> _Run:
+    """The decisions that need the tokenized rows: the step count, resume checks, evaluation settings."""
+    pipeline, train_spec = run.pipeline, run.pipeline.training
+    # Counted from the tokenized rows the way the Trainer counts them (a method's schedule may need it).
+    _, total_steps = steps_for(
+        len(prepared.train),
+        batch_size=train_spec.batch_size,
+        grad_accum=train_spec.grad_accum,
+        epochs=train_spec.epochs,
+        max_steps=train_spec.max_steps,
+        world_size=max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1),
+    )
+    has_val = prepared.val is not None and len(prepared.val) > 0
+    # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
+    checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None
+    meta = ckpt.resume_meta(pipeline, prepared.train) if checkpointing or run.resume_from else None
+    resumed = ckpt.check_resume(run.resume_from, meta) if run.resume_from and meta is not None else None
+    check_specs(pipeline, has_val=has_val)
+    context = attrs.evolve(run.context, total_steps=total_steps)
+    return attrs.evolve(run, context=context, has_val=has_val, meta=meta, resumed=resumed)
+
+
+# --- 3. load --------------------------------------------------------------------------------------------
+
+
+def _load(run: _Run) -> Any:
+    """The base model (optionally quantized), prepared for k-bit training and by the method."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    pipeline = run.pipeline
+    set_seed(pipeline.training.seed)
+    model = load_base_model(
+        run.context.base_path,
+        run.model_spec,
+        # On CPU, bf16 is autocast over fp32 weights (the Trainer's bf16=True); GPUs load the weights in it.
+        dtype=torch_dtype(run.precision if run.device == "cuda" else "fp32"),
+        quant=pipeline.quant,
+        quant_storage=quantization_storage(pipeline),
+    )
+    if pipeline.quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_ckpt)
+    return run.method.prepare_model(model)
+
+
+# --- 4. trainer -----------------------------------------------------------------------------------------
+
+
+def _warmup_steps(warmup_ratio: float) -> float:
+    """``TrainingArguments.warmup_steps`` for ``with_training(warmup_ratio=)``.
+
+    Deliberate: transformers 5 takes a float below 1 in ``warmup_steps`` as a fraction of the run's steps
+    (``get_warmup_steps``: ``ceil(total * ratio)``), and ``warmup_ratio`` is deprecated there. lorakit's ratio
+    is validated to ``[0, 1)``, so it is always read as a fraction.
+    """
+    assert 0.0 <= warmup_ratio < 1.0, warmup_ratio
+    return float(warmup_ratio)
+
+
+def _training_args(run: _Run) -> Any:
+    """The SFTConfig: optimisation settings, then evaluation / checkpoint / best-model settings."""
+    from trl import SFTConfig
+
+    train_spec, data_spec, device = run.pipeline.training, run.data_spec, run.device
+    args = SFTConfig(
+        output_dir=str(run.output_dir / ckpt.CHECKPOINTS_DIR),
+        use_cpu=device == "cpu",
+        bf16=run.precision == "bf16",
+        fp16=run.precision == "fp16",
+        gradient_checkpointing=run.grad_ckpt,
+        num_train_epochs=train_spec.epochs,
+        max_steps=train_spec.max_steps if train_spec.max_steps is not None else -1,
+        learning_rate=train_spec.lr,
+        per_device_train_batch_size=train_spec.batch_size,
+        per_device_eval_batch_size=train_spec.batch_size,
+        gradient_accumulation_steps=train_spec.grad_accum,
+        lr_scheduler_type=train_spec.scheduler,
+        optim=train_spec.optim,
+        warmup_steps=_warmup_steps(train_spec.warmup_ratio),
+        weight_decay=train_spec.weight_decay,
+        seed=train_spec.seed,
+        data_seed=train_spec.seed,
+        logging_steps=train_spec.logging_steps,
+        eval_strategy=("steps" if train_spec.eval_steps else "epoch") if run.has_val else "no",
+        eval_steps=train_spec.eval_steps,
+        save_strategy="steps" if train_spec.save_steps else "no",
+        save_steps=train_spec.save_steps or 500,
+        report_to="none",
+        max_length=data_spec.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        disable_tqdm=os.environ.get("LORAKIT_PROGRESS", "1") == "0",
+        **run.distributed_args,
+    )
+    # Creating the arguments joined the process group of a distributed launch; refuse unsynchronised copies.
+    check_launch(args)
+    return trainer_arguments(args, run.pipeline, has_val=run.has_val)
+
+
+def _prepare_run_dir(run: _Run) -> None:
+    """A fresh run removes the previous run's outputs; a resumed one what the crash left half-written."""
+    if not is_main_process():  # only after every process has checked the (still untouched) directory
+        return
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    if run.resume_from is None:
+        for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE, *ckpt.RUN_OUTPUTS):
+            (run.output_dir / stale).unlink(missing_ok=True)
+        ckpt.remove_checkpoints(run.output_dir / ckpt.CHECKPOINTS_DIR)
+    else:
+        ckpt.prepare_resume(run.output_dir, run.resume_from)
+
+
+def _build_trainer(
+    run: _Run, model: Any, tokenizer: Any, prepared: Any, callbacks: list[Any]
+) -> tuple[LorakitTrainer, TrainingExtras, Tracker]:
+    from transformers import set_seed
+
+    pipeline, data_spec = run.pipeline, run.data_spec
+    args = _training_args(run)
+    _prepare_run_dir(run)
+    tracker = Tracker(pipeline, run.output_dir, active=is_main_process())
+    val = prepared.val if run.has_val else None
+    extras = TrainingExtras(pipeline, val, tokenizer, run.template, tracker)
+    if run.resumed is not None and extras.stopper is not None:
+        extras.stopper.load(run.resumed.get("early_stop"))
+    set_seed(pipeline.training.seed)
+    collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
+    trainer = LorakitTrainer(
+        model=model,
+        args=args,
+        data_collator=collator_class(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=prepared.train,
+        eval_dataset=val,
+        processing_class=tokenizer,
+        peft_config=run.method.peft_config(run.context),
+        callbacks=[
+            *run.method.callbacks(),
+            MetricsLog(run.output_dir / METRICS_LOG),
+            *tracker.callbacks,
+            *extras.callbacks,
+            *callbacks,
+        ],
+        method=run.method,
+        evaluator=extras.evaluator,
+        early_stop=extras.stopper,
+        resume_meta=run.meta,
+        keep=extras.keep,
+    )
+    if pipeline.training.group_by_length and not data_spec.packing:
+        # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
+        trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
+    if pipeline.quant is not None and run.precision == "fp32":
+        # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
+        adapted: Any = trainer.model
+        for param in adapted.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    run.method.setup_trainer(trainer, run.context)
+    return trainer, extras, tracker
+
+
+class MetricsLog(TrainerCallback):
+    """Append every log event to ``metrics.jsonl`` (always on, whatever the tracker)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+# --- 5. fit ---------------------------------------------------------------------------------------------
+
+
+def _fit(run: _Run, trainer: LorakitTrainer, extras: TrainingExtras) -> dict[str, float]:
+    """Train (from the checkpoint when resuming), then the final evaluation; the run's metrics."""
+    started = time.perf_counter()
+    output = trainer.train(
+        resume_from_checkpoint=str(run.resume_from) if run.resume_from is not None else None
+    )
+    runtime = time.perf_counter() - started
+    counted = trainer.token_totals()
+    metrics: dict[str, float] = {
+        "train_loss": float(output.training_loss),
+        "train_steps": int(output.global_step),
+        "train_runtime": round(runtime, 3),
+        "train_tokens": counted["tokens"],
+        "train_computed_tokens": counted["computed_tokens"],
+        "train_loss_tokens": counted["loss_tokens"],
+        "train_tokens_per_second": round(counted["tokens"] / runtime, 2) if runtime > 0 else 0.0,
+    }
+    metrics.update(extras.summary(trainer))
+    if run.has_val:
+        eval_metrics = trainer.evaluate()
+        metrics["eval_loss"] = float(eval_metrics["eval_loss"])
+        metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))
+        metrics.update(extras.final_metrics(eval_metrics))
+    return metrics
+
+
+# --- 6. save --------------------------------------------------------------------------------------------
+
+
+def _save(
+    run: _Run,
+    trainer: Any,
+    tokenizer: Any,
+    prepared: Any,
+    metrics: dict[str, float],
+    tracker: Tracker,
+) -> None:
+    """The adapter (or model), tokenizer, run record, metrics, provenance and report."""
+    pipeline, output_dir = run.pipeline, run.output_dir
+    with run.method.saving(trainer.model, checkpoint=False):
+        trainer.model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    config = pipeline.to_config()
+    config["data"]["source"] = _source_for_config(run.data_spec.source, output_dir)
+    record = {
+        "pipeline": config,
+        "base_model_path": run.context.base_path,
+        "template": run.template.to_dict(),
+        "precision": run.precision,
+        "data_report": prepared.report.to_dict(),
+        "versions": _versions(),
+    }
+    write_json_atomic(output_dir / RUN_FILE, record)
+    write_json_atomic(output_dir / METRICS_FILE, metrics)
+    write_provenance(output_dir, pipeline.model, run.context.base_path)
+    write_run_report(
+        output_dir,
+        pipeline=pipeline,
+        metrics=metrics,
+        data_report=prepared.report.to_dict(),
+        trackers=tracker.describe(),
+    )
+
+
+def _release(run: _Run, trainer: Any, model: Any) -> None:
+    del trainer, model
+    if run.device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def _source_for_config(source: Any, output_dir: Path) -> str:
@@ -140,14 +510,6 @@ def _source_for_config(source: Any, output_dir: Path) -> str:
     return str(path)
 
 
-def _tokenizer_kwargs(spec: Any) -> dict[str, Any]:
-    """What PEFT passes to ``AutoTokenizer.from_pretrained`` to embed a prompt-tuning ``init_text``.
-
-    PEFT drops ``trust_remote_code`` (a loaded checkpoint must not run code), so only the revision is passed.
-    """
-    return {"revision": spec.revision} if spec.revision is not None else {}
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -160,277 +522,163 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def run_training(
-    pipeline: Pipeline,
-    output_dir: Path,
-    *,
-    overwrite: bool = False,
-    callbacks: list[Any] | None = None,
-    resume: bool | str | Path = False,
-) -> TrainResult:
-    import torch
-    from peft import prepare_model_for_kbit_training
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+# --- evaluation, checkpoint and early-stopping settings -------------------------------------------------
 
-    from lorakit import checkpoints as ckpt
-    from lorakit.batching import lorakit_trainer
-    from lorakit.collate import PadCollator, PaddingFreeCollator
-    from lorakit.data import prepare_data
-    from lorakit.distributed import (
-        check_launch,
-        is_main_process,
-        preflight,
-        quantization_storage,
-        training_arguments,
-    )
-    from lorakit.methods import peft_config_for
-    from lorakit.methods.adalora import AdaLoraSpec, rank_allocation_callback
-    from lorakit.methods.full import FullSpec, apply_freeze
-    from lorakit.methods.lora import LoraSpec, apply_loftq, loftq_weights_dir
-    from lorakit.models import (
-        device_kind,
-        load_base_model,
-        load_model_config,
-        load_tokenizer,
-        resolve_model_path,
-        resolve_precision,
-        torch_dtype,
-    )
-    from lorakit.plan import apply_method_on_meta, steps_for
-    from lorakit.provenance import write_provenance
-    from lorakit.templates import get_template
+_BUILTIN_KEYS = {
+    "perplexity": ("perplexity",),
+    "rouge": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
+    "bleu": ("bleu",),
+    "chrf": ("chrf",),
+    "exact_match": ("exact_match",),
+    "accuracy": ("accuracy", "accuracy_unmatched"),
+}
+_TRAINER_EVAL_KEYS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens")
+_BOOKKEEPING = ("runtime", "per_second", "num_tokens", "entropy", "epoch")
 
-    # 1. Check everything that can be checked before loading weights.
-    pipeline.require()
-    assert pipeline.model is not None and pipeline.data is not None
-    output_dir = output_dir.expanduser()
-    resume_from = ckpt.find_resume_checkpoint(output_dir, resume) if resume else None
-    if resume_from is None:
-        check_output_dir(output_dir, overwrite=overwrite)
-    _check_environment(pipeline)
-    train_spec, data_spec = pipeline.training, pipeline.data
-    precision = resolve_precision(train_spec.precision)
-    device = device_kind()
-    if train_spec.optim.startswith("paged_") and device != "cuda":
-        raise ConfigError(
-            f"with_training(optim={train_spec.optim!r}) pages optimizer state between GPU and CPU memory and "
-            f"needs a CUDA GPU; this run is on {device}. Use optim='adamw_torch' (or 'adamw_8bit')."
-        )
-    preflight(pipeline, cuda=device == "cuda")
-    distributed_args = training_arguments(pipeline)
-    grad_ckpt, note = resolve_grad_checkpointing(
-        pipeline, device, distributed_args.pop("gradient_checkpointing", None)
-    )
-    if note:
-        print(f"lorakit: {note}", flush=True)
-    template = get_template(data_spec.template)
-    base_path = resolve_model_path(pipeline.model)
-    method = pipeline.resolved_method
-    # LoftQ reads the full-precision weights from safetensors: refuse a base without them before any load.
-    loftq = isinstance(method, LoraSpec) and method.init == "loftq"
-    loftq_dir = loftq_weights_dir(base_path, pipeline.model.revision) if loftq else None
-    # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
-    apply_method_on_meta(pipeline, load_model_config(pipeline.model))
 
-    # 2. Tokenizer and data: data errors surface before the (slow) weight load.
-    tokenizer = load_tokenizer(base_path, pipeline.model)
-    prepared = prepare_data(
-        data_spec.source, tokenizer=tokenizer, template=template, **data_spec.prepare_kwargs()
-    )
+def known_eval_keys(pipeline: Any) -> set[str] | None:
+    """The ``eval_*`` keys an evaluation will produce, or None when a custom metric makes them unknowable."""
+    keys = set(_TRAINER_EVAL_KEYS)
+    specs = pipeline.evaluation.metrics if pipeline.evaluation is not None else ()
+    for spec in specs:
+        if not isinstance(spec, str) or spec not in _BUILTIN_KEYS:
+            return None
+        keys.update(f"eval_{key}" for key in _BUILTIN_KEYS[spec])
+    return keys
 
-    print("lorakit data: " + prepared.report.summary().replace("\n", "\n              "), flush=True)
-    report = prepared.report
-    # The audit: fatal problems (nothing trained, end-of-turn never trained) stop here, before any weights load.
-    report.raise_if_fatal()
-    _, problems = report.problems()
-    if problems:
-        warnings.warn(
-            "Data preparation: " + " ".join(problems) + " See the data report in lorakit_run.json.",
-            stacklevel=3,
-        )
-    # The method's PEFT config (None: full fine-tuning). AdaLoRA's schedule needs the run's step count, counted
-    # from the tokenized rows the way the Trainer counts it; a schedule that does not fit fails here.
-    if isinstance(method, AdaLoraSpec):
-        _, total_steps = steps_for(
-            len(prepared.train),
-            batch_size=train_spec.batch_size,
-            grad_accum=train_spec.grad_accum,
-            epochs=train_spec.epochs,
-            max_steps=train_spec.max_steps,
-            world_size=max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1),
-        )
-        peft_config = method.to_peft_config(total_step=total_steps)
-    else:
-        peft_config = peft_config_for(method, base_path, _tokenizer_kwargs(pipeline.model))
-    collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
-    collator = collator_class(pad_token_id=tokenizer.pad_token_id)
-    # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
-    checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None
-    meta = ckpt.resume_meta(pipeline, prepared.train) if checkpointing or resume_from else None
-    resumed = ckpt.check_resume(resume_from, meta) if resume_from is not None and meta is not None else None
-    ckpt.check_specs(pipeline, has_val=prepared.val is not None and len(prepared.val) > 0)
 
-    # 3. Base model (optionally quantized), prepared for k-bit training.
-    set_seed(train_spec.seed)
-    model = load_base_model(
-        base_path,
-        pipeline.model,
-        # On CPU, bf16 is autocast over fp32 weights (the Trainer's bf16=True); GPUs load the weights in it.
-        dtype=torch_dtype(precision if device == "cuda" else "fp32"),
-        quant=pipeline.quant,
-        quant_storage=quantization_storage(pipeline),
-    )
-    if pipeline.quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
-    if isinstance(method, FullSpec):  # no adapter: the model's own weights train, all or the unfrozen part
-        apply_freeze(model, method)
+def check_specs(pipeline: Any, *, has_val: bool) -> None:
+    """Evaluation / checkpoint / early-stopping settings that cannot work with this data: raised before any
+    weights load."""
+    evaluation, checkpoints, early = pipeline.evaluation, pipeline.checkpoints, pipeline.early_stop
+    if not has_val:
+        for name, spec in (("with_eval()", evaluation), ("early_stopping()", early)):
+            if spec is not None:
+                raise ConfigError(
+                    f"{name} needs a validation split, but this run has none. Set with_dataset(val_split=0.1) "
+                    "or with_dataset(val=...)."
+                )
+        return
+    if checkpoints is not None and checkpoints.best_metric is not None:
+        eval_every = _eval_every(pipeline)
+        if checkpoints.every % eval_every:
+            raise ConfigError(
+                f"with_checkpoints(every={checkpoints.every}) must be a multiple of the evaluation interval "
+                f"({eval_every} steps) so each checkpoint has a {checkpoints.best_metric!r} to compare. "
+                "Change one of the two."
+            )
+    known = known_eval_keys(pipeline)
+    watched = [("early_stopping(metric=...)", early.metric if early else None)]
+    if checkpoints is not None:
+        watched.append(("with_checkpoints(best_metric=...)", checkpoints.best_metric))
+    for call, metric in watched:
+        if metric is not None and known is not None and eval_key(metric) not in known:
+            raise ConfigError(
+                f"{call}: {metric!r} is not among the evaluation results {sorted(known)}. Pick one of those, "
+                "or add its metric to with_eval(metrics=...)."
+            )
 
-    # 4. TRL's SFTTrainer with our tokenized rows (labels already masked) and a pad-only collator.
-    has_val = prepared.val is not None and len(prepared.val) > 0
-    args = SFTConfig(
-        output_dir=str(output_dir / "checkpoints"),
-        use_cpu=device == "cpu",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        gradient_checkpointing=grad_ckpt,
-        num_train_epochs=train_spec.epochs,
-        max_steps=train_spec.max_steps if train_spec.max_steps is not None else -1,
-        learning_rate=train_spec.lr,
-        per_device_train_batch_size=train_spec.batch_size,
-        per_device_eval_batch_size=train_spec.batch_size,
-        gradient_accumulation_steps=train_spec.grad_accum,
-        lr_scheduler_type=train_spec.scheduler,
-        optim=train_spec.optim,
-        warmup_steps=train_spec.warmup_ratio,
-        weight_decay=train_spec.weight_decay,
-        seed=train_spec.seed,
-        data_seed=train_spec.seed,
-        logging_steps=train_spec.logging_steps,
-        eval_strategy=("steps" if train_spec.eval_steps else "epoch") if has_val else "no",
-        eval_steps=train_spec.eval_steps,
-        save_strategy="steps" if train_spec.save_steps else "no",
-        save_steps=train_spec.save_steps or 500,
-        report_to="none",
-        max_length=data_spec.max_length,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda",
-        disable_tqdm=os.environ.get("LORAKIT_PROGRESS", "1") == "0",
-        **distributed_args,
-    )
-    # Creating the arguments joined the process group of a distributed launch; refuse unsynchronised copies.
-    check_launch(args)
-    main = is_main_process()
-    if main:  # only after every process has checked the (still untouched) directory
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE, *ckpt.RUN_OUTPUTS):
-                (output_dir / stale).unlink(missing_ok=True)
-            ckpt.remove_checkpoints(output_dir / ckpt.CHECKPOINTS_DIR)
-        else:
-            ckpt.prepare_resume(output_dir, resume_from)
-    args = ckpt.trainer_arguments(args, pipeline, has_val=has_val)
-    from lorakit.tracking import Tracker
 
-    tracker = Tracker(pipeline, output_dir, active=main)
-    tracker_callbacks, close_tracker = tracker.callbacks, tracker.close
-    hooks = ckpt.training_hooks(pipeline, prepared.val if has_val else None, tokenizer, template, tracker)
-    set_seed(train_spec.seed)
-    trainer_class = ckpt.trainer_class(lorakit_trainer(SFTTrainer))
-    method_callbacks: list[Any] = []
-    if isinstance(method, AdaLoraSpec):
-        trainer_class = _with_orth_regularization(trainer_class)
-        method_callbacks.append(rank_allocation_callback())
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.val if has_val else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[
-            *method_callbacks,
-            _metrics_log_callback(output_dir / METRICS_LOG),
-            *tracker_callbacks,
-            *hooks.callbacks,
-            *(callbacks or []),
-        ],
-    )
-    if train_spec.group_by_length and not data_spec.packing:
-        # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
-        trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
-    hooks.install(trainer, meta, resumed)
-    if pipeline.quant is not None and precision == "fp32":
-        # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    if loftq_dir is not None and resume_from is None:
-        # LoftQ: A, B start as the rank-r fit of W - Q(W), W read from the safetensors (a resume loads them).
-        apply_loftq(trainer.model, loftq_dir)
+def _eval_every(pipeline: Any) -> int:
+    """Steps between evaluations when checkpoints pick the best: with_eval(every=), else eval_steps, else the
+    checkpoint interval."""
+    evaluation = pipeline.evaluation
+    if evaluation is not None and evaluation.every:
+        return int(evaluation.every)
+    return int(pipeline.training.eval_steps or pipeline.checkpoints.every)
 
-    # 5. Train, evaluate, save.
-    started = time.perf_counter()
-    try:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-        runtime = time.perf_counter() - started
-        counted = trainer.token_totals()
-        metrics: dict[str, float] = {
-            "train_loss": float(output.training_loss),
-            "train_steps": int(output.global_step),
-            "train_runtime": round(runtime, 3),
-            "train_tokens": counted["tokens"],
-            "train_computed_tokens": counted["computed_tokens"],
-            "train_loss_tokens": counted["loss_tokens"],
-            "train_tokens_per_second": round(counted["tokens"] / runtime, 2) if runtime > 0 else 0.0,
+
+def trainer_arguments(args: Any, pipeline: Any, *, has_val: bool) -> Any:
+    """The SFTConfig with evaluation / checkpoint / best-model settings from the pipeline's specs."""
+    check_specs(pipeline, has_val=has_val)
+    evaluation, checkpoints, early = pipeline.evaluation, pipeline.checkpoints, pipeline.early_stop
+    changes: dict[str, Any] = {}
+    if has_val and evaluation is not None and evaluation.every:
+        changes.update(eval_strategy="steps", eval_steps=evaluation.every)
+    if checkpoints is not None:
+        # No save_total_limit here: lorakit rotates (the trainer's own rotation would, with a limit of 1,
+        # delete the latest checkpoint at the end of training; lorakit keeps the best and the latest).
+        changes.update(save_strategy="steps", save_steps=checkpoints.every, save_total_limit=None)
+        if has_val and checkpoints.best_metric is not None:
+            key = eval_key(checkpoints.best_metric)
+            lowered = key.lower()
+            changes.update(
+                eval_strategy="steps",
+                eval_steps=_eval_every(pipeline),
+                metric_for_best_model=key,
+                greater_is_better=not ("loss" in lowered or "perplexity" in lowered),
+                load_best_model_at_end=checkpoints.load_best,
+            )
+    if (
+        early is not None
+        and "eval_strategy" not in changes
+        and getattr(args.eval_strategy, "value", args.eval_strategy) == "no"
+    ):
+        changes.update(eval_strategy="epoch")
+    if not changes:
+        return args
+    with warnings.catch_warnings():  # re-passing every field repeats transformers' deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        return dataclasses.replace(args, **changes)
+
+
+class TrainingExtras:
+    """Evaluation numbers, generation samples and early stopping for one ``train()`` call."""
+
+    def __init__(self, pipeline: Any, val: Any, tokenizer: Any, template: Any, tracker: Any) -> None:
+        self.callbacks: list[Any] = []
+        self.stopper = EarlyStopper(pipeline.early_stop) if pipeline.early_stop is not None else None
+        self.keep = pipeline.checkpoints.keep if pipeline.checkpoints is not None else None
+        self.evaluator = _evaluator(pipeline.evaluation, val, tokenizer, template)
+        if pipeline.samples is not None:
+            prompts, shown = sample_prompts(pipeline.samples, val, tokenizer, template)
+            if prompts:
+                self.callbacks.append(
+                    sample_callback(pipeline.samples, prompts, shown, tokenizer, template, tracker)
+                )
+            else:
+                warnings.warn(
+                    "log_samples(): no prompts given and no validation rows to take them from; no samples are "
+                    "logged. Pass log_samples(prompts=[...]).",
+                    stacklevel=5,
+                )
+
+    def summary(self, trainer: Any) -> dict[str, float]:
+        """Early stopping and best-checkpoint numbers for ``metrics.json``."""
+        out: dict[str, float] = {}
+        if self.stopper is not None and self.stopper.stopped_step is not None:
+            out["early_stopped_at_step"] = self.stopper.stopped_step
+        state = trainer.state
+        if state.best_model_checkpoint and state.best_metric is not None:
+            out["best_step"] = ckpt.checkpoint_step(Path(state.best_model_checkpoint))
+            out[f"best_{trainer.args.metric_for_best_model}"] = float(state.best_metric)
+        return out
+
+    @staticmethod
+    def final_metrics(eval_metrics: dict[str, Any]) -> dict[str, float]:
+        """The quality numbers of the final evaluation (no timings)."""
+        return {
+            key: float(value)
+            for key, value in eval_metrics.items()
+            if key.startswith("eval_")
+            and isinstance(value, (int, float))
+            and not any(word in key for word in _BOOKKEEPING)
         }
-        metrics.update(hooks.summary(trainer))
-        if has_val:
-            eval_metrics = trainer.evaluate()
-            metrics["eval_loss"] = float(eval_metrics["eval_loss"])
-            metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))
-            metrics.update(hooks.final_metrics(eval_metrics))
-    finally:
-        close_tracker()
 
-    if not main:  # the run directory is written by the main process only
-        del trainer, model
-        return TrainResult(output_dir=output_dir, metrics=metrics, data_report=prepared.report.to_dict())
-    with warnings.catch_warnings():
-        # AdaLoRA layers whose whole rank budget moved elsewhere are saved with rank 0; PEFT takes zero-sized
-        # tensors for unsharded ZeRO-3 / FSDP parameters and warns, wrongly here.
-        if isinstance(method, AdaLoraSpec):
-            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
-        trainer.model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    config = pipeline.to_config()
-    config["data"]["source"] = _source_for_config(data_spec.source, output_dir)
-    write_json_atomic(
-        output_dir / RUN_FILE,
-        {
-            "pipeline": config,
-            "base_model_path": base_path,
-            "template": template.to_dict(),
-            "precision": precision,
-            "data_report": prepared.report.to_dict(),
-            "versions": _versions(),
-        },
-    )
-    write_json_atomic(output_dir / METRICS_FILE, metrics)
-    write_provenance(output_dir, pipeline.model, base_path)
-    from lorakit.tracking import write_run_report
 
-    write_run_report(
-        output_dir,
-        pipeline=pipeline,
-        metrics=metrics,
-        data_report=report.to_dict(),
-        trackers=tracker.describe(),
-    )
-    del trainer, model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return TrainResult(output_dir=output_dir, metrics=metrics, data_report=prepared.report.to_dict())
+def _evaluator(spec: Any, val: Any, tokenizer: Any, template: Any) -> TrainingEvaluator | None:
+    """lorakit's evaluation numbers during training (``with_eval``), or None."""
+    if spec is None:
+        return None
+    generation_set = None
+    if val is not None and any(get_metric(m).needs == "text" for m in spec.metrics):
+        generation_set = GenerationSet.from_dataset(
+            val, n=spec.samples, tokenizer=tokenizer, template=template
+        )
+        if not generation_set.prompts:
+            warnings.warn(
+                "with_eval(): no validation row has an untrained prompt to generate from (raw text, or "
+                "train_on_inputs=True), so the text metrics are skipped.",
+                stacklevel=6,
+            )
+    return TrainingEvaluator(spec, generation_set, tokenizer, template)

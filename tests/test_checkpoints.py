@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.checkpoints import EarlyStopper, list_checkpoints
+from lorakit.checkpoints import list_checkpoints
 from lorakit.config import EarlyStopSpec
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.trainer import EarlyStopper
 
 ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
@@ -266,3 +267,103 @@ def test_data_fingerprint_depends_on_rows_not_on_their_arrow_layout():
     assert listed != data_fingerprint(Dataset.from_list(rows[::-1]))  # order matters (data position)
     moved = [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3, 4], "labels": [3, 4]}]
     assert listed != data_fingerprint(Dataset.from_list(moved))  # same tokens, other row boundaries
+
+
+# --- AdaLoRA: the rank allocator's importance state survives a SIGKILL and a resume ---------------------
+
+ADALORA_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import TrainerCallback
+
+    sys.path.insert(0, {tests!r})
+    from test_checkpoints import adalora_resumable
+
+    data, model_dir, out = sys.argv[1:4]
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:  # checkpoint-4 is complete; step 5 is lost
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    adalora_resumable(model_dir, data).train(out, callbacks=[Kill()])
+    """
+)
+
+
+def adalora_resumable(model_dir, data):
+    # Allocation steps 0-7: warm-up at 0-1 (tinit=1), budget shrinking at 2-5 from the importance estimates,
+    # fixed at 6 (total 8 - tfinal 2), fine-tuning at 7. checkpoint-4 falls in the middle of the shrinking.
+    return (
+        lk.Pipeline.from_model(model_dir)
+        .with_adalora(init_r=4, target_r=2, alpha=8, dropout=0.1, tinit=1, tfinal=2)
+        .with_dataset(data, template="alpaca", val_split=0.0, max_length=128)
+        .with_training(max_steps=8, lr=5e-2, batch_size=2, logging_steps=1, warmup_ratio=0.25, seed=7)
+        .with_checkpoints(every=2, keep=2)
+    )
+
+
+def test_adalora_killed_then_resumed_equals_the_uninterrupted_run(tiny_model_dir, rows_file, tmp_path):
+    from safetensors import safe_open
+
+    from lorakit.checkpoints import METHOD_STATE_FILE
+
+    whole = adalora_resumable(tiny_model_dir, rows_file).train(tmp_path / "whole")
+    out, script = tmp_path / "killed", tmp_path / "child.py"
+    script.write_text(ADALORA_CHILD.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lk.__file__).parents[1]), *sys.path])}
+    child = subprocess.run(
+        [sys.executable, str(script), rows_file, tiny_model_dir, str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=600,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-3000:]
+    checkpoints = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-4"]
+    with safe_open(str(checkpoints / "checkpoint-4" / METHOD_STATE_FILE), framework="pt") as handle:
+        kinds = {key.split("/", 1)[0] for key in handle.keys()}  # noqa: SIM118
+        assert json.loads(handle.metadata()["info"])["rank_pattern"]  # the budget had started shrinking
+    assert kinds == {"ipt", "exp_avg_ipt", "exp_avg_unc"}
+
+    resumed = adalora_resumable(tiny_model_dir, rows_file).train(out, resume=True)
+    assert resumed.metrics["train_steps"] == whole.metrics["train_steps"] == 8
+    expected, after = _adapter(whole.output_dir), _adapter(out)
+    assert expected.keys() == after.keys() and len(expected) == 42  # lora_A, lora_B, lora_E x 14 modules
+    for name in expected:
+        assert after[name].shape == expected[name].shape, name
+        torch.testing.assert_close(after[name], expected[name], rtol=1e-5, atol=1e-6)
+    pattern = json.loads((whole.output_dir / "adapter_config.json").read_text())["rank_pattern"]
+    assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"] == pattern
+    assert len(set(map(sum, pattern.values()))) > 1  # the budget really moved between modules
+
+
+def test_adalora_ends_with_the_best_checkpoints_weights_and_rank_pattern(tiny_model_dir, tmp_path):
+    from lorakit.checkpoints import read_method_state
+
+    # Evaluations at steps 2, 4, 6, 8; the rank budget shrinks at steps 2-5, so patterns differ between them.
+    metric = _crafted([0.1, 0.9, 0.2, 0.3] + [0.0] * 8)  # the best by this metric is checkpoint-4
+    result = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_adalora(init_r=4, target_r=2, alpha=8, dropout=0.0, tinit=1, tfinal=2)
+        .with_dataset(ROWS, template="alpaca", val=ROWS[:2], max_length=128)
+        .with_training(max_steps=8, lr=5e-2, batch_size=4, logging_steps=1, warmup_ratio=0.0, seed=7)
+        .with_eval([metric], every=2, samples=1, max_new_tokens=1)
+        .with_checkpoints(every=2, keep=1, best_metric="crafted")
+        .train(tmp_path / "run")
+    )
+    assert result.metrics["best_step"] == 4
+    best = result.output_dir / "checkpoints" / "checkpoint-4"
+    _, info = read_method_state(best)
+    expected = {name.replace(".default", ""): mask for name, mask in info["rank_pattern"].items()}
+    saved = json.loads((result.output_dir / "adapter_config.json").read_text())["rank_pattern"]
+    assert saved == expected
+    final, full = _adapter(result.output_dir), _adapter(best)  # the checkpoint keeps the full-size tensors
+    assert final.keys() == full.keys()
+    for name, tensor in final.items():
+        module = name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] + ".lora_E"
+        kept = torch.tensor(expected[module])
+        # AdaLoRA's factors are ParameterDict entries: "...q_proj.lora_A", "...lora_E", "...lora_B" (columns)
+        picked = full[name][:, kept] if name.endswith(".lora_B") else full[name][kept]
+        assert torch.equal(tensor, picked), name

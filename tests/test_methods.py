@@ -306,12 +306,14 @@ def test_adalora_adds_the_orthogonality_penalty_sftrainer_drops(tiny_model_dir, 
     from trl import SFTConfig, SFTTrainer
 
     from lorakit.collate import PadCollator
-    from lorakit.training import _with_orth_regularization
+    from lorakit.trainer import LorakitTrainer
 
     rows = Dataset.from_list([{"input_ids": [1, 5, 9, 13, 17], "labels": [-100, 5, 9, 13, 17]}])
     collate = PadCollator(pad_token_id=2)
     losses = {}
-    for name, trainer_class in (("sft", SFTTrainer), ("ours", _with_orth_regularization(SFTTrainer))):
+    spec = AdaLoraSpec(init_r=4, target_r=2, dropout=0.0, orth_reg_weight=10.0)
+    ours = {"method": spec}  # the method's extra_loss hook adds the penalty
+    for name, trainer_class, extra in (("sft", SFTTrainer, {}), ("ours", LorakitTrainer, ours)):
         torch.manual_seed(0)
         trainer = trainer_class(
             model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -325,9 +327,8 @@ def test_adalora_adds_the_orthogonality_penalty_sftrainer_drops(tiny_model_dir, 
             train_dataset=rows,
             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
             data_collator=collate,
-            peft_config=AdaLoraSpec(init_r=4, target_r=2, dropout=0.0, orth_reg_weight=10.0).to_peft_config(
-                10
-            ),
+            peft_config=spec.to_peft_config(10),
+            **extra,
         )
         trainer.model.train()
         batch = trainer._prepare_inputs(collate([rows[0]]))
@@ -365,6 +366,75 @@ def test_registry_rejects_duplicates_and_holds_the_methods():
     assert METHODS["adalora"] is AdaLoraSpec and METHODS["full"] is FullSpec
     with pytest.raises(ConfigError, match="'ia3' is already registered"):
         register_method("ia3", LoraSpec)
+
+
+def test_registry_refuses_a_class_without_the_method_hooks():
+    class Bare:
+        name = "bare"
+        mergeable = False
+
+        def to_peft_config(self):
+            return None
+
+    with pytest.raises(
+        ConfigError,
+        match=r"register_method\('bare', Bare\): the class lacks the method hooks "
+        r"builder_call, .*Subclass lorakit.methods.MethodBase",
+    ):
+        register_method("bare", Bare)
+    assert "bare" not in METHODS
+
+
+def test_plan_side_hooks_replace_the_method_checks():
+    from lorakit.config import QuantSpec
+
+    four, eight = QuantSpec(bits=4), QuantSpec(bits=8)
+    assert FullSpec().builder_call() == "full_finetune()" and LoraSpec().builder_call() == "with_lora()"
+    assert FullSpec(train_last_n_layers=2).builder_call() == "freeze(train_last_n_layers=2)"
+    assert [spec.has_adapter for spec in (LoraSpec(), AdaLoraSpec(), FullSpec())] == [True, True, False]
+    assert [spec.needs_step_count for spec in (LoraSpec(), AdaLoraSpec(), FullSpec())] == [False, True, False]
+    with pytest.raises(
+        ConfigError, match=r"freeze\(modules=\('lm_head',\)\) cannot be combined with quantize_4bit"
+    ):
+        FullSpec(modules=("lm_head",)).check_quantization(four, final=False)
+    FullSpec().check_quantization(None, final=True)
+    loftq = LoraSpec(init="loftq")
+    loftq.check_quantization(None, final=False)  # quantize_4bit() may still follow
+    loftq.check_quantization(four, final=True)
+    with pytest.raises(ConfigError, match=r"init='loftq'\) needs quantize_4bit\(\)"):
+        loftq.check_quantization(None, final=True)
+    with pytest.raises(ConfigError, match="cannot be combined with quantize_8bit"):
+        loftq.check_quantization(eight, final=False)
+    LoraSpec().check_quantization(eight, final=True)
+    adalora = AdaLoraSpec(tinit=2, tfinal=2)
+    with pytest.raises(ConfigError, match="less than the run's 4 optimizer steps"):
+        adalora.check_steps(4)
+    LoraSpec().check_steps(1)  # no schedule: nothing to check
+    with pytest.raises(ConfigError, match="less than the run's 3 optimizer steps"):
+        adalora.check_schedule(3, None)
+    with pytest.raises(ConfigError, match="rows of generator cannot be counted in advance"):
+        adalora.check_schedule(None, (row for row in ROWS))
+    adalora.check_schedule(None, ROWS)
+    adalora.check_schedule(None, None)
+
+
+def test_meta_hooks_count_what_training_trains(tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def meta_model():
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+
+    full = FullSpec(train_last_n_layers=1)
+    frozen = full.apply_on_meta(meta_model())
+    assert full.base_of(frozen) is frozen
+    assert full.plan_targets(frozen) == ("model.layers.1", "model.norm")
+    assert FullSpec().plan_targets(FullSpec().apply_on_meta(meta_model())) == ("all parameters",)
+    adalora = AdaLoraSpec(init_r=4, target_r=2, targets=("q_proj", "v_proj"))
+    peft_model = adalora.apply_on_meta(meta_model())
+    assert adalora.plan_targets(peft_model) == ("q_proj", "v_proj")
+    assert type(adalora.base_of(peft_model)).__name__ == "LlamaForCausalLM"
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".ranknum." in n)
 
 
 def test_describe_lists_the_options():

@@ -209,3 +209,17 @@ def test_trackers_write_locally_without_login(tiny_model_dir, tmp_path, monkeypa
         runs = list((result.output_dir / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (result.output_dir / "metrics.jsonl").read_text().count('"loss"') == 3
+
+
+def test_warmup_ratio_sets_the_learning_rate_schedule(tiny_model_dir, tmp_path):
+    # warmup_ratio=0.25 of 8 steps: 2 warm-up steps (transformers takes warmup_steps < 1 as a fraction), then a
+    # linear decay to 0 after step 8. The learning rate logged at step k is the one step k trained with.
+    result = _pipeline(tiny_model_dir, max_steps=8, lr=1e-2, warmup_ratio=0.25, scheduler="linear").train(
+        tmp_path / "warmup"
+    )
+    logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [entry["learning_rate"] for entry in logged if "loss" in entry]
+    expected = [0.0, 5e-3] + [1e-2 * (8 - k) / 6 for k in range(2, 8)]
+    assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    # The whole warm-up is 2 steps: not 0 (a ratio read as int(0.25) steps) and not 0.25 * lr steps.
+    assert rates[2] == pytest.approx(1e-2) and rates[1] == pytest.approx(5e-3)

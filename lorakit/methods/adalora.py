@@ -8,13 +8,16 @@ optimizer steps when ``train()`` starts, and calls ``update_and_allocate`` after
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import attrs
 
 from lorakit.config import number_in, positive_int
 from lorakit.errors import ConfigError
+from lorakit.methods.base import MethodBase, MethodContext
 from lorakit.methods.lora import check_targets, to_targets
 
 __all__ = ["AdaLoraSpec", "orth_regularization", "rank_allocation_callback", "rank_pattern_sizes"]
@@ -28,7 +31,7 @@ def _non_negative_int(_inst: Any, attribute: attrs.Attribute, value: Any) -> Non
 
 
 @attrs.frozen
-class AdaLoraSpec:
+class AdaLoraSpec(MethodBase):
     """AdaLoRA options; ``to_peft_config(total_step)`` builds the ``peft.AdaLoraConfig``."""
 
     name: ClassVar[str] = "adalora"
@@ -109,6 +112,85 @@ class AdaLoraSpec:
         """The PEFT config for counting parameters on the meta device; the step count does not change shapes."""
         return self.to_peft_config(total_step=self.tinit + self.tfinal + 1)
 
+    needs_step_count: ClassVar[bool] = True
+
+    def check_schedule(self, max_steps: int | None, source: Any) -> None:
+        """At a builder call: the schedule must fit ``max_steps``, or the rows of ``source`` must be countable."""
+        if max_steps is not None:
+            self.check_steps(max_steps)
+        elif source is not None and not (isinstance(source, (str, list)) or hasattr(source, "__len__")):
+            raise ConfigError(
+                f"with_adalora() needs the run's number of optimizer steps, and the rows of "
+                f"{type(source).__name__} cannot be counted in advance. Set with_training(max_steps=...)."
+            )
+
+    def apply_on_meta(self, model: Any) -> Any:
+        peft_model = super().apply_on_meta(model)
+        for name, param in peft_model.named_parameters():
+            if ".ranknum." in name:  # the rank constant; moving it to the meta device made it trainable
+                param.requires_grad = False
+        return peft_model
+
+    def peft_config(self, context: MethodContext) -> Any:
+        return self.to_peft_config(total_step=context.total_steps)
+
+    def callbacks(self) -> list[Any]:
+        return [rank_allocation_callback()]
+
+    def extra_loss(self, model: Any) -> Any:
+        return orth_regularization(model)
+
+    @contextlib.contextmanager
+    def saving(self, model: Any, *, checkpoint: bool) -> Iterator[None]:
+        """Layers whose whole rank budget moved elsewhere are saved with rank 0; PEFT takes zero-sized tensors for
+        unsharded ZeRO-3 / FSDP parameters and warns, wrongly here. A checkpoint keeps the full-size (masked)
+        tensors, the exact training state, and the rank pattern goes into the resume state instead: PEFT would
+        otherwise cut the tensors to the pattern, and a resumed run could not load them into its full-size layers.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
+            config = (
+                _adalora(model).peft_config[_adalora(model).trainable_adapter_name] if checkpoint else None
+            )
+            pattern = config.rank_pattern if config is not None else None
+            if config is not None:
+                config.rank_pattern = None
+            try:
+                yield
+            finally:
+                if config is not None:
+                    config.rank_pattern = pattern
+
+    def resume_state(self, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """PEFT's RankAllocator importance estimates (``ipt``, ``exp_avg_ipt``, ``exp_avg_unc``) and the current
+        rank pattern: the budget re-allocation after a resume continues from them."""
+        adalora = _adalora(model)
+        allocator = adalora.rankallocator
+        tensors = {
+            f"{kind}/{name}": tensor.detach().to("cpu").contiguous()
+            for kind in _IMPORTANCE
+            for name, tensor in getattr(allocator, kind).items()
+        }
+        config = adalora.peft_config[adalora.trainable_adapter_name]
+        return tensors, {"rank_pattern": config.rank_pattern}
+
+    def load_resume_state(self, model: Any, tensors: dict[str, Any], info: dict[str, Any]) -> None:
+        adalora = _adalora(model)
+        allocator = adalora.rankallocator
+        devices = {name: param.device for name, param in adalora.model.named_parameters()}
+        for kind in _IMPORTANCE:
+            prefix = f"{kind}/"
+            setattr(
+                allocator,
+                kind,
+                {
+                    key[len(prefix) :]: tensor.to(devices.get(key[len(prefix) :], tensor.device))
+                    for key, tensor in tensors.items()
+                    if key.startswith(prefix)
+                },
+            )
+        adalora.peft_config[adalora.trainable_adapter_name].rank_pattern = info.get("rank_pattern")
+
     def to_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)
         data["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
@@ -123,6 +205,18 @@ class AdaLoraSpec:
         )
 
 
+_IMPORTANCE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+"""The RankAllocator's per-parameter importance dicts (PEFT ``peft.tuners.adalora.layer.RankAllocator``)."""
+
+
+def _adalora(model: Any) -> Any:
+    """The ``AdaLoraModel`` inside a PeftModel (it holds the rank allocator and the config)."""
+    adalora = getattr(model, "base_model", None)
+    if adalora is None or not hasattr(adalora, "update_and_allocate"):
+        raise ConfigError("AdaLoRA rank allocation: the trained model is not an AdaLoRA PeftModel.")
+    return adalora
+
+
 def rank_allocation_callback() -> Any:
     """A TrainerCallback that re-allocates the rank budget after every optimizer step.
 
@@ -132,18 +226,12 @@ def rank_allocation_callback() -> Any:
     """
     from transformers import TrainerCallback
 
-    def adalora_model(model: Any) -> Any:
-        adalora = getattr(model, "base_model", None)
-        if adalora is None or not hasattr(adalora, "update_and_allocate"):
-            raise ConfigError("AdaLoRA rank allocation: the trained model is not an AdaLoRA PeftModel.")
-        return adalora
-
     class AdaLoraRankAllocation(TrainerCallback):
         def on_train_begin(
             self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
         ) -> None:
             # The schedule was set from lorakit's step count; the Trainer's own count is the truth.
-            adalora = adalora_model(model)
+            adalora = _adalora(model)
             config = adalora.peft_config[adalora.trainable_adapter_name]
             if state.max_steps and state.max_steps != config.total_step:
                 warnings.warn(
@@ -157,7 +245,7 @@ def rank_allocation_callback() -> Any:
         def on_optimizer_step(
             self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
         ) -> None:
-            adalora_model(model).update_and_allocate(state.global_step)
+            _adalora(model).update_and_allocate(state.global_step)
 
     return AdaLoraRankAllocation()
 

@@ -15,6 +15,7 @@ import attrs
 
 from lorakit.config import to_names
 from lorakit.errors import ConfigError
+from lorakit.methods.base import MethodBase, MethodContext
 
 __all__ = ["FullSpec", "apply_freeze", "trained_modules"]
 
@@ -23,7 +24,7 @@ _FINAL_NORM = re.compile(r"(^|\.)(norm|final_layernorm|final_layer_norm|ln_f|nor
 
 
 @attrs.frozen
-class FullSpec:
+class FullSpec(MethodBase):
     """Full fine-tuning options: all parameters, the last N decoder layers, or named modules."""
 
     name: ClassVar[str] = "full"
@@ -64,9 +65,44 @@ class FullSpec:
         """True when only part of the model trains."""
         return self.train_last_n_layers is not None or self.modules is not None
 
+    has_adapter: ClassVar[bool] = False
+
     def to_peft_config(self) -> None:
         """No PEFT config: SFTTrainer trains the model itself."""
         return None
+
+    def builder_call(self) -> str:
+        if self.train_last_n_layers is not None:
+            return f"freeze(train_last_n_layers={self.train_last_n_layers})"
+        if self.modules is not None:
+            return f"freeze(modules={self.modules!r})"
+        return "full_finetune()"
+
+    def check_quantization(self, quant: Any, *, final: bool) -> None:
+        if quant is not None:
+            raise ConfigError(
+                f"{self.builder_call()} cannot be combined with {quant.method_name}: bitsandbytes weights are "
+                "frozen integers that full fine-tuning cannot update. Drop the quantization to fine-tune the "
+                "weights, or keep it and train an adapter on the quantized base with with_lora() (QLoRA)."
+            )
+
+    def apply_on_meta(self, model: Any) -> Any:
+        apply_freeze(model, self)
+        return model
+
+    def plan_targets(self, model: Any) -> tuple[str, ...]:
+        return tuple(name or "all parameters" for name in trained_modules(model, self))
+
+    def base_of(self, model: Any) -> Any:
+        return model
+
+    def peft_config(self, context: MethodContext) -> None:
+        return None
+
+    def prepare_model(self, model: Any) -> Any:
+        """No adapter: the model's own weights train, all of them or the unfrozen part."""
+        apply_freeze(model, self)
+        return model
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ import attrs
 
 from lorakit.config import to_names
 from lorakit.errors import ConfigError
+from lorakit.methods.base import MethodBase
 
 __all__ = ["Ia3Spec"]
 
@@ -26,7 +27,7 @@ def _check_names(label: str) -> Any:
 
 
 @attrs.frozen
-class Ia3Spec:
+class Ia3Spec(MethodBase):
     """IA3 options; ``to_peft_config()`` builds the ``peft.IA3Config``."""
 
     name: ClassVar[str] = "ia3"

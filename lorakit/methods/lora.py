@@ -8,6 +8,7 @@ import attrs
 
 from lorakit.config import number_in, one_of, positive_int, to_names
 from lorakit.errors import ConfigError
+from lorakit.methods.base import MethodBase, MethodContext
 
 __all__ = ["LoraSpec", "apply_loftq", "loftq_weights_dir"]
 
@@ -46,7 +47,7 @@ def check_targets(value: Any) -> None:
 
 
 @attrs.frozen
-class LoraSpec:
+class LoraSpec(MethodBase):
     """LoRA hyper-parameters; ``to_peft_config()`` builds the ``peft.LoraConfig``."""
 
     name: ClassVar[str] = "lora"
@@ -131,6 +132,31 @@ class LoraSpec:
         """The PEFT config for counting parameters on the meta device: SVD-based inits need real weights,
         and the initialisation does not change the parameter shapes."""
         return attrs.evolve(self, init="default").to_peft_config()
+
+    def check_quantization(self, quant: Any, *, final: bool) -> None:
+        """LoftQ fits the adapter to the error of bitsandbytes 4-bit quantization, so it needs quantize_4bit()."""
+        if self.init != "loftq":
+            return
+        if quant is not None and quant.bits != 4:
+            raise ConfigError(
+                f"with_lora(init='loftq') cannot be combined with {quant.method_name}: LoftQ fits the adapter to "
+                "the error of 4-bit quantization. Use quantize_4bit() instead, or another init with quantize_8bit()."
+            )
+        if quant is None and final:
+            raise ConfigError(
+                "with_lora(init='loftq') needs quantize_4bit(): LoftQ fits the adapter to the error of the 4-bit "
+                "quantized base. Add .quantize_4bit(), or use init='pissa' / the default init without quantization."
+            )
+
+    def check_run(self, context: MethodContext) -> None:
+        """LoftQ reads the full-precision weights from safetensors: refuse a base without them before any load."""
+        if self.init == "loftq":
+            loftq_weights_dir(context.base_path, context.revision)
+
+    def setup_trainer(self, trainer: Any, context: MethodContext) -> None:
+        """LoftQ: A, B start as the rank-r fit of W - Q(W), W read from the safetensors (a resume loads them)."""
+        if self.init == "loftq" and not context.resuming:
+            apply_loftq(trainer.model, loftq_weights_dir(context.base_path, context.revision))
 
     def to_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)

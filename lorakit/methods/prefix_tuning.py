@@ -18,6 +18,7 @@ import attrs
 
 from lorakit.config import optional_positive_int, positive_int
 from lorakit.errors import ConfigError
+from lorakit.methods.base import MethodBase
 
 __all__ = ["PrefixTuningSpec", "PtuningV2Spec"]
 
@@ -39,7 +40,7 @@ def _prefix_config(num_virtual_tokens: int, projection: bool, encoder_hidden_siz
 
 
 @attrs.frozen
-class PrefixTuningSpec:
+class PrefixTuningSpec(MethodBase):
     """Prefix-tuning options; ``to_peft_config()`` builds the ``peft.PrefixTuningConfig``.
 
     Prompt-based adapters cannot be merged into the base weights: serve them unmerged.
@@ -87,7 +88,7 @@ class PrefixTuningSpec:
 
 
 @attrs.frozen
-class PtuningV2Spec:
+class PtuningV2Spec(MethodBase):
     """P-tuning v2 (deep prompt tuning): prefix tuning with the reparameterisation MLP (``prefix_projection``).
 
     Prompt-based adapters cannot be merged into the base weights: serve them unmerged.

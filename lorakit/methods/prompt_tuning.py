@@ -8,6 +8,7 @@ import attrs
 
 from lorakit.config import positive_int
 from lorakit.errors import ConfigError
+from lorakit.methods.base import MethodBase, MethodContext
 
 __all__ = ["PromptTuningSpec"]
 
@@ -21,7 +22,7 @@ def _check_text(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 
 @attrs.frozen
-class PromptTuningSpec:
+class PromptTuningSpec(MethodBase):
     """Prompt-tuning options; ``to_peft_config()`` builds the ``peft.PromptTuningConfig``.
 
     Prompt-based adapters cannot be merged into the base weights: serve them unmerged.
@@ -40,6 +41,14 @@ class PromptTuningSpec:
     def needs_tokenizer(self) -> bool:
         """Whether :meth:`to_peft_config` needs the base model's tokenizer (to tokenize ``init_text``)."""
         return self.init_text is not None
+
+    def peft_config(self, context: MethodContext) -> Any:
+        """The PEFT config; ``init_text`` is tokenized with the base model's tokenizer."""
+        if self.needs_tokenizer:
+            return self.to_peft_config(
+                tokenizer_path=context.base_path, tokenizer_kwargs=context.tokenizer_kwargs
+            )
+        return self.to_peft_config()
 
     def to_peft_config(
         self, tokenizer_path: str | None = None, tokenizer_kwargs: dict[str, Any] | None = None

@@ -13,6 +13,7 @@ import attrs
 
 from lorakit.config import number_in, one_of, positive_int
 from lorakit.errors import ConfigError
+from lorakit.methods.base import MethodBase
 
 __all__ = ["PtuningSpec"]
 
@@ -20,7 +21,7 @@ ENCODER_TYPES = ("mlp", "lstm")
 
 
 @attrs.frozen
-class PtuningSpec:
+class PtuningSpec(MethodBase):
     """P-tuning options; ``to_peft_config()`` builds the ``peft.PromptEncoderConfig``.
 
     Prompt-based adapters cannot be merged into the base weights: serve them unmerged.

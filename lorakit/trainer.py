@@ -1,0 +1,589 @@
+"""The one trainer: TRL's ``SFTTrainer`` with lorakit's checkpoints, accounting, guards and method hooks.
+
+:class:`LorakitTrainer` adds, to TRL's SFTTrainer:
+
+- token counting of every trained micro-batch and length-grouped batches (:mod:`lorakit.batching`);
+- atomic checkpoints (written into ``.partial/``, renamed when complete; :mod:`lorakit.checkpoints`) holding the
+  method's resume state, and lorakit's own checkpoint rotation (the best and the latest are kept);
+- a NaN / inf loss guard naming the step and the last good checkpoint;
+- lorakit's evaluation numbers, early stopping and the best-metric check;
+- the method hooks (:mod:`lorakit.methods`): extra loss terms, a saving context, resume state;
+- owned randomness: evaluation and every callback event run inside :func:`lorakit.rng.forked_rng`, so a run with
+  evaluation, samples or trackers trains the same adapter, bit for bit, as one without.
+
+It overrides and calls private names of transformers / TRL; :data:`PRIVATE_NAMES` lists every private (or
+internal) third-party name lorakit relies on anywhere, with the versions it was checked against, and
+:func:`private_name_problems` reports those an installed version lacks. This module imports torch, transformers
+and TRL at its top: ``import lorakit`` never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import shutil
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from packaging.version import Version
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import rotate_checkpoints
+from trl import SFTTrainer
+
+from lorakit import checkpoints as ckpt
+from lorakit.batching import GroupedSampler, token_counts
+from lorakit.config import eval_key
+from lorakit.errors import ConfigError, TrainingError
+from lorakit.rng import forked_rng
+
+__all__ = [
+    "PRIVATE_NAMES",
+    "EarlyStopper",
+    "LorakitTrainer",
+    "PrivateName",
+    "private_name_problems",
+]
+
+
+# --- private third-party names lorakit relies on --------------------------------------------------------
+
+
+@attrs.frozen
+class PrivateName:
+    """One private or internal third-party name lorakit overrides, reads, writes or calls."""
+
+    package: str
+    """The distribution that provides it (``importlib.metadata`` name)."""
+    path: str
+    """Dotted import path, e.g. ``"transformers.Trainer._save_checkpoint"``."""
+    used_by: str
+    """Where lorakit uses it, and how."""
+    params: tuple[str, ...] | None = None
+    """Parameters lorakit passes or receives, in order, ``self`` left out (callables only)."""
+    set_in: str | None = None
+    """For an instance attribute: the dotted path of the code that sets it (its source must name it)."""
+    checked: tuple[str, str] = ("0", "0")
+    """The lowest and highest installed version it was checked against (inclusive)."""
+
+
+_TF, _TRL, _PEFT, _BNB, _TORCH = (
+    ("5.25.0",) * 2,
+    ("1.16.0",) * 2,
+    ("0.21.2",) * 2,
+    ("0.50.2",) * 2,
+    ("2.13.0",) * 2,
+)
+
+PRIVATE_NAMES: tuple[PrivateName, ...] = (
+    # lorakit/trainer.py: LorakitTrainer
+    PrivateName(
+        "trl",
+        "trl.SFTTrainer._save_checkpoint",
+        "trainer.py: overridden (atomic checkpoints)",
+        ("model", "trial"),
+        checked=_TRL,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.Trainer._load_best_model",
+        "trainer.py: overridden (the method's saving context and state around it)",
+        (),
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.Trainer._get_output_dir",
+        "trainer.py: overridden (staging dir)",
+        ("trial",),
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.Trainer._get_train_sampler",
+        "trainer.py: overridden (grouping)",
+        ("train_dataset",),
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.Trainer.current_gradient_accumulation_steps",
+        "trainer.py: read to scale a method's extra loss",
+        set_in="transformers.trainer.Trainer",
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.trainer_callback.CallbackHandler.call_event",
+        "trainer.py: overridden (every callback event inside forked_rng)",
+        ("event", "args", "state", "control"),
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.trainer_utils.rotate_checkpoints",
+        "trainer.py: called after each atomic checkpoint (Trainer._rotate_checkpoints before v5)",
+        ("output_dir", "save_total_limit", "best_model_checkpoint"),
+        checked=_TF,
+    ),
+    # lorakit/methods/lora.py: apply_loftq
+    PrivateName(
+        "peft",
+        "peft.utils.loftq_utils._low_rank_decomposition",
+        "methods/lora.py: apply_loftq",
+        ("weight", "reduced_rank"),
+        checked=_PEFT,
+    ),
+    PrivateName(
+        "peft",
+        "peft.utils.loftq_utils._SafetensorLoader",
+        "methods/lora.py: apply_loftq",
+        ("peft_model", "model_path"),
+        checked=_PEFT,
+    ),
+    PrivateName(
+        "peft",
+        "peft.utils.loftq_utils._SafetensorLoader.get_tensor",
+        "methods/lora.py: apply_loftq",
+        ("name",),
+        checked=_PEFT,
+    ),
+    # lorakit/methods/adalora.py: resume state
+    PrivateName(
+        "peft",
+        "peft.tuners.adalora.model.AdaLoraModel.rankallocator",
+        "methods/adalora.py: resume state",
+        set_in="peft.tuners.adalora.model.AdaLoraModel.__init__",
+        checked=_PEFT,
+    ),
+    *(
+        PrivateName(
+            "peft",
+            f"peft.tuners.adalora.layer.RankAllocator.{name}",
+            "methods/adalora.py: resume state",
+            set_in="peft.tuners.adalora.layer.RankAllocator.reset_ipt",
+            checked=_PEFT,
+        )
+        for name in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+    ),
+    PrivateName(
+        "peft",
+        "peft.tuners.adalora.model.AdaLoraModel.update_and_allocate",
+        "methods/adalora.py: rank allocation callback",
+        ("global_step",),
+        checked=_PEFT,
+    ),
+    # lorakit/generation.py: prompt_learning_generation patches these per call
+    PrivateName(
+        "peft",
+        "peft.PeftModelForCausalLM.prepare_inputs_for_generation",
+        "generation.py: replaced during generate()",
+        checked=_PEFT,
+    ),
+    PrivateName(
+        "peft",
+        "peft.PeftModelForCausalLM.base_model_prepare_inputs_for_generation",
+        "generation.py: replaced during generate()",
+        set_in="peft.PeftModelForCausalLM.__init__",
+        checked=_PEFT,
+    ),
+    # lorakit/models.py: disable_cpu_4bit_repacking
+    PrivateName(
+        "bitsandbytes",
+        "bitsandbytes.nn.Linear4bit.support_avx512bf16_for_cpu",
+        "models.py: disable_cpu_4bit_repacking sets it False",
+        set_in="bitsandbytes.nn.Linear4bit.__init__",
+        checked=_BNB,
+    ),
+    # lorakit/distributed.py, memory.py, embedded.py
+    PrivateName(
+        "transformers",
+        "transformers.AutoModelForCausalLM._model_mapping",
+        "distributed.py: the model class of a config",
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.PreTrainedModel._no_split_modules",
+        "distributed.py: FSDP wrap classes",
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.PreTrainedModel._keep_in_fp32_modules",
+        "memory.py: modules bitsandbytes leaves unquantized",
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.PreTrainedConfig._name_or_path",
+        "embedded.py: written (the model's alias)",
+        set_in="transformers.configuration_utils",
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.PreTrainedConfig._is_quantized",
+        "embedded.py: cleared after de-quantizing",
+        set_in="transformers.quantizers.base",
+        checked=_TF,
+    ),
+)
+"""Every private (or internal, undocumented) name of torch / transformers / TRL / PEFT / bitsandbytes /
+accelerate that lorakit overrides, reads, writes or calls. ``embedded.py`` also removes
+``_pre_quantization_dtype`` / ``_model_name_or_path`` only when present (transformers 5.25 has neither)."""
+
+
+def _resolve(path: str) -> Any:
+    """The object at a dotted path: the longest importable module prefix, then attributes."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            target = getattr(target, part)
+        return target
+    raise ImportError(f"no module in {path!r}")
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _problem(entry: PrivateName, installed: str) -> str | None:
+    """What is wrong with one entry on the installed version, or None."""
+    where = f"{entry.package} {installed}: {entry.path} (used by {entry.used_by})"
+    try:
+        if entry.set_in is not None:  # an instance attribute: the code that sets it must name it
+            owner, name = _resolve(entry.set_in), entry.path.rsplit(".", 1)[1]
+            if name not in inspect.getsource(owner):
+                return f"{where}: {entry.set_in} no longer sets {name!r}"
+            return None
+        target = _resolve(entry.path)
+    except (ImportError, AttributeError) as error:
+        return f"{where}: missing ({error})"
+    except (OSError, TypeError) as error:
+        return f"{where}: cannot read the source of {entry.set_in} ({error})"
+    if entry.params is None:
+        return None
+    try:
+        found = tuple(name for name in inspect.signature(target).parameters if name != "self")
+    except (TypeError, ValueError) as error:
+        return f"{where}: not a callable with a signature ({error})"
+    if found[: len(entry.params)] != entry.params:
+        return f"{where}: parameters are {found}, lorakit relies on {entry.params}"
+    return None
+
+
+def private_name_problems(names: Sequence[PrivateName] = PRIVATE_NAMES) -> list[str]:
+    """One line per private name the installed packages lack or changed (packages not installed are skipped)."""
+    problems = []
+    for entry in names:
+        installed = _installed(entry.package)
+        if installed is not None:
+            problem = _problem(entry, installed)
+            if problem is not None:
+                problems.append(problem)
+    return problems
+
+
+def unchecked_versions(names: Sequence[PrivateName] = PRIVATE_NAMES) -> list[str]:
+    """The entries whose installed package version lies outside the range they were checked against."""
+    found = []
+    for entry in names:
+        installed = _installed(entry.package)
+        low, high = entry.checked
+        if installed is not None and not Version(low) <= Version(installed) <= Version(high):
+            found.append(f"{entry.path}: checked on {entry.package} {low}-{high}, installed {installed}")
+    return found
+
+
+# --- early stopping -------------------------------------------------------------------------------------
+
+
+class EarlyStopper:
+    """Counts evaluations without improvement of one metric; says stop after ``patience`` of them."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.key = eval_key(spec.metric)
+        self.best: float | None = None
+        self.bad = 0
+        self.stopped_step: int | None = None
+        self.last_step: int | None = None
+
+    def update(self, metrics: dict[str, Any], step: int) -> bool:
+        """Record one evaluation; True when training should stop."""
+        if step == self.last_step:
+            return self.stopped_step is not None
+        if self.key not in metrics:
+            known = sorted(k for k in metrics if k.startswith("eval_"))
+            raise ConfigError(
+                f"early_stopping(metric={self.spec.metric!r}): the evaluation produced no {self.key!r}; it "
+                f"produced {known}. Pick one of those, or add the metric to with_eval(metrics=...)."
+            )
+        self.last_step = step
+        value = float(metrics[self.key])
+        delta = self.spec.min_delta
+        if self.best is None:
+            improved = True
+        elif self.spec.direction == "min":
+            improved = value < self.best - delta
+        else:
+            improved = value > self.best + delta
+        if improved:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.bad >= self.spec.patience and self.stopped_step is None:
+            self.stopped_step = step
+        return self.stopped_step is not None
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad, "last_step": self.last_step}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.best, self.bad, self.last_step = (
+                state.get("best"),
+                state.get("bad", 0),
+                state.get("last_step"),
+            )
+
+
+# --- owned randomness and resume state ------------------------------------------------------------------
+
+
+class RngIsolatedCallbackHandler(CallbackHandler):
+    """Runs every callback event inside :func:`forked_rng`: a callback (samples, trackers, user code) cannot
+    change the random numbers training draws."""
+
+    def call_event(self, event: str, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        with forked_rng():
+            return super().call_event(event, args, state, control, **kwargs)
+
+
+class MethodStateRestore(TrainerCallback):
+    """On a resumed run, hands the checkpoint's method resume state to the method once the weights are loaded
+    (``on_train_begin`` runs after the Trainer loaded the checkpoint, FSDP and DeepSpeed included)."""
+
+    def __init__(self, trainer: LorakitTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        if trainer.lorakit_method is None or trainer.lorakit_resume_from is None:
+            return
+        saved = ckpt.read_method_state(Path(trainer.lorakit_resume_from))
+        if saved is not None:
+            trainer.lorakit_method.load_resume_state(trainer.model, *saved)
+
+
+# --- the trainer ----------------------------------------------------------------------------------------
+
+
+class LorakitTrainer(SFTTrainer):
+    """TRL's SFTTrainer with lorakit's checkpoints, token counts, guards, evaluation and method hooks.
+
+    Keyword arguments besides SFTTrainer's: ``method`` (the method spec whose hooks run), ``evaluator`` (called
+    with the model and the eval loss after each evaluation, returns more ``eval_*`` numbers), ``early_stop``
+    (an :class:`EarlyStopper`), ``resume_meta`` (recorded in every checkpoint) and ``keep`` (checkpoints kept).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        method: Any = None,
+        evaluator: Any = None,
+        early_stop: EarlyStopper | None = None,
+        resume_meta: dict[str, Any] | None = None,
+        keep: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.lorakit_method = method
+        self.lorakit_evaluator = evaluator
+        self.lorakit_early_stop = early_stop
+        self.lorakit_resume_meta = resume_meta
+        self.lorakit_keep = keep
+        self.lorakit_resume_from: str | None = None
+        self._lorakit_counts: tuple[int, ...] = (0, 0, 0)
+        self._lorakit_lengths: list[int] | None = None
+        self._lorakit_staging = False
+        super().__init__(*args, **kwargs)
+        self.callback_handler.__class__ = RngIsolatedCallbackHandler  # same state, forked events
+        self.add_callback(MethodStateRestore(self))
+
+    # --- batching and token counts
+
+    def group_by_length(self, lengths: Sequence[int]) -> None:
+        """Sample the training rows (of these lengths) in length-grouped batches."""
+        self._lorakit_lengths = list(lengths)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self._lorakit_lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return GroupedSampler(self._lorakit_lengths, self.args.per_device_train_batch_size, seed)
+
+    def token_totals(self) -> dict[str, int]:
+        """Counts of all trained micro-batches, summed over the processes (a collective: call on all)."""
+        counts = torch.tensor(self._lorakit_counts, dtype=torch.int64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        tokens, computed, loss_tokens = (int(value) for value in counts.tolist())
+        return {"tokens": tokens, "computed_tokens": computed, "loss_tokens": loss_tokens}
+
+    # --- the training step: counts, the method's extra loss, the NaN / inf guard
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.lorakit_resume_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        counted = token_counts(inputs)
+        self._lorakit_counts = tuple(a + b for a, b in zip(self._lorakit_counts, counted, strict=True))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            self._raise_non_finite(loss)
+        return loss
+
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """SFTTrainer's loss plus the method's extra loss term (``extra_loss`` hook): SFTTrainer computes the
+        loss from the logits and never reads a term a PEFT model adds to ``outputs.loss``."""
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not model.training or self.lorakit_method is None:
+            return result
+        extra = self.lorakit_method.extra_loss(self.accelerator.unwrap_model(model))
+        if extra is None:
+            return result
+        # With num_items_in_batch the loss of a micro-batch is a share of the accumulated step's loss.
+        if num_items_in_batch is not None:
+            extra = extra / self.current_gradient_accumulation_steps
+        if return_outputs:
+            loss, outputs = result
+            return loss + extra, outputs
+        return result + extra
+
+    def _raise_non_finite(self, loss: Any) -> None:
+        step = self.state.global_step + 1
+        found = ckpt.list_checkpoints(Path(str(self.args.output_dir)))
+        kept = (
+            f"The last good checkpoint is {found[-1]} (step {ckpt.checkpoint_step(found[-1])}); nothing after it "
+            "was saved. Resume from it with train(dir, resume=True) once the cause is fixed."
+            if found
+            else "No checkpoint had been written yet (with_checkpoints(every=N) keeps one)."
+        )
+        raise TrainingError(
+            f"The training loss became {float(loss)} at step {step} (epoch {self.state.epoch or 0:.2f}); "
+            f"training stopped. {kept} Usual causes: a learning rate that is too high, fp16 overflow "
+            "(use bf16 or fp32), or a broken row in the data."
+        )
+
+    # --- evaluation: forked randomness, lorakit's numbers, early stopping
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> Any:
+        # The evaluation data loader draws its base seed from the global torch RNG; the evaluator generates.
+        with forked_rng():
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            if metric_key_prefix != "eval":
+                return metrics
+            if self.lorakit_evaluator is not None:
+                extra = self.lorakit_evaluator(self.model, metrics.get("eval_loss"))
+                if extra:
+                    self.log(dict(extra))
+                    metrics.update(extra)
+        self._check_best_metric(metrics)
+        self._early_stop(metrics)
+        return metrics
+
+    def _check_best_metric(self, metrics: dict[str, Any]) -> None:
+        wanted = self.args.metric_for_best_model
+        if wanted is not None and eval_key(wanted) not in metrics:
+            known = sorted(k for k in metrics if k.startswith("eval_"))
+            raise ConfigError(
+                f"with_checkpoints(best_metric={wanted!r}): the evaluation produced no {eval_key(wanted)!r}; it "
+                f"produced {known}. Pick one of those, or add the metric to with_eval(metrics=...)."
+            )
+
+    def _early_stop(self, metrics: dict[str, Any]) -> None:
+        stopper = self.lorakit_early_stop
+        if stopper is None or self.state.global_step <= 0:
+            return
+        before = stopper.stopped_step
+        if stopper.update(metrics, self.state.global_step):
+            self.control.should_training_stop = True
+            if before is None:
+                print(
+                    f"lorakit: early stopping at step {self.state.global_step}: {stopper.key} has not improved on "
+                    f"{stopper.best} for {stopper.bad} evaluations.",
+                    flush=True,
+                )
+
+    # --- atomic checkpoints with the method's resume state
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, ckpt.STAGING_DIR) if self._lorakit_staging else run_dir
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staged, final = run_dir / ckpt.STAGING_DIR / name, run_dir / name
+        if staged.exists():
+            shutil.rmtree(staged)
+        saving = self.lorakit_method.saving(self.model, checkpoint=True) if self.lorakit_method else None
+        self._lorakit_staging = True
+        try:
+            with saving or contextlib.nullcontext():
+                super()._save_checkpoint(model, trial)
+        finally:
+            self._lorakit_staging = False
+        if not self.args.should_save:
+            return
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)
+        self._write_lorakit_state(staged)
+        ckpt.commit_checkpoint(staged, final)
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=self.lorakit_keep or self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+        )
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's weights, loaded as the method saved them, then its method state (e.g. the rank
+        pattern that goes with the weights)."""
+        saving = self.lorakit_method.saving(self.model, checkpoint=True) if self.lorakit_method else None
+        with saving or contextlib.nullcontext():
+            super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        saved = ckpt.read_method_state(Path(best)) if best and self.lorakit_method is not None else None
+        if saved is not None:
+            self.lorakit_method.load_resume_state(self.model, *saved)
+
+    def _write_lorakit_state(self, staged: Path) -> None:
+        """The trainer state (best checkpoint renamed), the method's resume state, then the resume record: the
+        record is the last file, so a checkpoint with it is complete."""
+        self.state.save_to_json(str(staged / ckpt.STATE_FILE))
+        saved = self.lorakit_method.resume_state(self.model) if self.lorakit_method is not None else None
+        if saved is not None:
+            ckpt.write_method_state(staged, *saved)
+        record = dict(self.lorakit_resume_meta or {}, step=self.state.global_step)
+        if self.lorakit_early_stop is not None:
+            record["early_stop"] = self.lorakit_early_stop.state()
+        ckpt.write_resume_record(staged, record)

@@ -1,0 +1,100 @@
+"""Every private third-party name lorakit relies on exists, with the parameters lorakit uses, in the installed
+versions; the checker itself detects a missing name and a changed signature."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from lorakit.trainer import PRIVATE_NAMES, PrivateName, private_name_problems, unchecked_versions
+
+LORAKIT = Path(__file__).parents[1] / "lorakit"
+
+
+def test_every_private_name_exists_in_the_installed_versions():
+    problems = private_name_problems()
+    assert not problems, (
+        "lorakit relies on private names the installed packages lack or changed (package version: name):\n  "
+        + "\n  ".join(problems)
+    )
+
+
+def test_the_installed_versions_are_the_checked_ones():
+    # Informational when it fails: re-check the names on the new version, then widen ``checked``.
+    assert not unchecked_versions(), unchecked_versions()
+
+
+def test_the_checker_detects_a_missing_name_and_a_changed_signature():
+    installed = version("transformers")
+    missing = PrivateName("transformers", "transformers.Trainer._no_such_method", "a fake entry")
+    changed = PrivateName(
+        "transformers", "transformers.Trainer._save_checkpoint", "a fake entry", params=("model", "epoch")
+    )
+    attribute = PrivateName(
+        "transformers",
+        "transformers.Trainer.no_such_attribute",
+        "a fake entry",
+        set_in="transformers.trainer",
+    )
+    module = PrivateName("transformers", "transformers.no_such_module._private", "a fake entry")
+    absent = PrivateName("no-such-package-lorakit", "no_such_package._x", "skipped: not installed")
+    problems = private_name_problems([missing, changed, attribute, module, absent])
+    assert len(problems) == 4
+    assert problems[0].startswith(
+        f"transformers {installed}: transformers.Trainer._no_such_method (used by a fake"
+    )
+    assert "missing" in problems[0]
+    assert problems[1] == (
+        f"transformers {installed}: transformers.Trainer._save_checkpoint (used by a fake entry): parameters are "
+        "('model', 'trial'), lorakit relies on ('model', 'epoch')"
+    )
+    assert problems[2].endswith("transformers.trainer no longer sets 'no_such_attribute'")
+    assert "missing" in problems[3]
+    old = PrivateName(
+        "transformers", "transformers.Trainer.train", "a fake entry", checked=("4.0.0", "4.1.0")
+    )
+    assert unchecked_versions([old]) == [
+        f"transformers.Trainer.train: checked on transformers 4.0.0-4.1.0, installed {installed}"
+    ]
+
+
+def test_overridden_private_trainer_methods_are_listed():
+    source = (LORAKIT / "trainer.py").read_text()
+    overridden = set(re.findall(r"^    def (_[a-z][a-z_]*)\(", source, flags=re.M))
+    third_party = {
+        name for name in overridden if not name.startswith(("_lorakit", "_raise", "_check", "_early"))
+    }
+    third_party -= {"_write_lorakit_state"}
+    listed = {entry.path.rsplit(".", 1)[1] for entry in PRIVATE_NAMES}
+    assert third_party <= listed, third_party - listed
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "_save_checkpoint",
+        "_get_output_dir",
+        "_get_train_sampler",
+        "_low_rank_decomposition",
+        "_SafetensorLoader",
+        "_model_mapping",
+        "_no_split_modules",
+        "_keep_in_fp32_modules",
+        "support_avx512bf16_for_cpu",
+        "base_model_prepare_inputs_for_generation",
+    ],
+)
+def test_names_used_in_the_package_are_in_the_list(name):
+    assert any(entry.path.endswith("." + name) for entry in PRIVATE_NAMES)
+
+
+@pytest.mark.parametrize("entry", PRIVATE_NAMES, ids=lambda entry: entry.path)
+def test_each_entry_names_the_module_that_uses_it(entry):
+    module = LORAKIT / entry.used_by.split(":", 1)[0]
+    assert module.is_file(), entry.used_by
+    name = entry.path.rsplit(".", 1)[1]
+    if module.name != "trainer.py":
+        assert name in module.read_text(), f"{name} is not used in {module}"
