@@ -54,7 +54,6 @@ from lorakit.metrics import metric_name
 from lorakit.models import load_tokenizer, resolve_model_path
 from lorakit.plan import make_plan
 from lorakit.templates import get_template, template_from_dict
-from lorakit.training import run_training
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
@@ -740,6 +739,10 @@ class Pipeline:
         that checkpoint or run directory) with the optimizer, scheduler, RNG and data position restored, after
         checking that this pipeline's config and data fingerprint equal the checkpoint's.
         """
+        # lorakit.training imports TRL (the trainer subclasses SFTTrainer): loaded when a run starts, so that
+        # building, planning and explaining a pipeline stays light. Not a cycle: training never imports pipeline.
+        from lorakit.training import run_training
+
         return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks, resume=resume)
 
     def prepare_data(self) -> PreparedData:
