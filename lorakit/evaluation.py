@@ -47,6 +47,7 @@ from lorakit.metrics import compute, get_metric, perplexity_from_loss
 from lorakit.metrics.builtin import normalize
 from lorakit.metrics.loss import mean_token_nll
 from lorakit.rng import forked_rng
+from lorakit.run import ADAPTER_CONFIG, RUN_FILE
 
 __all__ = ["EvalResult", "compare", "evaluate", "evaluate_rows"]
 
@@ -165,7 +166,7 @@ def _load_model(model: Any, template: Any) -> InferenceModel:
     if isinstance(model, (str, Path)):
         path = Path(model).expanduser()
         if path.is_dir() and any(
-            (path / name).is_file() for name in ("lorakit_run.json", "adapter_config.json", "config.json")
+            (path / name).is_file() for name in (RUN_FILE, ADAPTER_CONFIG, "config.json")
         ):
             return InferenceModel.load(path, template=template)
         return InferenceModel.from_model(str(model), template=template if template is not None else "model")

@@ -82,8 +82,25 @@ def run_quickstart(
     print("[3/3] exact match after fine-tuning ...", flush=True)
     tuned = InferenceModel.load(result.output_dir)
     after_result = _evaluate(tuned, test_rows, f"{model} + LoRA")
-    after, predictions = after_result.metrics["exact_match"], list(after_result.predictions)
+    after = after_result.metrics["exact_match"]
 
+    _print_results(result, test_rows, minutes, before_result, after_result)
+    summary = {
+        "before": before,
+        "after": after,
+        "minutes": minutes,
+        "test_rows": len(test_rows),
+        "metrics": result.metrics,
+        "output_dir": str(result.output_dir),
+    }
+    (Path(result.output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _print_results(
+    result: Any, test_rows: list[dict[str, Any]], minutes: float, before: EvalResult, after: EvalResult
+) -> None:
+    """The data and training summary, the before/after table and one example answer."""
     report = result.data_report
     print()
     print(
@@ -96,21 +113,11 @@ def run_quickstart(
         + (f", eval loss {result.metrics['eval_loss']:.3f}" if "eval_loss" in result.metrics else "")
     )
     print()
-    table = compare(before_result, after_result, metrics={"exact_match": "held-out exact match"})
+    table = compare(before, after, metrics={"exact_match": "held-out exact match"})
     print("  " + table.replace("\n", "\n  "))
     example = test_rows[0]
     print(f"\n  example ticket: {example['input']}")
-    print(f"  model answer:   {predictions[0]!r}   (expected {example['output']!r})")
+    print(f"  model answer:   {after.predictions[0]!r}   (expected {example['output']!r})")
     print(
         f"\n  adapter saved in {result.output_dir}; load it with lk.InferenceModel.load({str(result.output_dir)!r})"
     )
-    summary = {
-        "before": before,
-        "after": after,
-        "minutes": minutes,
-        "test_rows": len(test_rows),
-        "metrics": result.metrics,
-        "output_dir": str(result.output_dir),
-    }
-    (Path(result.output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
