@@ -219,7 +219,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     from lorakit.data.load import load_rows
     from lorakit.errors import ConfigError
-    from lorakit.quick_eval import evaluate_rows
+    from lorakit.evaluation import evaluate_rows
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be a positive number of rows, got {args.limit}.")
@@ -299,6 +299,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code is 0, 2 for a lorakit error, 130 when interrupted, 1 for anything else.
+
+    Every error is reported as one line on stderr (its type and message for an unexpected one); ``--debug``
+    re-raises it instead, with the traceback.
+    """
     args = _parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("lorakit: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # a bug or an environment problem: still one line unless --debug
+    except Exception as error:  # a bug or an environment problem: reported, exit code 1 (never swallowed)
         if args.debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__

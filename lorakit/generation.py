@@ -1,8 +1,22 @@
-"""Generation options and the text post-processing shared by ``generate``, ``stream`` and ``chat``.
+"""The one generation loop: batched (:func:`generate_texts`) and streaming (:func:`stream_text`).
 
-:class:`Sampling` validates the decoding options once; :class:`StopCutter` turns a stream of decoded chunks
-into the same text ``generate`` returns (cut at the first stop string, surrounding whitespace stripped),
-holding back only as many characters as a stop string could still need.
+``InferenceModel.generate`` / ``stream`` / ``chat``, ``lorakit.evaluate`` (and so ``lorakit eval`` and the
+quickstart), the in-training evaluator and the sample-logging callback all generate through here:
+
+- prompts are token ids, left-padded into a batch (with greedy decoding each reply equals the one generated
+  alone);
+- :class:`Decoding` holds everything else one call needs: the ``model.generate`` arguments (from
+  :class:`Sampling` plus caller extras), the stop strings and the stop token ids;
+- :func:`run_generate` is the single ``model.generate`` call: the model in eval mode (its mode restored
+  after), :func:`prompt_learning_generation` around it so prompt-based adapters use the KV cache correctly,
+  ``torch.inference_mode``, and the randomness of :mod:`lorakit.rng`: the call runs inside
+  :func:`lorakit.rng.forked_rng` seeded with ``Decoding.seed`` (a fresh random seed when None), so the caller's
+  global RNG state is the same after the call, and the same seed gives the same text;
+- replies are cut at the first stop token, decoded without special tokens and cut at the first stop string
+  (:func:`cut_at_stops`; :class:`StopCutter` does the same to a stream, chunk by chunk).
+
+A *session* (:data:`Session`) is entered around each ``model.generate`` call and yields the model to use:
+:func:`fixed` for a plain model, ``InferenceModel`` holds its lock and activates the adapter there.
 """
 
 from __future__ import annotations
@@ -10,15 +24,31 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import attrs
 
 from lorakit.errors import ConfigError
+from lorakit.progress import progress
+from lorakit.rng import forked_rng, generator
 
-__all__ = ["Sampling", "StopCutter", "cut_at_stops", "prompt_learning_generation"]
+__all__ = [
+    "Decoding",
+    "Sampling",
+    "Session",
+    "StopCutter",
+    "cut_at_stops",
+    "fixed",
+    "generate_texts",
+    "prompt_learning_generation",
+    "run_generate",
+    "stop_token_ids",
+    "stream_text",
+]
 
 
 def _check_number(
@@ -48,7 +78,7 @@ class Sampling:
     repetition_penalty: float | None = None
     """> 1 discourages repeating tokens (CTRL's penalty)."""
     seed: int | None = None
-    """Seed the sampler for reproducible samples."""
+    """Seed the sampler for reproducible samples (None: a fresh random seed; the global RNG is never used)."""
     stop: tuple[str, ...] = attrs.field(
         default=(), converter=lambda v: (v,) if isinstance(v, str) else tuple(v)
     )
@@ -244,3 +274,182 @@ def prompt_learning_generation(model: Any) -> Iterator[None]:
             model.prepare_inputs_for_generation = peft_prepare
         else:
             del model.prepare_inputs_for_generation
+
+
+# --- the generation loop --------------------------------------------------------------------------------
+
+Session = Callable[[], AbstractContextManager[Any]]
+"""Entered around each ``model.generate`` call; yields the model to generate with."""
+
+
+def fixed(model: Any) -> Session:
+    """The session of a plain model: nothing to lock or switch."""
+    return lambda: contextlib.nullcontext(model)
+
+
+def stop_token_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:
+    """The tokenizer's EOS token and every stop string that is a single token: generation ends at these."""
+    ids = [tokenizer.eos_token_id]
+    for stop in stops:
+        tokens = tokenizer.encode(stop, add_special_tokens=False)
+        if len(tokens) == 1 and tokens[0] not in ids:
+            ids.append(tokens[0])
+    return [i for i in ids if i is not None]
+
+
+@attrs.frozen
+class Decoding:
+    """Everything one generation call needs besides the prompts; build it with :meth:`build`."""
+
+    kwargs: dict[str, Any]
+    """Keyword arguments of ``model.generate`` (sampling options, stop tokens, pad token, caller extras)."""
+    stops: tuple[str, ...]
+    """Stop strings: the reply is cut at the first one."""
+    eos_ids: tuple[int, ...]
+    """Stop token ids: the reply ends before the first one."""
+    pad_token_id: int
+    """Left padding of a batch (the tokenizer's pad token, else the first stop token)."""
+    seed: int | None = None
+    """Seed of the call's sampling; None draws a fresh random seed (the global RNG is never used)."""
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: Any,
+        stops: Sequence[str],
+        sampling: Sampling,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Decoding:
+        """The decoding of ``sampling`` with the template's end-of-turn ``stops`` (and ``sampling.stop``).
+
+        Stop strings of one token end generation by token id; longer ones by transformers' ``stop_strings``.
+        ``extra`` keyword arguments go to ``model.generate`` last (they win).
+        """
+        every_stop = tuple(dict.fromkeys([*stops, *sampling.stop]))
+        eos_ids = stop_token_ids(tokenizer, every_stop)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        kwargs = {**sampling.generate_kwargs(), "eos_token_id": eos_ids, "pad_token_id": pad}
+        multi = [s for s in every_stop if len(tokenizer.encode(s, add_special_tokens=False)) > 1]
+        if multi:
+            kwargs.update(stop_strings=multi, tokenizer=tokenizer)
+        kwargs.update(extra or {})
+        return cls(kwargs, every_stop, tuple(eos_ids), pad, sampling.seed)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, its train / eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def run_generate(model: Any, prompts: Sequence[Sequence[int]], decoding: Decoding, **extra: Any) -> Any:
+    """The one ``model.generate`` call: left-padded ``prompts`` -> the output ids (prompt columns included).
+
+    The model runs in eval mode, under ``torch.inference_mode`` and :func:`prompt_learning_generation`, inside
+    :func:`lorakit.rng.forked_rng` seeded with ``decoding.seed`` (or a fresh seed): the global RNG state is the
+    same after the call. ``extra`` keyword arguments (a streamer, stopping criteria) go to ``model.generate``.
+
+    transformers samples from the global torch RNG (``model.generate`` takes no generator), so the state is
+    forked rather than replaced by a ``torch.Generator``; the state is process-wide, so another thread drawing
+    from it during the call finds it restored afterwards.
+    """
+    import torch
+
+    width = max(len(ids) for ids in prompts)
+    pad = decoding.pad_token_id
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    seed = decoding.seed if decoding.seed is not None else generator(None).initial_seed()
+    with _eval_mode(model), prompt_learning_generation(model), torch.inference_mode(), forked_rng():
+        torch.manual_seed(seed)
+        return model.generate(input_ids=input_ids, attention_mask=attention, **{**decoding.kwargs, **extra})
+
+
+def decode_replies(tokenizer: Any, output: Any, width: int, decoding: Decoding) -> list[str]:
+    """The reply texts of a ``model.generate`` output whose prompt columns are the first ``width``."""
+    texts = []
+    for row in output[:, width:].tolist():
+        ended = next((i for i, token in enumerate(row) if token in decoding.eos_ids), len(row))
+        text = tokenizer.decode(row[:ended], skip_special_tokens=True)
+        texts.append(cut_at_stops(text, decoding.stops))
+    return texts
+
+
+def generate_texts(
+    session: Session,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    decoding: Decoding,
+    *,
+    batch_size: int | None = None,
+    desc: str | None = None,
+) -> list[str]:
+    """The replies to tokenized prompts, ``batch_size`` at a time (all at once when None), in order.
+
+    Only the decoded strings are kept between batches, so memory grows with the batch, not the prompts.
+    ``desc`` shows a progress bar with that label (off with ``LORAKIT_PROGRESS=0``).
+    """
+    size = batch_size or max(len(prompts), 1)
+    starts: Iterable[int] = range(0, len(prompts), size)
+    if desc is not None:
+        starts = progress(starts, total=-(-len(prompts) // size), desc=desc, unit="batch")
+    texts: list[str] = []
+    for start in starts:
+        batch = [list(ids) for ids in prompts[start : start + size]]
+        with session() as model:
+            output = run_generate(model, batch, decoding)
+        texts.extend(decode_replies(tokenizer, output, max(len(ids) for ids in batch), decoding))
+        del output
+    return texts
+
+
+def stream_text(session: Session, tokenizer: Any, prompt: Sequence[int], decoding: Decoding) -> Iterator[str]:
+    """The reply to one tokenized prompt as text chunks, as they are generated.
+
+    The chunks join to what :func:`generate_texts` returns for the same prompt. Generation starts at once in a
+    background thread (transformers' ``TextIteratorStreamer``), which enters ``session``; leaving the loop
+    early stops it at its next token. An error in the thread is raised in the consumer's.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancel = threading.Event()
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+    kwargs = dict(decoding.kwargs)
+    criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), _Cancelled()])
+    decoding = attrs.evolve(decoding, kwargs=kwargs)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with session() as model:
+                run_generate(model, [prompt], decoding, streamer=streamer, stopping_criteria=criteria)
+        except BaseException as error:  # re-raised in the consumer's thread
+            errors.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=work, name="lorakit-stream", daemon=True)
+    thread.start()
+
+    def chunks() -> Iterator[str]:
+        try:
+            yield from StopCutter(decoding.stops).cut(streamer)
+        finally:
+            cancel.set()  # the worker stops at its next token (its queue is unbounded: it never blocks)
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    return chunks()

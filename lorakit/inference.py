@@ -16,6 +16,8 @@ merged = model.merge(verify=True)                      # merged.merge_report: ma
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,10 +27,31 @@ from typing import Any
 import attrs
 
 from lorakit.config import ModelSpec, QuantSpec
-from lorakit.errors import ConfigError
-from lorakit.generation import Sampling, StopCutter, prompt_learning_generation
-from lorakit.merging import MergeReport
-from lorakit.run import ADAPTER_CONFIG, RUN_FILE, read_run
+from lorakit.data import detect_format, encode_prompt, to_messages
+from lorakit.errors import ConfigError, DataError
+from lorakit.generation import (
+    Decoding,
+    Sampling,
+    Session,
+    generate_texts,
+    run_generate,
+    stop_token_ids,
+    stream_text,
+)
+from lorakit.merging import MergeReport, compare, reference_outputs, verification_sequences
+from lorakit.models import (
+    device_kind,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+    torch_dtype,
+)
+from lorakit.progress import progress_enabled
+from lorakit.provenance import check_base
+from lorakit.run import ADAPTER_CONFIG, RUN_FILE, read_run, write_json_atomic
+from lorakit.templates import get_template, template_from_dict
+from lorakit.templates.base import check_messages
+from lorakit.templates.jinja import to_chat_template
 
 __all__ = ["AdapterInfo", "InferenceModel", "MergeReport"]
 
@@ -109,15 +132,6 @@ class InferenceModel:
             allow_base_mismatch: load the adapter even if ``base`` is not the model it was trained on (see
                 :mod:`lorakit.provenance`); by default that is a ConfigError.
         """
-        from lorakit.models import (
-            device_kind,
-            load_base_model,
-            load_tokenizer,
-            resolve_model_path,
-            torch_dtype,
-        )
-        from lorakit.templates import get_template, template_from_dict
-
         path = Path(path).expanduser()
         if path.is_dir() and (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
             return cls._load_plain(path, template)
@@ -137,8 +151,6 @@ class InferenceModel:
         if base is not None:
             spec = ModelSpec(base, trust_remote_code=spec.trust_remote_code)
         base_path = resolve_model_path(spec)
-        from lorakit.provenance import check_base
-
         check_base(path, spec.name_or_path, base_path, spec, allow_base_mismatch=allow_base_mismatch)
         tokenizer = load_tokenizer(
             str(path) if (path / "tokenizer_config.json").is_file() else base_path, spec
@@ -168,16 +180,11 @@ class InferenceModel:
     @classmethod
     def from_model(cls, name_or_path: str, *, template: Any = "model") -> InferenceModel:
         """A base model without adapter (e.g. to measure it before fine-tuning) with the given template."""
-        from lorakit.models import resolve_model_path
-
         spec = ModelSpec(name_or_path)
         return cls._load_plain(Path(resolve_model_path(spec)), template, spec=spec)
 
     @classmethod
     def _load_plain(cls, path: Path, template: Any, *, spec: ModelSpec | None = None) -> InferenceModel:
-        from lorakit.models import load_base_model, load_tokenizer, torch_dtype
-        from lorakit.templates import get_template, template_from_dict
-
         spec = spec or ModelSpec(str(path))
         tokenizer = load_tokenizer(str(path), spec)
         if template is None and (path / TEMPLATE_FILE).is_file():
@@ -201,8 +208,6 @@ class InferenceModel:
         if isinstance(prompt, str):
             return [{"role": "user", "content": prompt}]
         if isinstance(prompt, Mapping):
-            from lorakit.data import detect_format, to_messages
-
             row = dict(prompt)
             fmt = detect_format(list(row))
             for field in ("output", "completion"):
@@ -223,8 +228,6 @@ class InferenceModel:
         ``prompt`` is a string, a data row, or a conversation (a list of messages ending with a user turn).
         ``adapter`` picks the template of that adapter (each adapter keeps the template it was trained with).
         """
-        from lorakit.data import encode_prompt
-
         if isinstance(prompt, Sequence) and not isinstance(prompt, (str, _Conversation)):
             prompt = _Conversation(prompt)
 
@@ -257,6 +260,9 @@ class InferenceModel:
         the template's end-of-turn markers; ``adapter`` picks an adapter loaded with :meth:`load_adapter`.
         Other keyword arguments go to ``model.generate``. Only the response text is returned, cut at the
         first stop string.
+
+        Sampling never touches the global RNG: the same ``seed`` gives the same text, no ``seed`` a fresh
+        random one, and ``torch.get_rng_state()`` is the same before and after the call.
         """
         sampling = Sampling(
             max_new_tokens,
@@ -273,16 +279,8 @@ class InferenceModel:
             return []
         name = self._resolve_adapter(adapter)
         encoded = [self.encode(p, adapter=name) for p in prompts]
-        width = max(len(ids) for ids in encoded)
-        kwargs, stops, eos_ids = self._generate_kwargs(sampling, name, gen_kwargs)
-        output = self._run_generate(encoded, kwargs, name, sampling.seed)
-        from lorakit.generation import cut_at_stops
-
-        texts = []
-        for row in output[:, width:].tolist():
-            ended = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
-            text = self.tokenizer.decode(row[:ended], skip_special_tokens=True)
-            texts.append(cut_at_stops(text, stops))
+        decoding = self._decoding(sampling, name, gen_kwargs)
+        texts = generate_texts(self._session(name), self.tokenizer, encoded, decoding)
         return texts[0] if single else texts
 
     def stream(
@@ -308,8 +306,6 @@ class InferenceModel:
             >>> for chunk in model.stream("Write a haiku about tokens."):
             ...     print(chunk, end="", flush=True)
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
         sampling = Sampling(
             max_new_tokens,
             temperature,
@@ -325,41 +321,9 @@ class InferenceModel:
                 "use generate() for a batch."
             )
         name = self._resolve_adapter(adapter)
-        encoded = [self.encode(prompt, adapter=name)]
-        kwargs, stops, _ = self._generate_kwargs(sampling, name, gen_kwargs)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-                import torch
-
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
-
-        criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), _Cancelled()])
-        kwargs.update(streamer=streamer, stopping_criteria=criteria)
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self._run_generate(encoded, kwargs, name, sampling.seed)
-            except BaseException as error:  # re-raised in the consumer's thread
-                errors.append(error)
-                streamer.end()
-
-        thread = threading.Thread(target=work, name="lorakit-stream", daemon=True)
-        thread.start()
-
-        def chunks() -> Iterator[str]:
-            try:
-                yield from StopCutter(stops).cut(streamer)
-            finally:
-                cancel.set()  # the worker stops at its next token (its queue is unbounded: it never blocks)
-                thread.join()
-            if errors:
-                raise errors[0]
-
-        return chunks()
+        encoded = self.encode(prompt, adapter=name)
+        decoding = self._decoding(sampling, name, gen_kwargs)
+        return stream_text(self._session(name), self.tokenizer, encoded, decoding)
 
     def chat(
         self,
@@ -381,8 +345,6 @@ class InferenceModel:
             >>> reply = model.chat(history)
             >>> history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
         """
-        from lorakit.templates.base import check_messages
-
         if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
             raise ConfigError(
                 "chat() takes a list of messages like [{'role': 'user', 'content': 'Hi'}], got "
@@ -390,62 +352,37 @@ class InferenceModel:
             )
         try:
             check_messages(messages, add_generation_prompt=True)
-        except Exception as error:
+        except DataError as error:
             raise ConfigError(f"chat(): {error}") from error
         conversation = _Conversation(dict(m) for m in messages)
         if stream:
             return self.stream(conversation, max_new_tokens, temperature, **options)  # type: ignore[arg-type]
         return self.generate(conversation, max_new_tokens, temperature, **options)  # type: ignore[arg-type, return-value]
 
-    def _generate_kwargs(
-        self, sampling: Sampling, adapter: str | None, gen_kwargs: dict[str, Any]
-    ) -> tuple[dict[str, Any], list[str], list[int]]:
-        """``model.generate`` arguments, the stop strings and the stop token ids for one call."""
-        stops = list(
-            dict.fromkeys([*self.template_for(adapter).stop_strings(self.tokenizer), *sampling.stop])
-        )
-        eos_ids = self._stop_token_ids(stops)
-        kwargs = {
-            **sampling.generate_kwargs(),
-            "eos_token_id": eos_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        multi_token_stops = [s for s in stops if len(self.tokenizer.encode(s, add_special_tokens=False)) > 1]
-        if multi_token_stops:
-            kwargs.update(stop_strings=multi_token_stops, tokenizer=self.tokenizer)
-        kwargs.update(gen_kwargs)
-        return kwargs, stops, eos_ids
+    def _decoding(self, sampling: Sampling, adapter: str | None, gen_kwargs: dict[str, Any]) -> Decoding:
+        """The decoding of one call: the adapter's template supplies the end-of-turn stop strings."""
+        stops = self.template_for(adapter).stop_strings(self.tokenizer)
+        return Decoding.build(self.tokenizer, stops, sampling, gen_kwargs)
+
+    def _session(self, adapter: str | None) -> Session:
+        """The generation session of ``adapter``: the lock held and the adapter active around each call."""
+
+        @contextlib.contextmanager
+        def session() -> Iterator[Any]:
+            with self._lock, self._active(adapter):
+                yield self.model
+
+        return session
 
     def _run_generate(
         self, encoded: list[list[int]], kwargs: dict[str, Any], adapter: str | None, seed: int | None
     ) -> Any:
-        """Left-pad, then ``model.generate`` with ``adapter`` active, holding the lock for the whole call."""
-        import torch
-
-        width = max(len(ids) for ids in encoded)
+        """``model.generate`` on left-padded ``encoded`` with ``adapter`` active and exactly ``kwargs``: the
+        output ids, prompt columns included (for tests that compare with hand-rolled greedy decoding)."""
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        with (
-            self._lock,
-            self._active(adapter),
-            prompt_learning_generation(self.model),
-            torch.inference_mode(),
-        ):
-            if seed is not None:
-                torch.manual_seed(seed)
-            device = next(self.model.parameters()).device
-            return self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
-            )
-
-    def _stop_token_ids(self, stops: list[str]) -> list[int]:
-        ids = [self.tokenizer.eos_token_id]
-        for stop in stops:
-            tokens = self.tokenizer.encode(stop, add_special_tokens=False)
-            if len(tokens) == 1 and tokens[0] not in ids:
-                ids.append(tokens[0])
-        return [i for i in ids if i is not None]
+        decoding = Decoding(kwargs, (), (), pad if pad is not None else self.tokenizer.eos_token_id, seed)
+        with self._session(adapter)() as model:
+            return run_generate(model, encoded, decoding)
 
     # --- several adapters on one base ---------------------------------------------------------------------
 
@@ -496,9 +433,6 @@ class InferenceModel:
                 another base (unless ``allow_base_mismatch=True``).
         """
         from peft import PeftModel
-
-        from lorakit.provenance import check_base
-        from lorakit.templates import get_template, template_from_dict
 
         path = Path(path).expanduser()
         run = read_run(path)
@@ -592,73 +526,77 @@ class InferenceModel:
                 For a quantized base the quantized model is freed before the un-quantized reload.
             adapter: which loaded adapter to merge (default: the one :meth:`load` put on, or the only one).
         """
-        import gc
-
-        from lorakit.merging import compare, reference_outputs, verification_sequences
-        from lorakit.models import load_base_model, torch_dtype
-        from lorakit.progress import progress_enabled
-
         if self.is_merged:
             return self
+        info = self._adapters[self._merge_target(adapter)]
+        check = self._merge_reference(info, verify_prompts) if verify else None
+        with self._lock:
+            merged = self._merged_weights(info, inplace=inplace)
+            target = self._adopt(merged, info, inplace=inplace)
+        if check is not None:
+            sequences, reference, reference_name = check
+            target.merge_report = compare(
+                merged, sequences, reference, reference_name=reference_name, tolerance=tolerance
+            )
+        return target
+
+    def _merge_target(self, adapter: str | None) -> str:
+        """The adapter :meth:`merge` folds in; several adapters need a name, prompt-based ones cannot merge."""
         if adapter is None and DEFAULT_ADAPTER not in self._adapters and len(self._adapters) > 1:
             raise ConfigError(
                 f"merge(): several adapters are loaded ({', '.join(self._adapters)}); pass adapter=<name>."
             )
         name = self._resolve_adapter(adapter) or next(iter(self._adapters))
-        info = self._adapters[name]
         peft_config = getattr(self.model, "peft_config", {}).get(name)
         if getattr(peft_config, "is_prompt_learning", False):
             raise ConfigError(
-                f"The adapter in {info.path} is prompt-based (virtual tokens, not weight updates) and cannot be "
-                "merged into the base weights. Serve it unmerged: InferenceModel.load(...).generate()."
+                f"The adapter in {self._adapters[name].path} is prompt-based (virtual tokens, not weight "
+                "updates) and cannot be merged into the base weights. Serve it unmerged: "
+                "InferenceModel.load(...).generate()."
             )
-        assert self.base_spec is not None and self.base_path is not None
-        sequences = reference = None
+        return name
+
+    def _merge_reference(
+        self, info: AdapterInfo, verify_prompts: Sequence[Any] | None
+    ) -> tuple[list[tuple[list[int], list[bool]]], list[Any], str]:
+        """The verification sequences, the adapter model's logits on them and what they are called."""
         reference_name = "adapter on the base"
-        if verify:
-            if self.quant is not None:
-                reference_name = f"adapter on the {self.quant.bits}-bit base"
-            sequences = verification_sequences(self.tokenizer, info.template, verify_prompts, info.path)
-            with self._lock, self._active(name):
-                reference = reference_outputs(self.model, sequences)
-        with self._lock:
-            if inplace and self.quant is None:
-                for other in [a for a in self._adapters if a != name]:
-                    self.model.delete_adapter(other)
-                merged = self.model.merge_and_unload(progressbar=progress_enabled())
-            else:
-                if inplace:  # free the quantized model before loading the un-quantized base
-                    self.model = None
-                    gc.collect()
-                dtype = torch_dtype(self.dtype)
-                loftq_quant = _loftq_quant(info.path)
-                if loftq_quant is not None:  # the adapter fits Q(W): merge into the dequantized 4-bit base
-                    base = load_base_model(self.base_path, self.base_spec, dtype=dtype, quant=loftq_quant)
-                    base = base.dequantize(dtype=dtype)
-                else:
-                    base = load_base_model(self.base_path, self.base_spec, dtype=dtype)
-                merged = _attach_adapter(base, info.path).merge_and_unload(progressbar=progress_enabled())
-            merged.eval()
-            if inplace:
-                target = self
-                self.model, self.template, self.quant = merged, info.template, None
-                self._adapters.clear()
-                self.adapter_dir = None
-            else:
-                target = InferenceModel(
-                    merged,
-                    self.tokenizer,
-                    info.template,
-                    base_spec=self.base_spec,
-                    base_path=self.base_path,
-                    dtype=self.dtype,
-                )
-        if verify:
-            assert sequences is not None and reference is not None
-            target.merge_report = compare(
-                merged, sequences, reference, reference_name=reference_name, tolerance=tolerance
+        if self.quant is not None:
+            reference_name = f"adapter on the {self.quant.bits}-bit base"
+        sequences = verification_sequences(self.tokenizer, info.template, verify_prompts, info.path)
+        with self._lock, self._active(info.name):
+            reference = reference_outputs(self.model, sequences)
+        return sequences, reference, reference_name
+
+    def _merged_weights(self, info: AdapterInfo, *, inplace: bool) -> Any:
+        """The base with ``info``'s adapter folded in (call with the lock held)."""
+        if inplace and self.quant is None:
+            for other in [a for a in self._adapters if a != info.name]:
+                self.model.delete_adapter(other)
+            return self.model.merge_and_unload(progressbar=progress_enabled())
+        if inplace:  # free the quantized model before loading the un-quantized base
+            self.model = None
+            gc.collect()
+        assert self.base_spec is not None and self.base_path is not None
+        base = _base_to_merge_into(self.base_path, self.base_spec, torch_dtype(self.dtype), info.path)
+        return _attach_adapter(base, info.path).merge_and_unload(progressbar=progress_enabled())
+
+    def _adopt(self, merged: Any, info: AdapterInfo, *, inplace: bool) -> InferenceModel:
+        """The InferenceModel of the merged weights: this one (``inplace``) or a new one."""
+        merged.eval()
+        if not inplace:
+            return InferenceModel(
+                merged,
+                self.tokenizer,
+                info.template,
+                base_spec=self.base_spec,
+                base_path=self.base_path,
+                dtype=self.dtype,
             )
-        return target
+        self.model, self.template, self.quant = merged, info.template, None
+        self._adapters.clear()
+        self.adapter_dir = None
+        return self
 
     def save(
         self,
@@ -672,6 +610,11 @@ class InferenceModel:
         ``AutoModelForCausalLM.from_pretrained(path)`` loads it; ``InferenceModel.load(path)`` also restores
         the prompt template. Only an adapter-free model can be saved: call :meth:`merge` first.
 
+        The saved ``generation_config.json`` is the model's generation config with ``eos_token_id`` set to
+        the template's stop tokens (the tokenizer's EOS and every single-token end-of-turn marker: one id, or
+        a list) and ``pad_token_id`` to the tokenizer's pad token, so plain ``model.generate`` stops where
+        lorakit does. The model's own ``generation_config`` is left as it is.
+
         Args:
             path: the output directory.
             max_shard_size: split the weights into safetensors shards of at most this size (``"2GB"``,
@@ -680,30 +623,18 @@ class InferenceModel:
                 ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` renders exactly the
                 prompt lorakit trained on; a string sets that Jinja template; ``False`` keeps the tokenizer's.
         """
-        from lorakit.run import write_json_atomic
-        from lorakit.templates.jinja import to_chat_template
-
         if not self.is_merged:
             raise ConfigError(
                 "save() writes a plain transformers model, but this model still carries an adapter. "
                 "Call .merge() first (model.merge().save(path)); the adapter itself is already in the run directory."
             )
-        jinja = None
-        if chat_template is True:
-            jinja = to_chat_template(self.template, self.tokenizer)
-        elif isinstance(chat_template, str):
-            jinja = chat_template
-        elif chat_template is not False:
-            raise ConfigError(
-                f"save(chat_template=...) takes True, False or a Jinja string, got {chat_template!r}."
-            )
+        jinja = self._export_chat_template(chat_template)
         path = Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
-        stops = self._stop_token_ids(self.template.stop_strings(self.tokenizer))
-        self.model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         shard = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
-        self.model.save_pretrained(str(path), **shard)
+        with self._lock:
+            self.model.save_pretrained(str(path), **shard)
+            self._export_generation_config().save_pretrained(str(path))
         previous = self.tokenizer.chat_template
         try:
             if jinja is not None:
@@ -713,6 +644,26 @@ class InferenceModel:
             self.tokenizer.chat_template = previous
         write_json_atomic(path / TEMPLATE_FILE, self.template.to_dict())
         return path
+
+    def _export_chat_template(self, chat_template: bool | str) -> str | None:
+        """The Jinja chat template :meth:`save` writes (None: keep the tokenizer's)."""
+        if chat_template is True:
+            return to_chat_template(self.template, self.tokenizer)
+        if isinstance(chat_template, str):
+            return chat_template
+        if chat_template is not False:
+            raise ConfigError(
+                f"save(chat_template=...) takes True, False or a Jinja string, got {chat_template!r}."
+            )
+        return None
+
+    def _export_generation_config(self) -> Any:
+        """A copy of the model's generation config that stops at the template's end of turn."""
+        config = copy.deepcopy(self.model.generation_config)
+        stops = stop_token_ids(self.tokenizer, self.template.stop_strings(self.tokenizer))
+        config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        config.pad_token_id = self.tokenizer.pad_token_id
+        return config
 
     def __repr__(self) -> str:
         where = "merged" if self.is_merged else f"adapters={self.adapters}"
@@ -729,6 +680,15 @@ def _loftq_quant(adapter_dir: Path) -> QuantSpec | None:
     if method.get("name") != "lora" or method.get("init") != "loftq" or not config.get("quant"):
         return None
     return QuantSpec(**config["quant"])
+
+
+def _base_to_merge_into(base_path: str, spec: ModelSpec, dtype: Any, adapter_dir: Path) -> Any:
+    """The un-quantized base an adapter is merged into; for LoftQ the dequantized 4-bit base it fits."""
+    loftq_quant = _loftq_quant(adapter_dir)
+    if loftq_quant is None:
+        return load_base_model(base_path, spec, dtype=dtype)
+    base = load_base_model(base_path, spec, dtype=dtype, quant=loftq_quant)
+    return base.dequantize(dtype=dtype)
 
 
 def _attach_adapter(base: Any, adapter_dir: Path) -> Any:

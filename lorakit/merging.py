@@ -2,12 +2,13 @@
 
 :func:`reference_outputs` runs the adapter model once (before the merge, so with ``inplace=True`` the
 adapter model can be freed afterwards) and keeps its logits; :func:`compare` runs the merged model on the same
-sequences and returns a :class:`MergeReport` with the largest logit difference and both perplexities.
+sequences and returns a :class:`MergeReport` with the largest logit difference and both perplexities. The
+perplexities are ``exp`` of lorakit's one loss (:mod:`lorakit.metrics.loss`: mean negative log-likelihood over
+the scored tokens).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,13 @@ from typing import Any
 
 import attrs
 
-from lorakit.errors import ConfigError
+from lorakit.data import detect_format, encode, encode_prompt, to_messages
+from lorakit.data.encode import IGNORE_INDEX
+from lorakit.data.load import load_rows
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.metrics import perplexity_from_loss
+from lorakit.metrics.loss import token_nll
+from lorakit.run import read_run
 
 __all__ = ["DEFAULT_VERIFY_PROMPTS", "MergeReport", "compare", "reference_outputs", "verification_sequences"]
 
@@ -72,8 +79,6 @@ def verification_sequences(
     scored, as in training). Without prompts, the first ``n`` rows of the run's training data are used if the
     run directory names a readable file, else :data:`DEFAULT_VERIFY_PROMPTS`.
     """
-    from lorakit.data import detect_format, encode, encode_prompt, to_messages
-
     if prompts is None:
         defaults: list[Any] = list(DEFAULT_VERIFY_PROMPTS)
         prompts = _run_rows(adapter_dir, n) or defaults
@@ -91,29 +96,35 @@ def verification_sequences(
                 dict(prompt), detect_format(list(prompt)), row_index=index, source_name="verify_prompts"
             )
             row = encode(messages, template, tokenizer, max_length=1024)
-            sequences.append((row.input_ids, [label != -100 for label in row.labels]))
+            sequences.append((row.input_ids, [label != IGNORE_INDEX for label in row.labels]))
         else:
             raise ConfigError(f"verify_prompts[{index}] must be a string or a row dict, got {prompt!r}.")
     return sequences
 
 
 def _run_rows(adapter_dir: Path | None, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` training rows of a run, when its config names a readable data file."""
+    """The first ``n`` training rows of a run, when its config names a readable data file.
+
+    A run file or data file that cannot be read warns and gives no rows (the check then uses generic
+    prompts): the check never blocks a merge.
+    """
     if adapter_dir is None:
         return []
-    from lorakit.run import read_run
-
+    source = None
     try:
         run = read_run(adapter_dir)
         source = run and (run["pipeline"].get("data") or {}).get("source")
         if not isinstance(source, str) or not Path(source).expanduser().is_file():
             return []
-        from lorakit.data.load import load_rows
-
         rows, _ = load_rows(source)
-        return rows[:n]
-    except Exception:  # the check falls back to generic prompts; it never blocks a merge
+    except (LorakitError, OSError) as error:
+        warnings.warn(
+            f"merge(verify=True): cannot read the run's training rows ({source or adapter_dir}): {error}. "
+            "The check uses generic prompts; pass verify_prompts=[...] to choose them.",
+            stacklevel=5,  # the caller of InferenceModel.merge
+        )
         return []
+    return rows[:n]
 
 
 def _forward(model: Any, ids: list[int]) -> Any:
@@ -125,12 +136,11 @@ def _forward(model: Any, ids: list[int]) -> Any:
 
 
 def _nll(logits: Any, ids: list[int], scored: list[bool]) -> tuple[float, int]:
+    """:func:`lorakit.metrics.loss.token_nll` of one sequence whose ``scored`` positions are the labels."""
     import torch
 
-    targets = torch.tensor(ids[1:])
-    losses = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none")
-    mask = torch.tensor(scored[1:], dtype=torch.bool)
-    return float(losses[mask].sum()), int(mask.sum())
+    labels = torch.tensor([t if s else IGNORE_INDEX for t, s in zip(ids, scored, strict=True)])
+    return token_nll(logits, labels)
 
 
 def reference_outputs(model: Any, sequences: list[tuple[list[int], list[bool]]]) -> list[Any]:
@@ -162,8 +172,8 @@ def compare(
     count = max(count, 1)
     report = MergeReport(
         max_logit_diff=max_diff,
-        perplexity_adapter=math.exp(min(nll_ref / count, 50.0)),
-        perplexity_merged=math.exp(min(nll_merged / count, 50.0)),
+        perplexity_adapter=perplexity_from_loss(nll_ref / count),
+        perplexity_merged=perplexity_from_loss(nll_merged / count),
         n_sequences=len(sequences),
         n_tokens=count,
         reference=reference_name,

@@ -12,6 +12,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from lorakit.evaluation import EvalResult, compare, evaluate
+from lorakit.inference import InferenceModel
+from lorakit.metrics.builtin import ExactMatch
+from lorakit.pipeline import Pipeline
+
 __all__ = ["exact_match", "run_quickstart", "sample_path"]
 
 SAMPLE = "support_tickets"
@@ -26,12 +31,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _evaluate(model: Any, rows: list[dict[str, Any]], name: str, *, batch_size: int = 16) -> Any:
+def _evaluate(model: Any, rows: list[dict[str, Any]], name: str, *, batch_size: int = 16) -> EvalResult:
     """``lorakit.evaluate`` with the quickstart's metric: exact match of the answer's first line (case and
     surrounding punctuation ignored)."""
-    from lorakit.evaluation import evaluate
-    from lorakit.metrics.builtin import ExactMatch
-
     return evaluate(
         model, rows, metrics=[ExactMatch(first_line=True)], max_new_tokens=8, batch_size=batch_size, name=name
     )
@@ -53,13 +55,11 @@ def run_quickstart(
     overwrite: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune, measure before/after, print the table; returns the numbers."""
-    import lorakit as lk
-
     test_rows = _read_jsonl(sample_path("test"))
     if eval_rows is not None:
         test_rows = test_rows[:eval_rows]
     pipeline = (
-        lk.Pipeline.from_model(model)
+        Pipeline.from_model(model)
         .with_lora(r=16, alpha=32, targets="all-linear")
         .with_dataset(str(sample_path("train")), template=template, val_split=0.1, max_length=256)
         .with_training(
@@ -69,7 +69,7 @@ def run_quickstart(
     print(pipeline.explain(), flush=True)
 
     print(f"\n[1/3] zero-shot exact match of {model} on {len(test_rows)} held-out tickets ...", flush=True)
-    base = lk.InferenceModel.from_model(model, template=template)
+    base = InferenceModel.from_model(model, template=template)
     before_result = _evaluate(base, test_rows, f"{model} (base)")
     before = before_result.metrics["exact_match"]
     del base
@@ -80,10 +80,27 @@ def run_quickstart(
     minutes = (time.perf_counter() - started) / 60
 
     print("[3/3] exact match after fine-tuning ...", flush=True)
-    tuned = lk.InferenceModel.load(result.output_dir)
+    tuned = InferenceModel.load(result.output_dir)
     after_result = _evaluate(tuned, test_rows, f"{model} + LoRA")
-    after, predictions = after_result.metrics["exact_match"], list(after_result.predictions)
+    after = after_result.metrics["exact_match"]
 
+    _print_results(result, test_rows, minutes, before_result, after_result)
+    summary = {
+        "before": before,
+        "after": after,
+        "minutes": minutes,
+        "test_rows": len(test_rows),
+        "metrics": result.metrics,
+        "output_dir": str(result.output_dir),
+    }
+    (Path(result.output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _print_results(
+    result: Any, test_rows: list[dict[str, Any]], minutes: float, before: EvalResult, after: EvalResult
+) -> None:
+    """The data and training summary, the before/after table and one example answer."""
     report = result.data_report
     print()
     print(
@@ -96,23 +113,11 @@ def run_quickstart(
         + (f", eval loss {result.metrics['eval_loss']:.3f}" if "eval_loss" in result.metrics else "")
     )
     print()
-    from lorakit.evaluation import compare
-
-    table = compare(before_result, after_result, metrics={"exact_match": "held-out exact match"})
+    table = compare(before, after, metrics={"exact_match": "held-out exact match"})
     print("  " + table.replace("\n", "\n  "))
     example = test_rows[0]
     print(f"\n  example ticket: {example['input']}")
-    print(f"  model answer:   {predictions[0]!r}   (expected {example['output']!r})")
+    print(f"  model answer:   {after.predictions[0]!r}   (expected {example['output']!r})")
     print(
         f"\n  adapter saved in {result.output_dir}; load it with lk.InferenceModel.load({str(result.output_dir)!r})"
     )
-    summary = {
-        "before": before,
-        "after": after,
-        "minutes": minutes,
-        "test_rows": len(test_rows),
-        "metrics": result.metrics,
-        "output_dir": str(result.output_dir),
-    }
-    (Path(result.output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary

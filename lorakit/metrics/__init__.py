@@ -44,7 +44,7 @@ class Metric(Protocol):
 
     ``needs`` says what ``compute`` reads: ``"text"`` metrics get ``predictions`` (strings) and ``references``
     (a list of reference strings per prediction); ``"loss"`` metrics get ``loss`` (mean negative
-    log-likelihood per trained token, in nats).
+    log-likelihood per trained token, in nats: lorakit's one loss, defined in :mod:`lorakit.metrics.loss`).
     """
 
     name: str

@@ -1,0 +1,187 @@
+"""The one generation loop and the one loss: randomness owned, not shared; save() leaves the model alone."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.config import EvalSpec, SampleSpec
+from lorakit.data import IGNORE_INDEX, encode
+from lorakit.evaluation import (
+    GenerationSet,
+    TrainingEvaluator,
+    evaluate_rows,
+    normalize_answer,
+    sample_callback,
+)
+from lorakit.generation import Decoding, Sampling, stop_token_ids
+from lorakit.inference import InferenceModel
+from lorakit.merging import _run_rows
+from lorakit.metrics.loss import mean_token_nll, token_nll
+
+ROWS = [
+    {"instruction": "Say hello.", "input": "", "output": "hello world"},
+    {"instruction": "Name a colour.", "input": "", "output": "brown"},
+]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return InferenceModel.from_model(tiny_model_dir, template="chatml")
+
+
+def _global_states():
+    return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+
+def _assert_same(before, after):
+    assert before[0] == after[0]
+    assert np.array_equal(before[1], after[1])
+    assert torch.equal(before[2], after[2])
+
+
+def test_decoding_collects_stop_tokens_and_sampling_options(base):
+    tokenizer = base.tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tokenizer, ["<|im_end|>", "hello world"]) == [tokenizer.eos_token_id, im_end]
+    decoding = Decoding.build(
+        tokenizer, ["<|im_end|>"], Sampling(5, 0.7, top_k=3, seed=9, stop=","), {"num_beams": 1}
+    )
+    assert decoding.stops == ("<|im_end|>", ",") and decoding.seed == 9
+    assert decoding.eos_ids == (tokenizer.eos_token_id, im_end, tokenizer.convert_tokens_to_ids(","))
+    assert decoding.kwargs == {
+        "max_new_tokens": 5,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": None,
+        "top_k": 3,
+        "eos_token_id": list(decoding.eos_ids),
+        "pad_token_id": tokenizer.pad_token_id,
+        "num_beams": 1,
+    }
+
+
+def test_sampling_never_touches_the_global_rng(base):
+    before = _global_states()
+    first = base.generate("Say hello.", max_new_tokens=8, temperature=2.0, seed=3)
+    _assert_same(before, _global_states())
+    assert base.generate("Say hello.", max_new_tokens=8, temperature=2.0, seed=3) == first
+    assert "".join(base.stream("Say hello.", max_new_tokens=8, temperature=2.0, seed=3)) == first
+    messages = [{"role": "user", "content": "Say hello."}]
+    assert base.chat(messages, max_new_tokens=8, temperature=2.0, seed=3) == first
+    unseeded = {base.generate("Say hello.", max_new_tokens=8, temperature=2.0) for _ in range(3)}
+    _assert_same(before, _global_states())
+    assert len(unseeded) > 1  # no seed: a fresh random seed per call, not the (restored) global state
+
+
+def test_training_evaluator_and_sample_callback_leave_the_rng_as_they_found_it(base, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    def noisy_metric(predictions, references):  # a custom metric that draws random numbers
+        return random.random() + float(torch.rand(1)) + float(np.random.rand())
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    template = base.template
+    prompts = [base.encode({"instruction": r["instruction"], "input": ""}) for r in ROWS]
+    generation_set = GenerationSet(prompts, [r["output"] for r in ROWS])
+    spec = EvalSpec(
+        metrics=("perplexity", "exact_match", noisy_metric), samples=2, max_new_tokens=4, batch_size=2
+    )
+    evaluator = TrainingEvaluator(spec, generation_set, base.tokenizer, template)
+    before = _global_states()
+    scores = evaluator(model, eval_loss=1.0)
+    _assert_same(before, _global_states())
+    assert set(scores) == {"eval_perplexity", "eval_exact_match", "eval_noisy_metric"}
+    assert scores["eval_perplexity"] == pytest.approx(np.e) and len(evaluator.last_predictions) == 2
+    assert model.training  # generated in eval mode, the training mode restored
+
+    logged = []
+
+    class Tracker:
+        def log_samples(self, step, rows):
+            logged.append((step, rows))
+
+    callback = sample_callback(
+        SampleSpec(n=2, max_new_tokens=4), prompts, ["a", "b"], base.tokenizer, template, Tracker()
+    )
+
+    class State:
+        global_step = 5
+
+    callback.on_train_end(None, State(), None, model=model)
+    _assert_same(before, _global_states())
+    assert [step for step, _ in logged] == [5] and [r["prompt"] for r in logged[0][1]] == ["a", "b"]
+
+
+def test_save_leaves_the_generation_config_alone(base, tmp_path):
+    before = base.model.generation_config.to_dict()
+    out = base.save(tmp_path / "saved")
+    assert base.model.generation_config.to_dict() == before
+    saved = json.loads((out / "generation_config.json").read_text())
+    im_end = base.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert saved["eos_token_id"] == [base.tokenizer.eos_token_id, im_end]
+    assert saved["pad_token_id"] == base.tokenizer.pad_token_id
+
+
+def test_one_loss_scores_every_label_token(base, tiny_model_dir):
+    """evaluate()'s loss is the mean NLL over all label tokens of the training encoding (earlier turns too)."""
+    import torch.nn.functional as F
+
+    conversation = [
+        {"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "brown"},
+    ]
+    result = lk.evaluate(base, [{"messages": conversation}], metrics=["perplexity"])
+    encoded = encode(conversation, base.template, base.tokenizer, max_length=1024)
+    assert len(encoded.spans) == 2  # both replies are trained, so both are scored
+    with torch.no_grad():
+        logits = base.model(input_ids=torch.tensor([encoded.input_ids])).logits[0]
+    labels = torch.tensor(encoded.labels)
+    total = float(F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum"))
+    count = int((labels[1:] != IGNORE_INDEX).sum())
+    assert result.scored_tokens == count == encoded.n_trained_tokens
+    assert result.metrics["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert token_nll(logits, labels) == pytest.approx((total, count), rel=1e-5)
+    loss, scored = mean_token_nll(
+        base.model, [(encoded.input_ids, encoded.labels)] * 3, batch_size=2, pad_token_id=0
+    )
+    assert loss == pytest.approx(total / count, rel=1e-5) and scored == 3 * count
+    with pytest.raises(lk.DataError, match="No reference tokens to score"):
+        mean_token_nll(base.model, [([1, 2], [IGNORE_INDEX] * 2)], batch_size=1, pad_token_id=0)
+
+
+def test_evaluate_rows_and_the_deprecated_normalize_answer(base):
+    numbers = evaluate_rows(base, ROWS, max_new_tokens=4)
+    assert sorted(numbers) == ["exact_match", "loss", "perplexity", "predictions", "rows", "scored_tokens"]
+    assert numbers["rows"] == 2 and len(numbers["predictions"]) == 2 and numbers["scored_tokens"] > 2
+    with pytest.warns(DeprecationWarning, match="lorakit.metrics.builtin.normalize"):
+        assert normalize_answer("  The  Answer.  ") == "the answer"
+
+
+def test_merge_check_warns_when_the_run_rows_cannot_be_read(tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "lorakit_run.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="cannot read the run's training rows .*not valid JSON"):
+        assert _run_rows(damaged, 4) == []
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text("{broken\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lorakit_run.json").write_text(json.dumps({"pipeline": {"data": {"source": str(bad_data)}}}))
+    with pytest.warns(UserWarning, match="cannot read the run's training rows \\(.*bad.jsonl\\)"):
+        assert _run_rows(run, 4) == []
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "lorakit_run.json").write_text(json.dumps({"pipeline": {"data": {"source": "gone.jsonl"}}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a data file that is simply gone is no surprise: no warning
+        assert _run_rows(moved, 4) == []
