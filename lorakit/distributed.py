@@ -38,6 +38,7 @@ from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
 from lorakit.models import load_model_config
 from lorakit.plan import decide_grad_checkpointing
+from lorakit.templates import template_from_dict
 
 if TYPE_CHECKING:
     from lorakit.pipeline import Pipeline
@@ -488,17 +489,7 @@ def launch(
     ``trust_remote_code=`` / ``trust_template_classes=`` arguments; one with ``trust_remote_code: true`` is
     refused here without them.
     """
-    if isinstance(pipeline, (Mapping, str, Path)):
-        source = "The pipeline config dict"
-        if not isinstance(pipeline, Mapping):
-            source = f"Pipeline config {config_file_path(pipeline)}"
-        config = dict(pipeline) if isinstance(pipeline, Mapping) else _read_config(Path(pipeline))
-        check_remote_code(config, source=source, trust_remote_code=bool(trust_remote_code))
-        specs: Any = _LaunchSpecs.from_config(config)
-        trusted = (bool(trust_remote_code), bool(trust_template_classes))
-    else:  # a Pipeline: its config, rebuilt in each process
-        config, specs = pipeline.to_config(), pipeline
-        trusted = _pipeline_trust(pipeline, config, trust_remote_code, trust_template_classes)
+    config, specs, trusted = _launch_config(pipeline, trust_remote_code, trust_template_classes)
     spec = specs.distribution
     processes = num_processes if num_processes is not None else (spec.num_processes if spec else 2)
     cuda = _cuda_available()
@@ -531,6 +522,30 @@ def launch(
         )
         full_env = {**os.environ, **extra_env, **(env or {})}
         return subprocess.run(command, env=full_env, check=False).returncode
+
+
+def _launch_config(
+    pipeline: Pipeline | str | Path | Mapping[str, Any],
+    remote_code: bool | None,
+    template_classes: bool | None,
+) -> tuple[dict[str, Any], Any, tuple[bool, bool]]:
+    """The config each process reads, the specs launching checks, and the opt-ins passed to the processes.
+
+    A config is refused here, before any process starts, when it needs an opt-in it was not given.
+    """
+    if not isinstance(pipeline, (Mapping, str, Path)):  # a Pipeline: its config, rebuilt in each process
+        config = pipeline.to_config()
+        return config, pipeline, _pipeline_trust(pipeline, config, remote_code, template_classes)
+    source = "The pipeline config dict"
+    if not isinstance(pipeline, Mapping):
+        source = f"Pipeline config {config_file_path(pipeline)}"
+    config = dict(pipeline) if isinstance(pipeline, Mapping) else _read_config(Path(pipeline))
+    check_remote_code(config, source=source, trust_remote_code=bool(remote_code))
+    data = config.get("data")
+    template = data.get("template") if isinstance(data, Mapping) else None
+    if isinstance(template, Mapping) and not template_classes:
+        template_from_dict(template)  # an unregistered class is refused without importing it
+    return config, _LaunchSpecs.from_config(config), (bool(remote_code), bool(template_classes))
 
 
 def _pipeline_trust(

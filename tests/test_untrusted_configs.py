@@ -222,3 +222,15 @@ def test_worker_forwards_the_flags_to_from_config(tmp_path):
         config, options = calls.pop()
         assert config == "c.json"
         assert options == {"trust_remote_code": expected[0], "trust_template_classes": expected[1]}
+
+
+def test_launch_refuses_a_template_class_config_before_starting(fake_launcher, tmp_path):
+    config, marker = _template_class_config(tmp_path, "some/model")
+    with pytest.raises(
+        ConfigError, match="Template class 'subprocess:run' is not a registered template class"
+    ):
+        dist.launch(config, tmp_path / "out", num_processes=2)
+    assert "command" not in fake_launcher
+    assert dist.launch(config, tmp_path / "out", num_processes=2, trust_template_classes=True) == 0
+    assert _flags(fake_launcher["command"]) == ["--trust-template-classes"]
+    assert not marker.exists()  # launching imports no template class; the opted-in workers would
