@@ -20,7 +20,14 @@ from typing import Any
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.rundir import RUN_FILE
 
-__all__ = ["YAML_SUFFIXES", "apply_overrides", "read_config_file", "write_config_file"]
+__all__ = [
+    "YAML_SUFFIXES",
+    "apply_overrides",
+    "check_remote_code",
+    "config_file_path",
+    "read_config_file",
+    "write_config_file",
+]
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -39,9 +46,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: the file is missing or not valid YAML / JSON, or does not hold a mapping.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / RUN_FILE
+    path = config_file_path(path)
     try:
         text = path.read_text()
     except OSError as error:
@@ -64,6 +69,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             f"{path} must hold a mapping of config sections (model, method, data, ...), got {type(loaded).__name__}."
         )
     return dict(loaded.get("pipeline", loaded))
+
+
+def config_file_path(path: str | Path) -> Path:
+    """The file a config path names: the path itself, or a run directory's ``lorakit_run.json``."""
+    path = Path(path).expanduser()
+    return path / RUN_FILE if path.is_dir() else path
+
+
+def check_remote_code(config: Mapping[str, Any], *, source: str, trust_remote_code: bool) -> None:
+    """Refuse a config whose model section sets ``trust_remote_code: true`` unless the caller opted in.
+
+    Loading such a model imports and runs Python files shipped with it (its ``auto_map``); a config file alone
+    must not be enough for that. ``source`` names where the config came from, for the message.
+
+    Raises:
+        ConfigError: the model section asks for remote code and ``trust_remote_code`` is False.
+    """
+    model = config.get("model")
+    if trust_remote_code or not isinstance(model, Mapping) or not model.get("trust_remote_code"):
+        return
+    raise ConfigError(
+        f"{source} sets trust_remote_code: true for model {model.get('name_or_path')!r}: loading it would run "
+        "Python code shipped with that model. Only for a model you trust, opt in with "
+        "Pipeline.from_config(..., trust_remote_code=True) or the CLI flag --trust-remote-code."
+    )
 
 
 def write_config_file(path: str | Path, config: Mapping[str, Any]) -> Path:

@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from lorakit.config import ModelSpec, QuantSpec, TrainSpec
+from lorakit.configfile import check_remote_code, config_file_path
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
 from lorakit.models import load_model_config
 from lorakit.plan import decide_grad_checkpointing
+from lorakit.templates import template_from_dict
 
 if TYPE_CHECKING:
     from lorakit.pipeline import Pipeline
@@ -404,12 +406,15 @@ def launch_command(
     accelerate_config_file: str | Path | None = None,
     cuda: bool | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
+    trust_template_classes: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment that train ``config_path`` into ``output_dir`` on N processes.
 
     Without CUDA: ``torchrun`` (single machine: ``--standalone``, a free port) with ``ACCELERATE_USE_CPU=1``
     and one thread per process per core, i.e. DDP over gloo. With CUDA: ``accelerate launch`` with the given
-    config file (or ``--multi_gpu``).
+    config file (or ``--multi_gpu``). ``trust_remote_code`` / ``trust_template_classes`` add the worker's
+    ``--trust-remote-code`` / ``--trust-template-classes`` (the opt-ins of :meth:`Pipeline.from_config`).
     """
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError(f"`num_processes` must be a positive integer, got {num_processes!r}.")
@@ -419,8 +424,13 @@ def launch_command(
         )
     cuda = _cuda_available() if cuda is None else cuda
     target = ["-m", "lorakit.distributed", "run", str(config_path), str(output_dir)]
-    if overwrite:
-        target.append("--overwrite")
+    for flag, on in (
+        ("--overwrite", overwrite),
+        ("--trust-remote-code", trust_remote_code),
+        ("--trust-template-classes", trust_template_classes),
+    ):
+        if on:
+            target.append(flag)
     env: dict[str, str] = {}
     if not cuda:
         cores = os.cpu_count() or 1
@@ -460,6 +470,8 @@ def launch(
     machine_rank: int = 0,
     overwrite: bool = False,
     env: Mapping[str, str] | None = None,
+    trust_remote_code: bool | None = None,
+    trust_template_classes: bool | None = None,
 ) -> int:
     """Train a pipeline (or a saved config file) on several processes; returns the launcher's exit code.
 
@@ -469,12 +481,15 @@ def launch(
 
     A config (dict, file or run directory) is checked here as far as launching reads it (model, method,
     quantization, training and distributed sections); each process builds the whole pipeline from it.
+
+    Each process reads the config with :meth:`Pipeline.from_config`, which refuses remote model code and
+    unregistered template classes without an opt-in. A Pipeline object was built in this process, so what it
+    holds is passed on as trusted (``--trust-remote-code`` when its model spec has ``trust_remote_code``,
+    ``--trust-template-classes`` when its template is a class). A config is trusted only through the
+    ``trust_remote_code=`` / ``trust_template_classes=`` arguments; one with ``trust_remote_code: true`` is
+    refused here without them.
     """
-    if isinstance(pipeline, (Mapping, str, Path)):
-        config = dict(pipeline) if isinstance(pipeline, Mapping) else _read_config(Path(pipeline))
-        specs: Any = _LaunchSpecs.from_config(config)
-    else:  # a Pipeline: its config, rebuilt in each process
-        config, specs = pipeline.to_config(), pipeline
+    config, specs, trusted = _launch_config(pipeline, trust_remote_code, trust_template_classes)
     spec = specs.distribution
     processes = num_processes if num_processes is not None else (spec.num_processes if spec else 2)
     cuda = _cuda_available()
@@ -502,9 +517,47 @@ def launch(
             accelerate_config_file=accelerate_file,
             cuda=cuda,
             overwrite=overwrite,
+            trust_remote_code=trusted[0],
+            trust_template_classes=trusted[1],
         )
         full_env = {**os.environ, **extra_env, **(env or {})}
         return subprocess.run(command, env=full_env, check=False).returncode
+
+
+def _launch_config(
+    pipeline: Pipeline | str | Path | Mapping[str, Any],
+    remote_code: bool | None,
+    template_classes: bool | None,
+) -> tuple[dict[str, Any], Any, tuple[bool, bool]]:
+    """The config each process reads, the specs launching checks, and the opt-ins passed to the processes.
+
+    A config is refused here, before any process starts, when it needs an opt-in it was not given.
+    """
+    if not isinstance(pipeline, (Mapping, str, Path)):  # a Pipeline: its config, rebuilt in each process
+        config = pipeline.to_config()
+        return config, pipeline, _pipeline_trust(pipeline, config, remote_code, template_classes)
+    source = "The pipeline config dict"
+    if not isinstance(pipeline, Mapping):
+        source = f"Pipeline config {config_file_path(pipeline)}"
+    config = dict(pipeline) if isinstance(pipeline, Mapping) else _read_config(Path(pipeline))
+    check_remote_code(config, source=source, trust_remote_code=bool(remote_code))
+    data = config.get("data")
+    template = data.get("template") if isinstance(data, Mapping) else None
+    if isinstance(template, Mapping) and not template_classes:
+        template_from_dict(template)  # an unregistered class is refused without importing it
+    return config, _LaunchSpecs.from_config(config), (bool(remote_code), bool(template_classes))
+
+
+def _pipeline_trust(
+    pipeline: Pipeline, config: Mapping[str, Any], remote_code: bool | None, template_classes: bool | None
+) -> tuple[bool, bool]:
+    """The opt-ins a Pipeline object built in this process passes to its workers (an explicit value wins)."""
+    if remote_code is None:
+        remote_code = pipeline.model is not None and pipeline.model.trust_remote_code
+    if template_classes is None:
+        template = (config.get("data") or {}).get("template")
+        template_classes = isinstance(template, Mapping) and "class" in template
+    return remote_code, template_classes
 
 
 @attrs.frozen
@@ -538,14 +591,15 @@ class _LaunchSpecs:
 def _read_config(path: Path) -> dict[str, Any]:
     """The pipeline config of a config file or a run directory (its ``lorakit_run.json``)."""
     try:
-        config = json.loads((path / "lorakit_run.json" if path.is_dir() else path).read_text())
+        config = json.loads(config_file_path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"launch(): cannot read the pipeline config {path}: {error}") from error
     return config.get("pipeline", config)
 
 
 def _main(builder: Any, argv: Sequence[str] | None = None) -> int:
-    """``python -m lorakit.distributed run CONFIG OUTPUT [--overwrite]``: what each launched process runs.
+    """``python -m lorakit.distributed run CONFIG OUTPUT [--overwrite] [--trust-remote-code]
+    [--trust-template-classes]``: what each launched process runs (the flags are from_config's opt-ins).
 
     ``builder`` is :class:`lorakit.Pipeline` (passed in by the script block: this module sits below the builder).
     """
@@ -557,8 +611,15 @@ def _main(builder: Any, argv: Sequence[str] | None = None) -> int:
     run.add_argument("config")
     run.add_argument("output_dir")
     run.add_argument("--overwrite", action="store_true")
+    run.add_argument("--trust-remote-code", action="store_true")
+    run.add_argument("--trust-template-classes", action="store_true")
     args = parser.parse_args(argv)
-    result = builder.from_config(args.config).train(args.output_dir, overwrite=args.overwrite)
+    pipeline = builder.from_config(
+        args.config,
+        trust_remote_code=args.trust_remote_code,
+        trust_template_classes=args.trust_template_classes,
+    )
+    result = pipeline.train(args.output_dir, overwrite=args.overwrite)
     if is_main_process():
         print(json.dumps(result.metrics), flush=True)
     return 0

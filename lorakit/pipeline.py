@@ -31,7 +31,7 @@ from lorakit.config import (
     TrackSpec,
     TrainSpec,
 )
-from lorakit.configfile import read_config_file, write_config_file
+from lorakit.configfile import check_remote_code, config_file_path, read_config_file, write_config_file
 from lorakit.data import prepare_data, preview_examples
 from lorakit.data.load import SUFFIXES
 from lorakit.distributed import DistributedSpec, check_spec_against
@@ -104,26 +104,43 @@ def _given(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not _UNSET}
 
 
-def _call_name(spec: MethodSpec) -> str:
-    """The builder call that chose ``spec``, for messages."""
-    if isinstance(spec, FullSpec):
-        if spec.train_last_n_layers is not None:
-            return f"freeze(train_last_n_layers={spec.train_last_n_layers})"
-        if spec.modules is not None:
-            return f"freeze(modules={spec.modules!r})"
-        return "full_finetune()"
-    return f"with_{spec.name}()"
-
-
-def _has_known_length(source: Any) -> bool:
-    """Paths, row lists and ``datasets.Dataset`` have a row count; iterables such as ``IterableDataset`` do not."""
-    return isinstance(source, (str, list)) or hasattr(source, "__len__")
-
-
 def _distribution(section: Mapping[str, Any] | None) -> DistributedSpec | None:
     if not section:
         return None
     return DistributedSpec(**section)
+
+
+def _specs_from_config(config: Mapping[str, Any], *, trust_template_classes: bool) -> dict[str, Any]:
+    """The Pipeline fields of a config mapping (sections checked, specs built)."""
+    known = {"lorakit_config", "model", "method", "quant", "data", "training", "tracking", "distributed"}
+    unknown = set(config) - known - set(_EXTRA_SECTIONS)
+    if unknown:
+        raise ConfigError(f"Unknown config sections: {', '.join(sorted(unknown))}.")
+    data = config.get("data")
+    if data is not None:
+        data = dict(data)
+        if isinstance(data.get("template"), Mapping):
+            data["template"] = template_from_dict(
+                data["template"], trust_template_classes=trust_template_classes
+            )
+    tracking = dict(config.get("tracking") or {"backend": "none"})
+    try:
+        return dict(
+            model=ModelSpec(**config["model"]) if config.get("model") else None,
+            method=method_from_dict(config["method"]) if config.get("method") else None,
+            quant=QuantSpec(**config["quant"]) if config.get("quant") else None,
+            data=DataSpec(**data) if data else None,
+            training=TrainSpec(**(config.get("training") or {})),
+            tracking=TrackSpec(tracking.pop("backend"), tracking),
+            distribution=_distribution(config.get("distributed")),
+            **{
+                field: spec_class(**config[field])
+                for field, spec_class in _EXTRA_SECTIONS.items()
+                if config.get(field)
+            },
+        )
+    except TypeError as error:
+        raise ConfigError(f"Invalid pipeline config: {error}") from error
 
 
 def _check_grad_checkpointing(method: MethodSpec, training: TrainSpec, *, second: str) -> None:
@@ -144,28 +161,14 @@ def _check_grad_checkpointing(method: MethodSpec, training: TrainSpec, *, second
     )
 
 
-def _is_loftq(method: MethodSpec | None) -> bool:
-    return isinstance(method, LoraSpec) and method.init == "loftq"
-
-
-def _check_loftq(method: MethodSpec | None, quant: QuantSpec | None, *, final: bool) -> None:
-    """LoftQ fits the adapter to the error of bitsandbytes 4-bit quantization, so it needs quantize_4bit().
+def _check_quantization(method: MethodSpec | None, quant: QuantSpec | None, *, final: bool) -> None:
+    """The method's rule on quantization (LoftQ needs 4-bit, full fine-tuning none); see its hook.
 
     A missing quantization is only an error once the pipeline is final (train(), plan(), a config file): the
     ``quantize_4bit()`` call may still follow ``with_lora()``.
     """
-    if not _is_loftq(method):
-        return
-    if quant is not None and quant.bits != 4:
-        raise ConfigError(
-            f"with_lora(init='loftq') cannot be combined with {quant.method_name}: LoftQ fits the adapter to the "
-            "error of 4-bit quantization. Use quantize_4bit() instead, or another init with quantize_8bit()."
-        )
-    if quant is None and final:
-        raise ConfigError(
-            "with_lora(init='loftq') needs quantize_4bit(): LoftQ fits the adapter to the error of the 4-bit "
-            "quantized base. Add .quantize_4bit(), or use init='pissa' / the default init without quantization."
-        )
+    if method is not None:
+        method.check_quantization(quant, final=final)
 
 
 @attrs.frozen
@@ -354,7 +357,7 @@ class Pipeline:
         After :meth:`freeze` this keeps the freeze (``freeze()`` already means full fine-tuning of the unfrozen
         part). Cannot be combined with ``quantize_4bit()`` / ``quantize_8bit()``.
         """
-        if isinstance(self.method, FullSpec):
+        if self.method is not None and not self.method.has_adapter:
             return self
         return self._with_method(FullSpec())
 
@@ -647,7 +650,7 @@ class Pipeline:
                     "LoRA on some layers only, use with_lora(layers=..., targets=...)."
                 )
             raise ConfigError(
-                f"{_call_name(spec)} conflicts with the earlier {_call_name(self.method)}: a run trains one "
+                f"{spec.builder_call()} conflicts with the earlier {self.method.builder_call()}: a run trains one "
                 f"adapter method. Remove one of the two calls.{hint}"
             )
         _check_grad_checkpointing(spec, self.training, second=f"with_{spec.name}()")
@@ -665,23 +668,11 @@ class Pipeline:
         # Rules between calls run on every new pipeline, so they fail at whichever call comes second
         # (and when a config file is read).
         method, quant = self.method, self.quant
-        _check_loftq(method, quant, final=False)
-        if isinstance(method, FullSpec) and quant is not None:
-            raise ConfigError(
-                f"{_call_name(method)} cannot be combined with {quant.method_name}: bitsandbytes weights are "
-                "frozen integers that full fine-tuning cannot update. Drop the quantization to fine-tune the "
-                f"weights, or keep it and train an adapter on the quantized base with with_lora() (QLoRA)."
+        _check_quantization(method, quant, final=False)
+        if method is not None:
+            method.check_schedule(
+                self.training.max_steps, self.data.source if self.data is not None else None
             )
-        if isinstance(method, AdaLoraSpec):
-            max_steps = self.training.max_steps
-            if max_steps is not None:
-                method.check_steps(max_steps)
-            elif self.data is not None and not _has_known_length(self.data.source):
-                raise ConfigError(
-                    f"with_adalora() needs the run's number of optimizer steps, and the rows of "
-                    f"{type(self.data.source).__name__} cannot be counted in advance. Set "
-                    "with_training(max_steps=...)."
-                )
 
     # --- resolved views -----------------------------------------------------------------------------------
 
@@ -698,7 +689,7 @@ class Pipeline:
             )
         if data and self.data is None:
             raise ConfigError("No training data: add .with_dataset('data.jsonl') before train().")
-        _check_loftq(self.method, self.quant, final=True)
+        _check_quantization(self.method, self.quant, final=True)
 
     # --- terminal calls -----------------------------------------------------------------------------------
 
@@ -832,44 +823,40 @@ class Pipeline:
         return extras
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | str | Path) -> Pipeline:
-        """Rebuild a pipeline from :meth:`to_config` output, a YAML / JSON file, or a run directory."""
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | str | Path,
+        *,
+        trust_remote_code: bool = False,
+        trust_template_classes: bool = False,
+    ) -> Pipeline:
+        """Rebuild a pipeline from :meth:`to_config` output, a YAML / JSON file, or a run directory.
+
+        Reading a config runs no code by surprise (issue 21): a model section with ``trust_remote_code: true``
+        is refused unless ``trust_remote_code=True`` (loading that model would run Python files shipped with
+        it), and a data template naming an unregistered ``"class"`` unless ``trust_template_classes=True``
+        (see :func:`lorakit.templates.template_from_dict`). Both checks run before anything is imported.
+
+        Raises:
+            ConfigError: an invalid config, or one that needs an opt-in the caller did not give.
+        """
+        source = "The pipeline config dict"
         if isinstance(config, (str, Path)):
+            source = f"Pipeline config {config_file_path(config)}"
             config = read_config_file(config)
         if not isinstance(config, Mapping):
             raise ConfigError(
                 f"from_config() takes a dict, a .yaml / .json path or a run directory, got {type(config).__name__}."
             )
-        known = {"lorakit_config", "model", "method", "quant", "data", "training", "tracking", "distributed"}
-        unknown = set(config) - known - set(_EXTRA_SECTIONS)
-        if unknown:
-            raise ConfigError(f"Unknown config sections: {', '.join(sorted(unknown))}.")
-        data = config.get("data")
-        if data is not None:
-            data = dict(data)
-            if isinstance(data.get("template"), Mapping):
-                data["template"] = template_from_dict(data["template"])
-        tracking = dict(config.get("tracking") or {"backend": "none"})
+        check_remote_code(config, source=source, trust_remote_code=trust_remote_code)
+        fields = _specs_from_config(config, trust_template_classes=trust_template_classes)
         try:
-            pipeline = cls(
-                model=ModelSpec(**config["model"]) if config.get("model") else None,
-                method=method_from_dict(config["method"]) if config.get("method") else None,
-                quant=QuantSpec(**config["quant"]) if config.get("quant") else None,
-                data=DataSpec(**data) if data else None,
-                training=TrainSpec(**(config.get("training") or {})),
-                tracking=TrackSpec(tracking.pop("backend"), tracking),
-                distribution=_distribution(config.get("distributed")),
-                **{
-                    field: spec_class(**config[field])
-                    for field, spec_class in _EXTRA_SECTIONS.items()
-                    if config.get(field)
-                },
-            )
+            pipeline = cls(**fields)
         except TypeError as error:
             raise ConfigError(f"Invalid pipeline config: {error}") from error
         if pipeline.method is not None:
             _check_grad_checkpointing(pipeline.method, pipeline.training, second="Pipeline config")
-        _check_loftq(pipeline.method, pipeline.quant, final=True)
+        _check_quantization(pipeline.method, pipeline.quant, final=True)
         return pipeline
 
     def save_config(self, path: str | Path) -> Path:

@@ -12,8 +12,6 @@ from lorakit.data import count_rows
 from lorakit.errors import ConfigError
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.methods import MethodSpec, supports_grad_checkpointing
-from lorakit.methods.adalora import AdaLoraSpec
-from lorakit.methods.full import FullSpec, apply_freeze, trained_modules
 from lorakit.models import device_kind, load_model_config, resolve_precision
 from lorakit.templates import get_template
 
@@ -166,11 +164,11 @@ def _linear_module_names(model: Any) -> list[str]:
 def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     """Build the model on the meta device, apply the method, and return (model, base param count).
 
-    The model is a PEFT model for adapter methods; for full fine-tuning (``FullSpec``) it is the plain model with
-    ``requires_grad`` set as training will set it (``freeze()`` errors, e.g. too many layers, raise here).
+    The model is what the method's ``apply_on_meta`` hook returns: a PEFT model for adapter methods; for full
+    fine-tuning the plain model with ``requires_grad`` set as training will set it (``freeze()`` errors, e.g.
+    too many layers, raise here).
     """
     import torch
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     assert pipeline.model is not None
@@ -179,15 +177,10 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     total = sum(p.numel() for p in model.parameters())
     linear = _linear_module_names(model)
     method = pipeline.resolved_method
-    if isinstance(method, FullSpec):  # method hook pending (issue 15 item 5)
-        apply_freeze(model, method)
-        return model, total
     try:
-        meta_config = getattr(method, "meta_peft_config", method.to_peft_config)
-        peft_model = get_peft_model(model, meta_config())
-        for name, param in peft_model.named_parameters():
-            if ".ranknum." in name:  # AdaLoRA's rank constant; moving it to the meta device made it trainable
-                param.requires_grad = False
+        applied = method.apply_on_meta(model)
+    except ConfigError:
+        raise
     except ValueError as error:
         if "not found in the base model" in str(error) or "Target modules" in str(error):
             raise ConfigError(
@@ -196,7 +189,7 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
                 "Use targets='all-linear' or names from that list."
             ) from error
         raise
-    return peft_model, total
+    return applied, total
 
 
 def _method_text(pipeline: Pipeline) -> str:
@@ -226,11 +219,7 @@ def _data_plan(pipeline: Pipeline) -> dict[str, Any]:
     per_epoch, total_steps = steps_for(
         train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps
     )
-    method = pipeline.resolved_method
-    if isinstance(
-        method, AdaLoraSpec
-    ):  # its schedule must fit in the run (method hook pending, issue 15 item 5)
-        method.check_steps(total_steps)
+    pipeline.resolved_method.check_steps(total_steps)  # the method's schedule must fit in the run
     return {
         "train_rows": train_rows,
         "val_rows": val_rows,
@@ -247,14 +236,9 @@ def make_plan(pipeline: Pipeline) -> Plan:
     config = load_model_config(pipeline.model)
     peft_model, total = apply_method_on_meta(pipeline, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    targeted = getattr(peft_model, "targeted_module_names", None) or []  # prompt-based methods target none
-    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in targeted}))
     method_spec = pipeline.resolved_method
-    base_model = peft_model
-    if isinstance(method_spec, FullSpec):  # no adapter: the modules trained in full (method hook pending)
-        targets = tuple(name or "all parameters" for name in trained_modules(peft_model, method_spec))
-    else:
-        base_model = peft_model.get_base_model()
+    targets = method_spec.plan_targets(peft_model)
+    base_model = method_spec.base_of(peft_model)
     precision = resolve_precision(pipeline.training.precision)
     device = device_kind()
     grad_ckpt = decide_grad_checkpointing(pipeline.training, method_spec, device, pipeline.distribution)
