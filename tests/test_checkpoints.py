@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.checkpoints import list_checkpoints
 from lorakit.config import EarlyStopSpec
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.rundir import list_checkpoints
 from lorakit.trainer import EarlyStopper
 
 ROWS = [
@@ -110,19 +110,19 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import lorakit.checkpoints as ckpt
+    import lorakit.rundir as rd
 
     data, model_dir, out, marker = sys.argv[1:5]
-    real_write = ckpt.write_json_atomic
+    real_write = rd.write_json_atomic
 
     def slow_write(path, record):
         # Stall the save of checkpoint-6 half-way (files written, not yet renamed) so the parent can kill us.
-        if path.name == ckpt.RESUME_FILE and record.get("step") == 6:
+        if path.name == rd.RESUME_FILE and record.get("step") == 6:
             Path(marker).write_text("saving checkpoint-6")
             time.sleep(300)
         real_write(path, record)
 
-    ckpt.write_json_atomic = slow_write
+    rd.write_json_atomic = slow_write
     import lorakit as lk
 
     sys.path.insert(0, {tests!r})
@@ -306,7 +306,7 @@ def adalora_resumable(model_dir, data):
 def test_adalora_killed_then_resumed_equals_the_uninterrupted_run(tiny_model_dir, rows_file, tmp_path):
     from safetensors import safe_open
 
-    from lorakit.checkpoints import METHOD_STATE_FILE
+    from lorakit.rundir import METHOD_STATE_FILE
 
     whole = adalora_resumable(tiny_model_dir, rows_file).train(tmp_path / "whole")
     out, script = tmp_path / "killed", tmp_path / "child.py"
