@@ -1,54 +1,31 @@
-"""Checkpoints that survive crashes and the checks that let a run resume from one.
+"""Checkpoints a run can resume from: what a checkpoint records about its run, the checks that let a resumption
+continue it, and the method's own resume state.
 
-Layout inside a run directory::
-
-    <run>/checkpoints/checkpoint-<step>/      adapter, optimizer, scheduler, RNG states, trainer_state.json,
-                                              lorakit_method_state.safetensors (the method's own state,
-                                              saved by its resume_state hook; optional),
-                                              lorakit_resume.json (config + data fingerprint; written last)
-    <run>/checkpoints/.partial/               a checkpoint being written; renamed into place when complete
-
-A checkpoint is written into ``.partial/`` and renamed to ``checkpoint-<step>`` only when every file is there,
-so a crash (even SIGKILL) in the middle of a save leaves the previous checkpoint complete and the newest
-``checkpoint-*`` directory always usable for ``train(dir, resume=True)``.
+Where checkpoints live, their names and how one is published atomically (written aside, renamed into place
+when complete, so a crash, even SIGKILL, in the middle of a save leaves the previous checkpoint complete) are
+:mod:`lorakit.rundir`'s; the resume record is a checkpoint's last file, so a checkpoint with it is complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
+from lorakit import rundir as rd
 from lorakit.errors import ConfigError
-from lorakit.run import write_json_atomic
 
 __all__ = [
-    "CHECKPOINTS_DIR",
-    "METHOD_STATE_FILE",
-    "RESUME_FILE",
     "check_resume",
-    "checkpoint_step",
-    "commit_checkpoint",
+    "comparable_config",
     "data_fingerprint",
-    "find_resume_checkpoint",
-    "list_checkpoints",
-    "prepare_resume",
     "read_method_state",
     "resume_meta",
     "write_method_state",
     "write_resume_record",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
-STAGING_DIR = ".partial"
-RESUME_FILE = "lorakit_resume.json"
-STATE_FILE = "trainer_state.json"
-METHOD_STATE_FILE = "lorakit_method_state.safetensors"
 # Config sections that do not change what is trained; they may differ between a run and its resumption.
 _FREE_SECTIONS = ("tracking", "evaluation", "samples", "checkpoints", "early_stop")
 _FREE_DATA_FIELDS = ("source", "val", "cache", "num_proc")
@@ -99,50 +76,6 @@ def resume_meta(pipeline: Any, train_dataset: Any) -> dict[str, Any]:
     }
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step of a ``checkpoint-<step>`` directory (-1 when the name has none)."""
-    try:
-        return int(path.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [
-        p
-        for p in directory.glob("checkpoint-*")
-        if p.is_dir() and checkpoint_step(p) >= 0 and (p / STATE_FILE).is_file()
-    ]
-    return sorted(found, key=checkpoint_step)
-
-
-def find_resume_checkpoint(output_dir: Path, resume: bool | str | Path) -> Path:
-    """The checkpoint to resume from: the latest in ``output_dir`` (``resume=True``) or the given one."""
-    if resume is True:
-        where = output_dir / CHECKPOINTS_DIR
-    else:
-        where = Path(str(resume)).expanduser()
-        if (where / STATE_FILE).is_file():
-            return where
-        if (where / CHECKPOINTS_DIR).is_dir():
-            where = where / CHECKPOINTS_DIR
-        elif not where.is_dir():
-            raise ConfigError(
-                f"train(resume={str(resume)!r}): no such directory. Pass a checkpoint directory "
-                "(…/checkpoints/checkpoint-<step>), a run directory, or resume=True."
-            )
-    found = list_checkpoints(where)
-    if not found:
-        raise ConfigError(
-            f"train(resume=...): no complete checkpoint in {where}. Checkpoints are written by "
-            ".with_checkpoints(every=N) (or with_training(save_steps=N)); start a new run without resume."
-        )
-    return found[-1]
-
-
 def _diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(now, dict):
         lines = []
@@ -163,13 +96,13 @@ def _diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
 def check_resume(checkpoint: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Raise ConfigError listing every difference between the checkpoint's run and this one; return the
     checkpoint's record."""
-    path = checkpoint / RESUME_FILE
+    path = checkpoint / rd.RESUME_FILE
     if not path.is_file():
         raise ConfigError(
-            f"Cannot resume from {checkpoint}: it has no {RESUME_FILE}, so lorakit cannot check that it belongs "
+            f"Cannot resume from {checkpoint}: it has no {rd.RESUME_FILE}, so lorakit cannot check that it belongs "
             "to this pipeline and data. Resume only from checkpoints written by lorakit."
         )
-    saved = json.loads(path.read_text())
+    saved = rd.read_json(path)
     differences = _diff(saved.get("config"), meta["config"])
     if saved.get("data_fingerprint") != meta["data_fingerprint"]:
         differences.append(
@@ -191,87 +124,25 @@ def check_resume(checkpoint: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 def write_resume_record(checkpoint: Path, record: dict[str, Any]) -> None:
     """Write the checkpoint's resume record (the last file of a checkpoint)."""
-    write_json_atomic(checkpoint / RESUME_FILE, record)
+    rd.write_json_atomic(checkpoint / rd.RESUME_FILE, record)
 
 
 def write_method_state(checkpoint: Path, tensors: dict[str, Any], info: dict[str, Any]) -> None:
     """Save a method's resume state: tensors as safetensors, ``info`` as JSON in the file's metadata."""
     from safetensors.torch import save_file
 
-    tmp = checkpoint / f".{METHOD_STATE_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
-    os.replace(tmp, checkpoint / METHOD_STATE_FILE)
+    with rd.atomic_target(checkpoint / rd.METHOD_STATE_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
 
 
 def read_method_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """``(tensors, info)`` saved by :func:`write_method_state`, or None when the checkpoint has none."""
     from safetensors import safe_open
 
-    path = checkpoint / METHOD_STATE_FILE
+    path = checkpoint / rd.METHOD_STATE_FILE
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         metadata = handle.metadata() or {}
     return tensors, json.loads(metadata.get("info", "{}"))
-
-
-def commit_checkpoint(staged: Path, final: Path) -> None:
-    """Rename a complete staged checkpoint into place (replacing an older save of the same step)."""
-    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-        old = staged.parent / f"{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, final)
-    with contextlib.suppress(OSError):
-        staged.parent.rmdir()  # only when empty
-
-
-def clean_staging(checkpoint_dir: Path) -> None:
-    """Remove what a crash left half-written."""
-    staging = checkpoint_dir / STAGING_DIR
-    if staging.exists():
-        warnings.warn(f"Removing the incomplete checkpoint left by a crash: {staging}", stacklevel=2)
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-# --- run-directory housekeeping -------------------------------------------------------------------------
-
-RUN_OUTPUTS = ("samples.jsonl", "report.md", "curves.png")
-"""Files a run writes besides the adapter and metrics; a fresh run removes stale ones."""
-
-
-def remove_checkpoints(checkpoint_dir: Path) -> None:
-    """A fresh run (``overwrite=True``) must not rotate or resume the previous run's checkpoints."""
-    if checkpoint_dir.is_dir():
-        shutil.rmtree(checkpoint_dir)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the lines of a JSONL log up to ``step``: the resumed run logs the later steps again."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the crash
-        if int(entry.get("step", 0)) <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
-def prepare_resume(output_dir: Path, checkpoint: Path) -> None:
-    """Before resuming: drop what a crash left half-written and log lines past the checkpoint."""
-    clean_staging(checkpoint.parent)
-    step = checkpoint_step(checkpoint)
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        _truncate_log(output_dir / name, step)
-    for name in ("metrics.json", "report.md", "curves.png"):
-        (output_dir / name).unlink(missing_ok=True)

@@ -19,7 +19,9 @@ Everything a run produced sits in one directory, readable without lorakit where 
     <run>/wandb/                       W&B run files (track("wandb"); offline without an API key)
     <run>/quickstart.json              the quickstart's before / after table (lorakit quickstart only)
     <run>/checkpoints/checkpoint-<step>/   adapter, optimizer, scheduler, RNG states, trainer_state.json,
-                                       lorakit_resume.json (config + data fingerprint, early-stopping state)
+                                       lorakit_method_state.safetensors (the method's own state; optional),
+                                       lorakit_resume.json (config + data fingerprint, early-stopping state;
+                                       written last)
     <run>/checkpoints/.partial/        a checkpoint being written; renamed into place when complete
 
 An exported merged model (``InferenceModel.save(path)``) is a plain transformers directory plus
@@ -62,6 +64,7 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "CURVES_FILE",
     "METRICS_FILE",
+    "METHOD_STATE_FILE",
     "METRICS_LOG",
     "MODEL_CONFIG",
     "PROVENANCE_FILE",
@@ -123,6 +126,8 @@ STAGING_DIR = ".partial"
 CHECKPOINT_PREFIX = "checkpoint-"
 RESUME_FILE = "lorakit_resume.json"
 STATE_FILE = "trainer_state.json"
+METHOD_STATE_FILE = "lorakit_method_state.safetensors"
+"""A checkpoint's method resume state (a method's ``resume_state`` hook; optional)."""
 
 RUN_OUTPUTS = (SAMPLES_LOG, REPORT_FILE, CURVES_FILE)
 """Files a run writes besides the adapter and metrics; a fresh run removes stale ones."""

@@ -3,7 +3,7 @@
 :class:`LorakitTrainer` adds, to TRL's SFTTrainer:
 
 - token counting of every trained micro-batch and length-grouped batches (:mod:`lorakit.batching`);
-- atomic checkpoints (written into ``.partial/``, renamed when complete; :mod:`lorakit.checkpoints`) holding the
+- atomic checkpoints (written aside, published when complete; :mod:`lorakit.rundir`) holding the
   method's resume state, and lorakit's own checkpoint rotation (the best and the latest are kept);
 - a NaN / inf loss guard naming the step and the last good checkpoint;
 - lorakit's evaluation numbers, early stopping and the best-metric check;
@@ -38,6 +38,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
 
 from lorakit import checkpoints as ckpt
+from lorakit import rundir as rd
 from lorakit.batching import GroupedSampler, token_counts
 from lorakit.config import eval_key
 from lorakit.errors import ConfigError, TrainingError
@@ -71,6 +72,8 @@ class PrivateName:
     """For an instance attribute: the dotted path of the code that sets it (its source must name it)."""
     checked: tuple[str, str] = ("0", "0")
     """The lowest and highest installed version it was checked against (inclusive)."""
+    value: Any = None
+    """For a constant: the value lorakit relies on (None: not compared)."""
 
 
 _TF, _TRL, _PEFT, _BNB, _TORCH = (
@@ -130,6 +133,13 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
         "transformers.trainer_utils.rotate_checkpoints",
         "trainer.py: called after each atomic checkpoint (Trainer._rotate_checkpoints before v5)",
         ("output_dir", "save_total_limit", "best_model_checkpoint"),
+        checked=_TF,
+    ),
+    PrivateName(
+        "transformers",
+        "transformers.trainer_utils.PREFIX_CHECKPOINT_DIR",
+        "trainer.py: rotate_checkpoints finds the checkpoints named rundir.checkpoint_name(step) by it",
+        value=rd.CHECKPOINT_PREFIX.removesuffix("-"),
         checked=_TF,
     ),
     # lorakit/methods/lora.py: apply_loftq
@@ -275,6 +285,8 @@ def _problem(entry: PrivateName, installed: str) -> str | None:
         return f"{where}: missing ({error})"
     except (OSError, TypeError) as error:
         return f"{where}: cannot read the source of {entry.set_in} ({error})"
+    if entry.value is not None and target != entry.value:
+        return f"{where}: the value is {target!r}, lorakit relies on {entry.value!r}"
     if entry.params is None:
         return None
     try:
@@ -479,9 +491,9 @@ class LorakitTrainer(SFTTrainer):
 
     def _raise_non_finite(self, loss: Any) -> None:
         step = self.state.global_step + 1
-        found = ckpt.list_checkpoints(Path(str(self.args.output_dir)))
+        found = rd.list_checkpoints(Path(str(self.args.output_dir)))
         kept = (
-            f"The last good checkpoint is {found[-1]} (step {ckpt.checkpoint_step(found[-1])}); nothing after it "
+            f"The last good checkpoint is {found[-1]} (step {rd.checkpoint_step(found[-1])}); nothing after it "
             "was saved. Resume from it with train(dir, resume=True) once the cause is fixed."
             if found
             else "No checkpoint had been written yet (with_checkpoints(every=N) keeps one)."
@@ -538,12 +550,12 @@ class LorakitTrainer(SFTTrainer):
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, ckpt.STAGING_DIR) if self._lorakit_staging else run_dir
+        return os.path.join(run_dir, rd.STAGING_DIR) if self._lorakit_staging else run_dir
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staged, final = run_dir / ckpt.STAGING_DIR / name, run_dir / name
+        run_dir, step = Path(super()._get_output_dir(trial)), self.state.global_step
+        name = rd.checkpoint_name(step)
+        staged, final = run_dir / rd.STAGING_DIR / name, run_dir / name
         if staged.exists():
             shutil.rmtree(staged)
         saving = self.lorakit_method.saving(self.model, checkpoint=True) if self.lorakit_method else None
@@ -558,7 +570,7 @@ class LorakitTrainer(SFTTrainer):
         if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
             self.state.best_model_checkpoint = str(final)
         self._write_lorakit_state(staged)
-        ckpt.commit_checkpoint(staged, final)
+        rd.publish_checkpoint(run_dir, step)
         rotate_checkpoints(
             output_dir=str(run_dir),
             save_total_limit=self.lorakit_keep or self.args.save_total_limit,
@@ -579,7 +591,7 @@ class LorakitTrainer(SFTTrainer):
     def _write_lorakit_state(self, staged: Path) -> None:
         """The trainer state (best checkpoint renamed), the method's resume state, then the resume record: the
         record is the last file, so a checkpoint with it is complete."""
-        self.state.save_to_json(str(staged / ckpt.STATE_FILE))
+        self.state.save_to_json(str(staged / rd.STATE_FILE))
         saved = self.lorakit_method.resume_state(self.model) if self.lorakit_method is not None else None
         if saved is not None:
             ckpt.write_method_state(staged, *saved)

@@ -11,7 +11,6 @@ import it (``Pipeline.train()`` and ``lorakit.TrainResult`` load it on first use
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -36,7 +35,6 @@ from lorakit.distributed import (
 )
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
-from lorakit.methods import supports_grad_checkpointing
 from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric
 from lorakit.metrics.builtin import missing_packages
@@ -49,9 +47,8 @@ from lorakit.models import (
     resolve_precision,
     torch_dtype,
 )
-from lorakit.plan import apply_method_on_meta, steps_for
-from lorakit.provenance import write_provenance
-from lorakit.run import METRICS_FILE, METRICS_LOG, RUN_FILE, check_output_dir, write_json_atomic
+from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, steps_for
+from lorakit.rundir import RUN_FILE, RunDir, checkpoint_step, find_resume_checkpoint
 from lorakit.templates import get_template
 from lorakit.tracking import Tracker, write_run_report
 from lorakit.trainer import EarlyStopper, LorakitTrainer
@@ -110,7 +107,7 @@ class _Run:
     pipeline: Pipeline
     model_spec: ModelSpec
     data_spec: DataSpec
-    output_dir: Path
+    rundir: RunDir
     resume_from: Path | None
     precision: str
     device: str
@@ -123,22 +120,26 @@ class _Run:
     meta: dict[str, Any] | None = None
     resumed: dict[str, Any] | None = None
 
+    @property
+    def output_dir(self) -> Path:
+        return self.rundir.path
+
 
 def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: bool | str | Path) -> _Run:
     """Check everything that can be checked before loading the tokenizer, the data or the weights."""
     pipeline.require()
     assert pipeline.model is not None and pipeline.data is not None
-    resume_from = ckpt.find_resume_checkpoint(output_dir, resume) if resume else None
+    rundir = RunDir(output_dir)
+    resume_from = find_resume_checkpoint(rundir.path, resume) if resume else None
     if resume_from is None:
-        check_output_dir(output_dir, overwrite=overwrite)
+        rundir.check(overwrite=overwrite)
     _check_environment(pipeline)
     precision, device = resolve_precision(pipeline.training.precision), device_kind()
     _check_optimizer(pipeline.training.optim, device)
     preflight(pipeline, cuda=device == "cuda")
     distributed_args = training_arguments(pipeline)
-    grad_ckpt, note = resolve_grad_checkpointing(
-        pipeline, device, distributed_args.pop("gradient_checkpointing", None)
-    )
+    distributed_args.pop("gradient_checkpointing", None)  # decided below; SFTConfig must not get it twice
+    grad_ckpt, note = resolve_grad_checkpointing(pipeline, device)
     if note:
         print(f"lorakit: {note}", flush=True)
     method = pipeline.resolved_method
@@ -155,7 +156,7 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
         pipeline=pipeline,
         model_spec=pipeline.model,
         data_spec=pipeline.data,
-        output_dir=output_dir,
+        rundir=rundir,
         resume_from=resume_from,
         precision=precision,
         device=device,
@@ -193,26 +194,14 @@ def _check_optimizer(optim: str, device: str) -> None:
         )
 
 
-def resolve_grad_checkpointing(
-    pipeline: Pipeline, device: str, distributed: bool | None = None
-) -> tuple[bool, str | None]:
-    """Whether the run uses gradient checkpointing, and a note when lorakit turned it off.
-
-    ``grad_checkpointing=None`` means on for CUDA, off elsewhere (``distributed`` overrides that when the
-    distributed set-up decides, e.g. FSDP's own activation checkpointing). Prefix methods cannot train with it
-    (an explicit ``True`` was refused at the builder call), so an automatic one is turned off for them.
-    """
-    requested = pipeline.training.grad_checkpointing
-    grad_ckpt = requested if requested is not None else device == "cuda"
-    if distributed is not None:
-        grad_ckpt = distributed
-    method = pipeline.resolved_method
-    if grad_ckpt and not supports_grad_checkpointing(method):
-        return False, (
-            f"gradient checkpointing off: {method.name} cannot train with it (PEFT's prefix key/values and the "
-            "recomputed forward disagree on sequence lengths); see docs/methods.md."
-        )
-    return grad_ckpt, None
+def resolve_grad_checkpointing(pipeline: Pipeline, device: str) -> tuple[bool, str | None]:
+    """The Trainer's ``gradient_checkpointing`` argument, and a note when lorakit turned it off: the decision
+    of :func:`lorakit.plan.decide_grad_checkpointing` (FSDP's own activation checkpointing leaves the
+    Trainer's off)."""
+    decision = decide_grad_checkpointing(
+        pipeline.training, pipeline.resolved_method, device, pipeline.distribution
+    )
+    return decision.trainer, decision.note
 
 
 def _tokenizer_kwargs(spec: Any) -> dict[str, Any]:
@@ -239,7 +228,7 @@ def _prepare(run: _Run) -> tuple[Any, Any]:
     _, problems = report.problems()
     if problems:
         warnings.warn(
-            "Data preparation: " + " ".join(problems) + " See the data report in lorakit_run.json.",
+            "Data preparation: " + " ".join(problems) + f" See the data report in {RUN_FILE}.",
             stacklevel=4,
         )
     return tokenizer, prepared
@@ -310,7 +299,7 @@ def _training_args(run: _Run) -> Any:
 
     train_spec, data_spec, device = run.pipeline.training, run.data_spec, run.device
     args = SFTConfig(
-        output_dir=str(run.output_dir / ckpt.CHECKPOINTS_DIR),
+        output_dir=str(run.rundir.checkpoints_dir),
         use_cpu=device == "cpu",
         bf16=run.precision == "bf16",
         fp16=run.precision == "fp16",
@@ -352,11 +341,9 @@ def _prepare_run_dir(run: _Run) -> None:
         return
     run.output_dir.mkdir(parents=True, exist_ok=True)
     if run.resume_from is None:
-        for stale in (METRICS_LOG, METRICS_FILE, RUN_FILE, *ckpt.RUN_OUTPUTS):
-            (run.output_dir / stale).unlink(missing_ok=True)
-        ckpt.remove_checkpoints(run.output_dir / ckpt.CHECKPOINTS_DIR)
+        run.rundir.clear_for_fresh_run()
     else:
-        ckpt.prepare_resume(run.output_dir, run.resume_from)
+        run.rundir.prepare_resume(run.resume_from)
 
 
 def _build_trainer(
@@ -384,7 +371,7 @@ def _build_trainer(
         peft_config=run.method.peft_config(run.context),
         callbacks=[
             *run.method.callbacks(),
-            MetricsLog(run.output_dir / METRICS_LOG),
+            MetricsLog(run.rundir),
             *tracker.callbacks,
             *extras.callbacks,
             *callbacks,
@@ -409,16 +396,15 @@ def _build_trainer(
 
 
 class MetricsLog(TrainerCallback):
-    """Append every log event to ``metrics.jsonl`` (always on, whatever the tracker)."""
+    """Append every log event to the run directory's metrics log (always on, whatever the tracker)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, rundir: RunDir) -> None:
+        self.rundir = rundir
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+        self.rundir.log_metrics(state.global_step, logs)
 
 
 # --- 5. fit ---------------------------------------------------------------------------------------------
@@ -467,7 +453,7 @@ def _save(
         trainer.model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     config = pipeline.to_config()
-    config["data"]["source"] = _source_for_config(run.data_spec.source, output_dir)
+    config["data"]["source"] = run.rundir.source_for_config(run.data_spec.source)
     record = {
         "pipeline": config,
         "base_model_path": run.context.base_path,
@@ -476,9 +462,9 @@ def _save(
         "data_report": prepared.report.to_dict(),
         "versions": _versions(),
     }
-    write_json_atomic(output_dir / RUN_FILE, record)
-    write_json_atomic(output_dir / METRICS_FILE, metrics)
-    write_provenance(output_dir, pipeline.model, run.context.base_path)
+    run.rundir.write_run(record)
+    run.rundir.write_metrics(metrics)
+    run.rundir.write_provenance(pipeline.model, run.context.base_path)
     write_run_report(
         output_dir,
         pipeline=pipeline,
@@ -494,20 +480,6 @@ def _release(run: _Run, trainer: Any, model: Any) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-def _source_for_config(source: Any, output_dir: Path) -> str:
-    """A path that reloads the training rows: the file itself, or a copy of in-memory rows in the run."""
-    if isinstance(source, str):
-        path = Path(source).expanduser()
-        return str(path.resolve()) if path.exists() else source  # a Hub dataset id stays an id
-    rows = source if isinstance(source, list) else source.to_list()
-    path = output_dir / "data" / "source.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 def _versions() -> dict[str, str]:
@@ -644,13 +616,13 @@ class TrainingExtras:
                 )
 
     def summary(self, trainer: Any) -> dict[str, float]:
-        """Early stopping and best-checkpoint numbers for ``metrics.json``."""
+        """Early stopping and best-checkpoint numbers for the run's final metrics."""
         out: dict[str, float] = {}
         if self.stopper is not None and self.stopper.stopped_step is not None:
             out["early_stopped_at_step"] = self.stopper.stopped_step
         state = trainer.state
         if state.best_model_checkpoint and state.best_metric is not None:
-            out["best_step"] = ckpt.checkpoint_step(Path(state.best_model_checkpoint))
+            out["best_step"] = checkpoint_step(state.best_model_checkpoint)
             out[f"best_{trainer.args.metric_for_best_model}"] = float(state.best_metric)
         return out
 

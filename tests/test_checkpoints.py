@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.checkpoints import list_checkpoints
 from lorakit.config import EarlyStopSpec
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.rundir import list_checkpoints
 from lorakit.trainer import EarlyStopper
 
 ROWS = [
@@ -110,19 +110,19 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import lorakit.checkpoints as ckpt
+    import lorakit.rundir as rd
 
     data, model_dir, out, marker = sys.argv[1:5]
-    real_write = ckpt.write_json_atomic
+    real_write = rd.write_json_atomic
 
     def slow_write(path, record):
         # Stall the save of checkpoint-6 half-way (files written, not yet renamed) so the parent can kill us.
-        if path.name == ckpt.RESUME_FILE and record.get("step") == 6:
+        if path.name == rd.RESUME_FILE and record.get("step") == 6:
             Path(marker).write_text("saving checkpoint-6")
             time.sleep(300)
         real_write(path, record)
 
-    ckpt.write_json_atomic = slow_write
+    rd.write_json_atomic = slow_write
     import lorakit as lk
 
     sys.path.insert(0, {tests!r})
@@ -269,6 +269,36 @@ def test_data_fingerprint_depends_on_rows_not_on_their_arrow_layout():
     assert listed != data_fingerprint(Dataset.from_list(moved))  # same tokens, other row boundaries
 
 
+def test_check_resume_needs_a_readable_resume_record(tmp_path):
+    from lorakit.checkpoints import check_resume, write_resume_record
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    meta = {"config": {"training": {"lr": 0.1}}, "data_fingerprint": "ab" * 32, "train_rows": 8}
+    with pytest.raises(ConfigError, match=r"it has no lorakit_resume\.json, so lorakit cannot check"):
+        check_resume(checkpoint, meta)
+    (checkpoint / "lorakit_resume.json").write_text('{"config": ')  # torn by a crash
+    with pytest.raises(
+        ConfigError, match=r"lorakit_resume\.json is not valid JSON .*the run directory is damaged"
+    ):
+        check_resume(checkpoint, meta)
+    write_resume_record(checkpoint, dict(meta, step=4))
+    assert check_resume(checkpoint, meta) == dict(meta, step=4)
+    other = dict(meta, config={"training": {"lr": 0.2}})
+    with pytest.raises(ConfigError, match=r"training\.lr: 0\.1 in the checkpoint, 0\.2 now"):
+        check_resume(checkpoint, other)
+
+
+def test_method_state_round_trips_through_its_file(tmp_path):
+    from lorakit.checkpoints import read_method_state, write_method_state
+
+    assert read_method_state(tmp_path) is None
+    write_method_state(tmp_path, {"ranknum": torch.tensor([1.0, 2.0])}, {"step": 3})
+    assert [p.name for p in tmp_path.iterdir()] == ["lorakit_method_state.safetensors"]  # no temporary left
+    tensors, info = read_method_state(tmp_path)
+    assert torch.equal(tensors["ranknum"], torch.tensor([1.0, 2.0])) and info == {"step": 3}
+
+
 # --- AdaLoRA: the rank allocator's importance state survives a SIGKILL and a resume ---------------------
 
 ADALORA_CHILD = textwrap.dedent(
@@ -306,7 +336,7 @@ def adalora_resumable(model_dir, data):
 def test_adalora_killed_then_resumed_equals_the_uninterrupted_run(tiny_model_dir, rows_file, tmp_path):
     from safetensors import safe_open
 
-    from lorakit.checkpoints import METHOD_STATE_FILE
+    from lorakit.rundir import METHOD_STATE_FILE
 
     whole = adalora_resumable(tiny_model_dir, rows_file).train(tmp_path / "whole")
     out, script = tmp_path / "killed", tmp_path / "child.py"

@@ -799,8 +799,8 @@ def test_prefix_methods_turn_automatic_grad_checkpointing_off(tiny_model_dir):
     assert resolve_grad_checkpointing(prefix, "cpu") == (False, None)
     ptuning = lk.Pipeline.from_model(tiny_model_dir).with_ptuning()
     assert resolve_grad_checkpointing(ptuning, "cuda") == (True, None)
-    assert "gradient checkpointing off: not supported by prefix methods" in prefix.explain()
-    assert "gradient checkpointing" not in ptuning.explain()
+    assert "grad checkpoint  off: prefix_tuning cannot train with it" in prefix.explain()
+    assert "grad checkpoint  off (CPU)" in ptuning.explain()
 
 
 def test_prefix_methods_get_no_activation_checkpointing_from_fsdp(tiny_model_dir):

@@ -68,6 +68,12 @@ def test_paths_of_every_file(tmp_path):
     }
     assert run.checkpoint(12) == tmp_path / "checkpoints" / "checkpoint-12"
     assert rundir.RUN_OUTPUTS == ("samples.jsonl", "report.md", "curves.png")
+    # the names inside a checkpoint
+    assert (rundir.STATE_FILE, rundir.RESUME_FILE, rundir.METHOD_STATE_FILE) == (
+        "trainer_state.json",
+        "lorakit_resume.json",
+        "lorakit_method_state.safetensors",
+    )
 
 
 def test_run_dir_is_frozen_and_expands_the_user(monkeypatch, tmp_path):

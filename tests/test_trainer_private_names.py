@@ -98,3 +98,22 @@ def test_each_entry_names_the_module_that_uses_it(entry):
     name = entry.path.rsplit(".", 1)[1]
     if module.name != "trainer.py":
         assert name in module.read_text(), f"{name} is not used in {module}"
+
+
+def test_checkpoint_names_are_the_ones_rotate_checkpoints_finds():
+    # rotate_checkpoints (called after each atomic checkpoint) lists "<PREFIX_CHECKPOINT_DIR>-<step>" directories.
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from lorakit import rundir
+
+    assert rundir.checkpoint_name(7) == f"{PREFIX_CHECKPOINT_DIR}-7" == "checkpoint-7"
+    entry = next(e for e in PRIVATE_NAMES if e.path.endswith(".PREFIX_CHECKPOINT_DIR"))
+    assert entry.value == "checkpoint"
+    installed = version("transformers")
+    renamed = PrivateName(
+        "transformers", "transformers.trainer_utils.PREFIX_CHECKPOINT_DIR", "a fake entry", value="ckpt"
+    )
+    assert private_name_problems([renamed]) == [
+        f"transformers {installed}: transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (used by a fake entry): the "
+        "value is 'checkpoint', lorakit relies on 'ckpt'"
+    ]
