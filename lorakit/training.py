@@ -36,8 +36,7 @@ from lorakit.distributed import (
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
 from lorakit.methods.base import MethodContext
-from lorakit.metrics import get_metric
-from lorakit.metrics.builtin import missing_packages
+from lorakit.metrics import get_metric, missing_packages
 from lorakit.models import (
     device_kind,
     load_base_model,

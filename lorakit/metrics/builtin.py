@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, MissingDependencyError
-from lorakit.metrics import METRICS, flatten, perplexity_from_loss, register_metric
+from lorakit.metrics.base import METRICS, flatten, perplexity_from_loss, register_metric
 
 __all__ = [
     "Accuracy",
@@ -21,10 +21,9 @@ __all__ = [
     "ExactMatch",
     "Perplexity",
     "Rouge",
-    "missing_packages",
 ]
 
-_INSTALL = "pip install 'lorakit[metrics]'"
+INSTALL_HINT = "pip install 'lorakit[metrics]'"
 
 
 def _require(module: str, package: str, metric: str) -> Any:
@@ -34,7 +33,7 @@ def _require(module: str, package: str, metric: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependencyError(
-            f"The {metric!r} metric needs the {package} package, which is not installed: {_INSTALL} "
+            f"The {metric!r} metric needs the {package} package, which is not installed: {INSTALL_HINT} "
             f"(or pip install {package})."
         ) from None
 
@@ -264,21 +263,6 @@ class EvaluateModule:
             predictions=list(predictions), references=_single_or_lists(references), **self.compute_kwargs
         )
         return flatten(result) if isinstance(result, Mapping) else flatten(result, self.name)
-
-
-def missing_packages(metrics: Sequence[Any]) -> list[str]:
-    """One line per metric whose package is not installed (checked without importing it)."""
-    from importlib.util import find_spec
-
-    from lorakit.metrics import get_metric
-
-    lines = []
-    for spec in metrics:
-        metric = get_metric(spec)
-        for module, package in getattr(metric, "requires", ()):
-            if find_spec(module) is None:
-                lines.append(f"the {metric.name!r} metric needs {package}: {_INSTALL}")
-    return lines
 
 
 for _name, _factory in (
