@@ -41,6 +41,7 @@ from lorakit import checkpoints as ckpt
 from lorakit import rundir as rd
 from lorakit.batching import GroupedSampler, token_counts
 from lorakit.config import eval_key
+from lorakit.data.encode import IGNORE_INDEX
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.rng import forked_rng
 
@@ -432,6 +433,7 @@ class LorakitTrainer(SFTTrainer):
         self._lorakit_counts: tuple[int, ...] = (0, 0, 0)
         self._lorakit_lengths: list[int] | None = None
         self._lorakit_staging = False
+        self._lorakit_eval_nll: list[float] = [0.0, 0.0]  # summed NLL and label tokens of one evaluation
         super().__init__(*args, **kwargs)
         self.callback_handler.__class__ = RngIsolatedCallbackHandler  # same state, forked events
         self.add_callback(MethodStateRestore(self))
@@ -475,8 +477,10 @@ class LorakitTrainer(SFTTrainer):
     ) -> Any:
         """SFTTrainer's loss plus the method's extra loss term (``extra_loss`` hook): SFTTrainer computes the
         loss from the logits and never reads a term a PEFT model adds to ``outputs.loss``."""
+        if not model.training:
+            return self._eval_loss(model, inputs, return_outputs)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not model.training or self.lorakit_method is None:
+        if self.lorakit_method is None:
             return result
         extra = self.lorakit_method.extra_loss(self.accelerator.unwrap_model(model))
         if extra is None:
@@ -488,6 +492,29 @@ class LorakitTrainer(SFTTrainer):
             loss, outputs = result
             return loss + extra, outputs
         return result + extra
+
+    def _eval_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
+        """An evaluation batch's loss (this batch's mean over its label tokens), also added to the running sums
+        that make ``eval_loss`` lorakit's one loss: a token-weighted mean over the whole evaluation set
+        (:mod:`lorakit.metrics.loss`), not the Trainer's mean of per-batch means."""
+        result = super().compute_loss(model, inputs, return_outputs, None)  # None: this batch's own mean
+        loss = result[0] if return_outputs else result
+        count = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum()) if "labels" in inputs else 0
+        self._lorakit_eval_nll[0] += float(loss.detach().float()) * count
+        self._lorakit_eval_nll[1] += count
+        return result
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        self._lorakit_eval_nll = [0.0, 0.0]
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        sums = torch.tensor(self._lorakit_eval_nll, dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        total, count = (float(value) for value in sums.tolist())
+        if count > 0 and f"{prefix}_loss" in output.metrics:
+            output.metrics[f"{prefix}_loss"] = total / count
+        return output
 
     def _raise_non_finite(self, loss: Any) -> None:
         step = self.state.global_step + 1

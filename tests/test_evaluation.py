@@ -294,3 +294,30 @@ def test_evaluate_rejects_bad_input(tiny_model_dir):
         lk.evaluate(123, ROWS, metrics=["bleu"])
     with pytest.raises(ConfigError, match="evaluate\\(batch_size=...\\) must be a positive integer, got 0"):
         lk.evaluate(tiny_model_dir, ROWS, metrics=["bleu"], batch_size=0)
+
+
+def test_in_training_eval_loss_is_the_one_token_weighted_loss(tiny_model_dir, tmp_path):
+    """eval_loss (logged, final, early stopping) is lorakit.metrics.loss's mean over every label token of the
+    validation set, not the Trainer's mean of per-batch means: rows of very different lengths in batches of 3
+    make the two differ."""
+    from lorakit.metrics.loss import mean_token_nll
+
+    val = [ROWS[0], ROWS[6], {"instruction": "Say hello.", "input": "", "output": "hello " * 12}, ROWS[3]]
+    pipeline = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_lora(r=8, alpha=16, dropout=0.0)
+        .with_dataset(ROWS, template="alpaca", val=val, max_length=128)
+        .with_training(max_steps=2, lr=5e-3, batch_size=3, warmup_ratio=0.0)
+    )
+    result = pipeline.train(tmp_path / "run")
+    rows = pipeline.prepare_data().val
+    examples = [(r["input_ids"], r["labels"]) for r in rows]
+    model = lk.InferenceModel.load(result.output_dir)
+    pad = model.tokenizer.pad_token_id
+    expected, tokens = mean_token_nll(model.model, examples, batch_size=1, pad_token_id=pad)
+    assert tokens > 20
+    assert result.metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    # The Trainer's definition (batch means weighted by rows) gives another number on these rows.
+    first, n_first = mean_token_nll(model.model, examples[:3], batch_size=3, pad_token_id=pad)
+    last, n_last = mean_token_nll(model.model, examples[3:], batch_size=3, pad_token_id=pad)
+    assert abs((3 * first + last) / 4 - expected) > 1e-4
