@@ -478,7 +478,7 @@ class LorakitTrainer(SFTTrainer):
         """SFTTrainer's loss plus the method's extra loss term (``extra_loss`` hook): SFTTrainer computes the
         loss from the logits and never reads a term a PEFT model adds to ``outputs.loss``."""
         if not model.training:
-            return self._eval_loss(model, inputs, return_outputs)
+            return self._lorakit_eval_loss(model, inputs, return_outputs)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.lorakit_method is None:
             return result
@@ -493,7 +493,7 @@ class LorakitTrainer(SFTTrainer):
             return loss + extra, outputs
         return result + extra
 
-    def _eval_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
+    def _lorakit_eval_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
         """An evaluation batch's loss (this batch's mean over its label tokens), also added to the running sums
         that make ``eval_loss`` lorakit's one loss: a token-weighted mean over the whole evaluation set
         (:mod:`lorakit.metrics.loss`), not the Trainer's mean of per-batch means."""

@@ -48,12 +48,12 @@ def test_audit_finds_double_bos(tiny_model_dir):
 
 
 def test_train_stops_on_fatal_audit_problems_before_loading_weights(tiny_model_dir, tmp_path, monkeypatch):
-    import lorakit.models
+    import lorakit.training
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load when the data audit fails")
 
-    monkeypatch.setattr(lorakit.models, "load_base_model", no_weights)
+    monkeypatch.setattr(lorakit.training, "load_base_model", no_weights)
     with pytest.raises(
         DataError, match=r"data audit of the list of rows failed:\n  - no trained span of the 10"
     ):

@@ -614,13 +614,13 @@ def test_bad_options_raise_at_the_builder_call(call, message):
 
 
 def test_loftq_needs_quantize_4bit_once_the_pipeline_is_final(tiny_model_dir, tmp_path, monkeypatch):
-    import lorakit.models
+    import lorakit.training
 
     message = r"with_lora\(init='loftq'\) needs quantize_4bit\(\).*Add .quantize_4bit\(\)"
     base = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, val_split=0.0, max_length=128)
     pipe = base.with_lora(init="loftq")  # quantize_4bit() may still follow: no error yet
     assert pipe.quantize_4bit().plan().trainable_params > 0
-    monkeypatch.setattr(lorakit.models, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(lorakit.training, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match=message):
         pipe.plan()
     with pytest.raises(ConfigError, match=message):
@@ -634,13 +634,13 @@ def test_loftq_needs_safetensors_weights_before_weights_load(tiny_model_dir, tmp
 
     from safetensors.torch import load_file
 
-    import lorakit.models
+    import lorakit.training
 
     model_dir = tmp_path / "bin-model"
     shutil.copytree(tiny_model_dir, model_dir)
     (model_dir / "model.safetensors").unlink()
     torch.save(load_file(f"{tiny_model_dir}/model.safetensors"), model_dir / "pytorch_model.bin")
-    monkeypatch.setattr(lorakit.models, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(lorakit.training, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
     pipe = VARIANTS["loftq_4bit"](lk.Pipeline.from_model(str(model_dir))).with_dataset(
         ROWS, val_split=0.0, max_length=128
     )
@@ -705,12 +705,12 @@ def test_optim_is_validated_and_round_trips(tiny_model_dir):
 
 
 def test_paged_optimizer_needs_cuda_before_weights_load(tiny_model_dir, tmp_path, monkeypatch):
-    import lorakit.models
+    import lorakit.training
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights loaded before the optimizer was checked")
 
-    monkeypatch.setattr(lorakit.models, "load_base_model", no_weights)
+    monkeypatch.setattr(lorakit.training, "load_base_model", no_weights)
     pipe = _pipeline(tiny_model_dir, "ia3").with_training(optim="paged_adamw_8bit", max_steps=1)
     with pytest.raises(ConfigError, match="optim='paged_adamw_8bit'.*needs a CUDA GPU.*adamw_torch"):
         pipe.train(tmp_path / "run")
@@ -733,12 +733,12 @@ def test_paged_optimizer_needs_cuda_before_weights_load(tiny_model_dir, tmp_path
 def test_step_and_layer_rules_raise_before_weights_load(
     tiny_model_dir, tmp_path, monkeypatch, variant, message
 ):
-    import lorakit.models
+    import lorakit.training
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights loaded before the method was checked")
 
-    monkeypatch.setattr(lorakit.models, "load_base_model", no_weights)
+    monkeypatch.setattr(lorakit.training, "load_base_model", no_weights)
     pipe = variant(lk.Pipeline.from_model(tiny_model_dir)).with_dataset(ROWS, val_split=0.0, max_length=128)
     pipe = pipe.with_training(epochs=1, batch_size=4)
     with pytest.raises(ConfigError, match=message):
