@@ -99,6 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _trust_arguments(explain, weights=False)
 
+    _run_commands(commands)
+
+    quick = commands.add_parser(
+        "quickstart",
+        help="fine-tune the embedded SmolLM2-135M on the bundled ticket data and show before/after",
+    )
+    quick.add_argument("--output", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    quick.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
+    quick.add_argument(
+        "--eval-rows", type=int, default=None, help="evaluate on the first N held-out rows only"
+    )
+    return parser
+
+
+def _run_commands(commands: Any) -> None:
+    """The commands that load a run: eval, generate, chat, merge."""
     evaluate = commands.add_parser("eval", help="loss, perplexity and exact match of a run on labelled data")
     evaluate.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
     evaluate.add_argument("data", help="a data file with reference replies (.jsonl, .json, .csv, ...)")
@@ -130,17 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 2GB or 500MB")
     merge.add_argument("--base", default=None, help="merge into this base model instead of the run's")
     _trust_arguments(merge, weights=True)
-
-    quick = commands.add_parser(
-        "quickstart",
-        help="fine-tune the embedded SmolLM2-135M on the bundled ticket data and show before/after",
-    )
-    quick.add_argument("--output", default="runs/quickstart", help="run directory (default: runs/quickstart)")
-    quick.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
-    quick.add_argument(
-        "--eval-rows", type=int, default=None, help="evaluate on the first N held-out rows only"
-    )
-    return parser
 
 
 def _pipeline(args: argparse.Namespace) -> Any:

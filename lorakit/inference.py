@@ -161,14 +161,7 @@ class InferenceModel:
         base_path = resolve_model_path(spec)
         check_base(path, spec.name_or_path, base_path, spec, allow_base_mismatch=allow_base_mismatch)
         tokenizer = load_tokenizer(str(path) if run_dir.tokenizer_config.is_file() else base_path, spec)
-        chosen = template if template is not None else saved_template
-        if chosen is None:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ConfigError(
-                    f"{path} is a plain PEFT adapter without a lorakit run file, and its tokenizer has no chat "
-                    "template: pass template='alpaca' (or the template it was trained with)."
-                )
-            chosen = "model"
+        chosen = _chosen_template(path, template if template is not None else saved_template, tokenizer)
         model = _attach_adapter(
             load_base_model(base_path, spec, dtype=torch_dtype(precision), quant=quant), path
         )
@@ -753,6 +746,18 @@ def _attach_adapter(base: Any, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def _chosen_template(path: Path, template: Any, tokenizer: Any) -> Any:
+    """The template to load with: the given / saved one, else the tokenizer's chat template."""
+    if template is not None:
+        return template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{path} is a plain PEFT adapter without a lorakit run file, and its tokenizer has no chat "
+            "template: pass template='alpaca' (or the template it was trained with)."
+        )
+    return "model"
 
 
 # --- what a run directory may make us run ---------------------------------------------------------------
