@@ -11,7 +11,11 @@ Commands::
     lorakit quickstart
 
 Errors are one line on stderr and a non-zero exit code (2 for a lorakit error, 1 for anything else);
-``--debug`` shows the traceback. Only argparse is imported up front, so ``lorakit --help`` is instant.
+``--debug`` shows the traceback.
+
+Nothing a config or run directory asks for runs code by surprise: ``--trust-remote-code`` (the model's own
+Python code), ``--trust-template-classes`` (an unregistered template class) and ``--allow-pickle`` (pickled
+weights) are opt-ins on the commands that read configs or runs. Only argparse is imported up front, so ``lorakit --help`` is instant.
 """
 
 from __future__ import annotations
@@ -41,6 +45,24 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _trust_arguments(parser: argparse.ArgumentParser, *, weights: bool) -> None:
+    """The opt-ins for running code a config or run directory asks for (all off: nothing runs by surprise)."""
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="run the Python code shipped with the model (transformers' trust_remote_code); needed when "
+        "the config or run asks for it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trust-template-classes", action="store_true",
+        help="import and build a prompt template class that is not registered (named in the config or run)",
+    )  # fmt: skip
+    if weights:
+        parser.add_argument(
+            "--allow-pickle", action="store_true",
+            help="load pickled weights (*.bin) of a directory without safetensors (only if you trust it)",
+        )  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit", description="Parameter-efficient fine-tuning of open LLMs."
@@ -65,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--machine-rank", type=int, default=0, help="this machine's rank in a multi-machine job (default: 0)"
     )
+    _trust_arguments(train, weights=False)
 
     explain = commands.add_parser(
         "explain", help="show the resolved plan of a config without loading weights"
@@ -74,34 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value (repeatable)",
     )  # fmt: skip
+    _trust_arguments(explain, weights=False)
 
-    evaluate = commands.add_parser("eval", help="loss, perplexity and exact match of a run on labelled data")
-    evaluate.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
-    evaluate.add_argument("data", help="a data file with reference replies (.jsonl, .json, .csv, ...)")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: 8)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="reply budget for exact match")
-    evaluate.add_argument(
-        "--json", default=None, help="also write the results (and predictions) to this file"
-    )
-    evaluate.add_argument("--base", default=None, help="put the adapter on this base model")
-
-    generate = commands.add_parser("generate", help="stream the reply to one prompt")
-    generate.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
-    generate.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
-    _sampling_arguments(generate)
-
-    chat = commands.add_parser("chat", help="chat with a run in the terminal (/reset clears, /exit quits)")
-    chat.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
-    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
-    _sampling_arguments(chat)
-
-    merge = commands.add_parser("merge", help="merge the adapter into the base and save a plain model")
-    merge.add_argument("run", help="a run directory or PEFT adapter directory")
-    merge.add_argument("output", help="directory for the merged model")
-    merge.add_argument("--no-verify", action="store_true", help="skip the merged vs adapter comparison")
-    merge.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 2GB or 500MB")
-    merge.add_argument("--base", default=None, help="merge into this base model instead of the run's")
+    _run_commands(commands)
 
     quick = commands.add_parser(
         "quickstart",
@@ -115,18 +113,65 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pipeline(config: str, overrides: list[str]) -> Any:
+def _run_commands(commands: Any) -> None:
+    """The commands that load a run: eval, generate, chat, merge."""
+    evaluate = commands.add_parser("eval", help="loss, perplexity and exact match of a run on labelled data")
+    evaluate.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
+    evaluate.add_argument("data", help="a data file with reference replies (.jsonl, .json, .csv, ...)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: 8)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="reply budget for exact match")
+    evaluate.add_argument(
+        "--json", default=None, help="also write the results (and predictions) to this file"
+    )
+    evaluate.add_argument("--base", default=None, help="put the adapter on this base model")
+    _trust_arguments(evaluate, weights=True)
+
+    generate = commands.add_parser("generate", help="stream the reply to one prompt")
+    generate.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
+    generate.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    _sampling_arguments(generate)
+    _trust_arguments(generate, weights=True)
+
+    chat = commands.add_parser("chat", help="chat with a run in the terminal (/reset clears, /exit quits)")
+    chat.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _sampling_arguments(chat)
+    _trust_arguments(chat, weights=True)
+
+    merge = commands.add_parser("merge", help="merge the adapter into the base and save a plain model")
+    merge.add_argument("run", help="a run directory or PEFT adapter directory")
+    merge.add_argument("output", help="directory for the merged model")
+    merge.add_argument("--no-verify", action="store_true", help="skip the merged vs adapter comparison")
+    merge.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 2GB or 500MB")
+    merge.add_argument("--base", default=None, help="merge into this base model instead of the run's")
+    _trust_arguments(merge, weights=True)
+
+
+def _pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline of ``args.config`` with the ``--set`` overrides and the trust opt-ins."""
     from lorakit.configfile import apply_overrides, read_config_file
     from lorakit.pipeline import Pipeline
 
-    return Pipeline.from_config(apply_overrides(read_config_file(config), overrides))
+    return Pipeline.from_config(
+        apply_overrides(read_config_file(args.config), args.overrides),
+        trust_remote_code=args.trust_remote_code,
+        trust_template_classes=args.trust_template_classes,
+    )
 
 
-def _load(run: str, base: str | None = None) -> Any:
+def _load(args: argparse.Namespace) -> Any:
+    """The InferenceModel of ``args.run`` (``--base``, and the trust opt-ins)."""
     from lorakit.inference import InferenceModel
 
     _quiet_libraries()
-    return InferenceModel.load(run, base=base)
+    return InferenceModel.load(
+        args.run,
+        base=args.base,
+        trust_remote_code=args.trust_remote_code,
+        trust_template_classes=args.trust_template_classes,
+        allow_pickle=args.allow_pickle,
+    )
 
 
 def _quiet_libraries() -> None:
@@ -173,7 +218,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     from lorakit.errors import ConfigError, TrainingError
 
-    pipeline = _pipeline(args.config, args.overrides)
+    pipeline = _pipeline(args)
     output = args.output or str(Path("runs") / Path(args.config).stem)
     print(pipeline.explain(), flush=True)
     processes = args.num_processes
@@ -190,6 +235,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
             num_processes=processes,
             machine_rank=args.machine_rank,
             overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+            trust_template_classes=args.trust_template_classes,
         )
         if code != 0:
             raise TrainingError(
@@ -198,11 +245,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if args.machine_rank:  # the run directory is written by machine rank 0
             print(f"lorakit: machine {args.machine_rank} finished its part of the run")
             return
-        import json
+        from lorakit.rundir import RunDir
 
-        metrics_file = Path(output) / "metrics.json"
-        metrics_values = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        metrics = ", ".join(f"{key} {value:.4g}" for key, value in metrics_values.items())
+        metrics = ", ".join(f"{key} {value:.4g}" for key, value in RunDir(output).read_metrics().items())
         print(f"lorakit: trained {output} on {processes} processes ({metrics})")
         return
     result = pipeline.train(output, overwrite=args.overwrite)
@@ -211,7 +256,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    print(_pipeline(args.config, args.overrides).explain())
+    print(_pipeline(args).explain())
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -225,7 +270,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise ConfigError(f"--limit must be a positive number of rows, got {args.limit}.")
     rows, label = load_rows(args.data)
     rows = rows[: args.limit] if args.limit else rows
-    model = _load(args.run, args.base)
+    model = _load(args)
     results = evaluate_rows(model, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     print(
         f"{label}: {results['rows']} rows, loss {results['loss']:.4f}, perplexity {results['perplexity']:.3f}, "
@@ -238,13 +283,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     options = _sampling(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = _load(args.run, args.base)
+    model = _load(args)
     _print_stream(model.stream(prompt, **options))
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     options = _sampling(args)
-    model = _load(args.run, args.base)
+    model = _load(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     interactive = sys.stdin.isatty()
@@ -273,7 +318,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    model = _load(args.run, args.base)
+    model = _load(args)
     merged = model.merge(verify=not args.no_verify, inplace=True)
     if merged.merge_report is not None:
         print(merged.merge_report.summary())

@@ -47,7 +47,7 @@ from lorakit.metrics import compute, get_metric, perplexity_from_loss
 from lorakit.metrics.builtin import normalize
 from lorakit.metrics.loss import mean_token_nll
 from lorakit.rng import forked_rng
-from lorakit.run import ADAPTER_CONFIG, RUN_FILE
+from lorakit.rundir import RunDir
 
 __all__ = ["EvalResult", "compare", "evaluate", "evaluate_rows"]
 
@@ -164,11 +164,9 @@ def _load_model(model: Any, template: Any) -> InferenceModel:
     if isinstance(model, InferenceModel):
         return model
     if isinstance(model, (str, Path)):
-        path = Path(model).expanduser()
-        if path.is_dir() and any(
-            (path / name).is_file() for name in (RUN_FILE, ADAPTER_CONFIG, "config.json")
-        ):
-            return InferenceModel.load(path, template=template)
+        run_dir = RunDir(model)
+        if run_dir.is_run() or run_dir.is_adapter() or run_dir.model_config.is_file():
+            return InferenceModel.load(run_dir.path, template=template)
         return InferenceModel.from_model(str(model), template=template if template is not None else "model")
     raise ConfigError(
         f"evaluate(model=...) takes a run directory, an InferenceModel or a model id/path; got "

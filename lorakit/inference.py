@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -47,8 +46,8 @@ from lorakit.models import (
     torch_dtype,
 )
 from lorakit.progress import progress_enabled
-from lorakit.provenance import check_base
-from lorakit.run import ADAPTER_CONFIG, RUN_FILE, read_run, write_json_atomic
+from lorakit.rundir import TEMPLATE_FILE as TEMPLATE_FILE  # the public name, kept
+from lorakit.rundir import RunDir, check_base, read_json, read_run
 from lorakit.templates import get_template, template_from_dict
 from lorakit.templates.base import check_messages
 from lorakit.templates.jinja import to_chat_template
@@ -70,9 +69,6 @@ class AdapterInfo:
 
 class _Conversation(list):
     """A list of messages given to :meth:`InferenceModel.chat` (a plain list would be a batch of prompts)."""
-
-
-TEMPLATE_FILE = "lorakit_template.json"
 
 
 class InferenceModel:
@@ -118,11 +114,19 @@ class InferenceModel:
         base: str | None = None,
         template: Any = None,
         allow_base_mismatch: bool = False,
+        trust_remote_code: bool = False,
+        trust_template_classes: bool = False,
+        allow_pickle: bool = False,
     ) -> InferenceModel:
         """Load a lorakit run directory, a PEFT adapter directory, or a model saved by :meth:`save`.
 
         The run directory of a full fine-tuning (``full_finetune()`` / ``freeze()``) holds the whole model: it
         loads as a plain model with the run's template, and :meth:`merge` returns it unchanged.
+
+        Loading runs no code from the directory unless asked to: a run recorded with
+        ``trust_remote_code: true``, a template naming an unregistered class, or pickled weights
+        (``adapter_model.bin`` / ``pytorch_model.bin`` without safetensors) raise ConfigError before anything
+        is loaded, unless the matching opt-in below is given.
 
         Args:
             path: the directory.
@@ -130,46 +134,41 @@ class InferenceModel:
                 (or ``base_model_name_or_path`` of a plain PEFT adapter).
             template: override the prompt template; by default the one saved with the run.
             allow_base_mismatch: load the adapter even if ``base`` is not the model it was trained on (see
-                :mod:`lorakit.provenance`); by default that is a ConfigError.
+                :mod:`lorakit.rundir`); by default that is a ConfigError.
+            trust_remote_code: run the Python code shipped with the base model (transformers'
+                ``trust_remote_code``). A run's record asking for it is refused without this; the record's
+                value is never used by itself.
+            trust_template_classes: build a saved template whose class is not registered (imports it).
+            allow_pickle: load weights saved as pickle (``*.bin``) when the directory has no safetensors.
         """
         path = Path(path).expanduser()
-        if path.is_dir() and (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
-            return cls._load_plain(path, template)
+        run_dir = RunDir(path)
+        if path.is_dir() and run_dir.is_full_model():
+            return cls._load_plain(
+                path,
+                template,
+                trust_remote_code=trust_remote_code,
+                trust_template_classes=trust_template_classes,
+                allow_pickle=allow_pickle,
+            )
         run = read_run(path)
-        quant = None
-        precision = "fp32"
-        if run is not None:
-            config = run["pipeline"]
-            spec = ModelSpec(**config["model"])
-            quant = QuantSpec(**config["quant"]) if config.get("quant") else None
-            saved_template = template_from_dict(run["template"])
-            precision = run.get("precision", "fp32") if device_kind() == "cuda" else "fp32"
-        else:
-            adapter_config = json.loads((path / ADAPTER_CONFIG).read_text())
-            spec = ModelSpec(adapter_config.get("base_model_name_or_path") or "")
-            saved_template = None
+        spec, quant, saved_template, precision = _from_record(
+            run_dir, run, template, trust_remote_code, trust_template_classes
+        )
         if base is not None:
-            spec = ModelSpec(base, trust_remote_code=spec.trust_remote_code)
+            spec = ModelSpec(base, trust_remote_code=trust_remote_code)
+        _check_safe_weights(run_dir, allow_pickle=allow_pickle)
         base_path = resolve_model_path(spec)
         check_base(path, spec.name_or_path, base_path, spec, allow_base_mismatch=allow_base_mismatch)
-        tokenizer = load_tokenizer(
-            str(path) if (path / "tokenizer_config.json").is_file() else base_path, spec
-        )
-        chosen = template if template is not None else saved_template
-        if chosen is None:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ConfigError(
-                    f"{path} is a plain PEFT adapter without a lorakit run file, and its tokenizer has no chat "
-                    "template: pass template='alpaca' (or the template it was trained with)."
-                )
-            chosen = "model"
+        tokenizer = load_tokenizer(str(path) if run_dir.tokenizer_config.is_file() else base_path, spec)
+        chosen = _chosen_template(path, template if template is not None else saved_template, tokenizer)
         model = _attach_adapter(
             load_base_model(base_path, spec, dtype=torch_dtype(precision), quant=quant), path
         )
         return cls(
             model,
             tokenizer,
-            get_template(chosen),
+            get_template(chosen, trust_template_classes=trust_template_classes),
             base_spec=spec,
             base_path=base_path,
             quant=quant,
@@ -178,26 +177,60 @@ class InferenceModel:
         )
 
     @classmethod
-    def from_model(cls, name_or_path: str, *, template: Any = "model") -> InferenceModel:
-        """A base model without adapter (e.g. to measure it before fine-tuning) with the given template."""
-        spec = ModelSpec(name_or_path)
-        return cls._load_plain(Path(resolve_model_path(spec)), template, spec=spec)
+    def from_model(
+        cls,
+        name_or_path: str,
+        *,
+        template: Any = "model",
+        trust_remote_code: bool = False,
+        trust_template_classes: bool = False,
+        allow_pickle: bool = False,
+    ) -> InferenceModel:
+        """A base model without adapter (e.g. to measure it before fine-tuning) with the given template.
+
+        ``trust_remote_code`` runs the Python code shipped with the model; ``trust_template_classes`` builds
+        a template dict (given or saved next to the model) naming an unregistered class; ``allow_pickle``
+        loads ``pytorch_model.bin`` weights of a local directory without safetensors.
+        """
+        spec = ModelSpec(name_or_path, trust_remote_code=trust_remote_code)
+        return cls._load_plain(
+            Path(resolve_model_path(spec)),
+            template,
+            spec=spec,
+            trust_template_classes=trust_template_classes,
+            allow_pickle=allow_pickle,
+        )
 
     @classmethod
-    def _load_plain(cls, path: Path, template: Any, *, spec: ModelSpec | None = None) -> InferenceModel:
-        spec = spec or ModelSpec(str(path))
-        tokenizer = load_tokenizer(str(path), spec)
-        if template is None and (path / TEMPLATE_FILE).is_file():
-            template = template_from_dict(json.loads((path / TEMPLATE_FILE).read_text()))
-        # A full fine-tuning run directory: the template it trained with.
-        if template is None and (path / RUN_FILE).is_file():
-            run = read_run(path)
-            assert run is not None
-            template = template_from_dict(run["template"])
+    def _load_plain(
+        cls,
+        path: Path,
+        template: Any,
+        *,
+        spec: ModelSpec | None = None,
+        trust_remote_code: bool = False,
+        trust_template_classes: bool = False,
+        allow_pickle: bool = False,
+    ) -> InferenceModel:
+        """A whole model directory: a merged export, a full fine-tuning run, or a base model."""
+        run_dir = RunDir(path)
+        spec = spec or ModelSpec(str(path), trust_remote_code=trust_remote_code)
         if template is None:
-            template = "model"
+            template = run_dir.read_template()
+        # A full fine-tuning run directory: the template it trained with (and the base's remote-code flag).
+        run = run_dir.read_run() if run_dir.is_run() else None
+        if run is not None:
+            _check_remote_code(run_dir, run, spec.trust_remote_code)
+            if template is None:
+                template = run["template"]
+        template = get_template(
+            template if template is not None else "model", trust_template_classes=trust_template_classes
+        )
+        if path.is_dir():
+            _check_safe_weights(run_dir, allow_pickle=allow_pickle)
+        tokenizer = load_tokenizer(str(path), spec)
         model = load_base_model(str(path), spec, dtype=torch_dtype("fp32")).eval()
-        return cls(model, tokenizer, get_template(template), base_spec=spec, base_path=str(path))
+        return cls(model, tokenizer, template, base_spec=spec, base_path=str(path))
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -420,7 +453,14 @@ class InferenceModel:
         yield
 
     def load_adapter(
-        self, path: str | Path, name: str | None = None, *, allow_base_mismatch: bool = False
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        allow_base_mismatch: bool = False,
+        trust_remote_code: bool = False,
+        trust_template_classes: bool = False,
+        allow_pickle: bool = False,
     ) -> str:
         """Put another adapter (a run directory or a PEFT adapter directory) on the same base weights.
 
@@ -428,14 +468,20 @@ class InferenceModel:
         PEFT adapter). Select it per call with ``generate(..., adapter=name)``; calls from several threads
         are serialised by a lock, so each gets its own adapter's output. Returns the name.
 
+        ``trust_remote_code``, ``trust_template_classes`` and ``allow_pickle`` are the opt-ins of
+        :meth:`load`, checked against this adapter's own run record and files.
+
         Raises:
-            ConfigError: the name is taken, the directory is not an adapter, or the adapter was trained on
-                another base (unless ``allow_base_mismatch=True``).
+            ConfigError: the name is taken, the directory is not an adapter, the adapter was trained on
+                another base (unless ``allow_base_mismatch=True``), or loading it would run code the caller
+                did not opt into.
         """
         from peft import PeftModel
 
         path = Path(path).expanduser()
         run = read_run(path)
+        if run is not None:
+            _check_remote_code(RunDir(path), run, trust_remote_code)
         if run is not None and ((run["pipeline"].get("method") or {}).get("name")) == "full":
             raise ConfigError(
                 f"{path} is a full fine-tuning run: it holds a whole model, not an adapter to put on this base. "
@@ -455,7 +501,12 @@ class InferenceModel:
                 self.base_spec,
                 allow_base_mismatch=allow_base_mismatch,
             )
-        template = get_template(template_from_dict(run["template"])) if run is not None else self.template
+        template = (
+            get_template(run["template"], trust_template_classes=trust_template_classes)
+            if run is not None
+            else self.template
+        )
+        _check_safe_weights(RunDir(path), allow_pickle=allow_pickle)
         with self._lock:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(path), adapter_name=name)
@@ -642,7 +693,7 @@ class InferenceModel:
             self.tokenizer.save_pretrained(str(path))
         finally:
             self.tokenizer.chat_template = previous
-        write_json_atomic(path / TEMPLATE_FILE, self.template.to_dict())
+        RunDir(path).write_template(self.template)
         return path
 
     def _export_chat_template(self, chat_template: bool | str) -> str | None:
@@ -695,3 +746,82 @@ def _attach_adapter(base: Any, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def _chosen_template(path: Path, template: Any, tokenizer: Any) -> Any:
+    """The template to load with: the given / saved one, else the tokenizer's chat template."""
+    if template is not None:
+        return template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{path} is a plain PEFT adapter without a lorakit run file, and its tokenizer has no chat "
+            "template: pass template='alpaca' (or the template it was trained with)."
+        )
+    return "model"
+
+
+# --- what a run directory may make us run ---------------------------------------------------------------
+
+
+def _check_remote_code(run_dir: RunDir, run: Mapping[str, Any], trusted: bool) -> None:
+    """Refuse a run whose record asks for ``trust_remote_code`` unless the caller opted in: the record alone
+    must never make lorakit run the Python code shipped with a model."""
+    model = run.get("pipeline", {}).get("model") or {}
+    if not model.get("trust_remote_code") or trusted:
+        return
+    raise ConfigError(
+        f"{run_dir.run_file} records trust_remote_code: true for the base model "
+        f"{model.get('name_or_path')!r}: loading it would run Python code shipped with that model. lorakit "
+        "does not do that because a run directory says so. If you trust the run and the model, pass "
+        "InferenceModel.load(..., trust_remote_code=True) (CLI: --trust-remote-code)."
+    )
+
+
+def _from_record(
+    run_dir: RunDir,
+    run: Mapping[str, Any] | None,
+    template: Any,
+    trust_remote_code: bool,
+    trust_template_classes: bool,
+) -> tuple[ModelSpec, QuantSpec | None, Any, str]:
+    """The base spec, quantization, saved template and precision of a run record (or of a plain PEFT
+    adapter's config), checked before anything is loaded. The spec carries the caller's
+    ``trust_remote_code``, never the record's."""
+    if run is None:
+        adapter_config = read_json(run_dir.adapter_config) or {}
+        spec = ModelSpec(
+            adapter_config.get("base_model_name_or_path") or "", trust_remote_code=trust_remote_code
+        )
+        return spec, None, None, "fp32"
+    _check_remote_code(run_dir, run, trust_remote_code)
+    config = run["pipeline"]
+    spec = ModelSpec(**{**config["model"], "trust_remote_code": trust_remote_code})
+    quant = QuantSpec(**config["quant"]) if config.get("quant") else None
+    saved_template = None
+    if template is None:
+        saved_template = template_from_dict(run["template"], trust_template_classes=trust_template_classes)
+    precision = run.get("precision", "fp32") if device_kind() == "cuda" else "fp32"
+    return spec, quant, saved_template, precision
+
+
+_PICKLED_WEIGHTS = {
+    "adapter_model.bin": "adapter_model.safetensors",
+    "pytorch_model.bin": "model.safetensors",
+    "pytorch_model.bin.index.json": "model.safetensors.index.json",
+}
+"""Pickled weight files PEFT / transformers would fall back to, and the safetensors file they would prefer.
+(The libraries' own names: ``peft.utils.WEIGHTS_NAME``, ``transformers.utils.WEIGHTS_NAME`` /
+``WEIGHTS_INDEX_NAME``; not part of lorakit's run layout.)"""
+
+
+def _check_safe_weights(run_dir: RunDir, *, allow_pickle: bool) -> None:
+    """Refuse a directory whose weights exist only as pickle, which unpickling could run code from."""
+    if allow_pickle or not run_dir.path.is_dir():
+        return
+    for pickled, safe in _PICKLED_WEIGHTS.items():
+        if (run_dir.path / pickled).is_file() and not (run_dir.path / safe).is_file():
+            raise ConfigError(
+                f"{run_dir.path / pickled} holds the weights as a pickle and there is no {safe}: loading it "
+                "could run code stored in the file. Re-save the weights as safetensors (save_pretrained() "
+                "writes them), or pass allow_pickle=True if you trust the directory (CLI: --allow-pickle)."
+            )

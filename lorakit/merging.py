@@ -22,7 +22,7 @@ from lorakit.data.load import load_rows
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.metrics import perplexity_from_loss
 from lorakit.metrics.loss import token_nll
-from lorakit.run import read_run
+from lorakit.rundir import read_run
 
 __all__ = ["DEFAULT_VERIFY_PROMPTS", "MergeReport", "compare", "reference_outputs", "verification_sequences"]
 

@@ -16,6 +16,7 @@ from lorakit.evaluation import EvalResult, compare, evaluate
 from lorakit.inference import InferenceModel
 from lorakit.metrics.builtin import ExactMatch
 from lorakit.pipeline import Pipeline
+from lorakit.rundir import RunDir, write_json_atomic
 
 __all__ = ["exact_match", "run_quickstart", "sample_path"]
 
@@ -93,7 +94,7 @@ def run_quickstart(
         "metrics": result.metrics,
         "output_dir": str(result.output_dir),
     }
-    (Path(result.output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(RunDir(result.output_dir).quickstart_file, summary)
     return summary
 
 
