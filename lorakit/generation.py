@@ -27,6 +27,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -430,26 +431,26 @@ def stream_text(session: Session, tokenizer: Any, prompt: Sequence[int], decodin
     kwargs = dict(decoding.kwargs)
     criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), _Cancelled()])
     decoding = attrs.evolve(decoding, kwargs=kwargs)
-    errors: list[BaseException] = []
 
     def work() -> None:
         try:
             with session() as model:
                 run_generate(model, [prompt], decoding, streamer=streamer, stopping_criteria=criteria)
-        except BaseException as error:  # re-raised in the consumer's thread
-            errors.append(error)
-            streamer.end()
+        finally:
+            streamer.end()  # wakes the consumer when generation fails too (a second end is never read)
 
-    thread = threading.Thread(target=work, name="lorakit-stream", daemon=True)
-    thread.start()
+    # The Future keeps whatever the worker raised; the consumer's thread raises it.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-stream")
+    future = executor.submit(work)
+    executor.shutdown(wait=False)
 
     def chunks() -> Iterator[str]:
         try:
             yield from StopCutter(decoding.stops).cut(streamer)
         finally:
             cancel.set()  # the worker stops at its next token (its queue is unbounded: it never blocks)
-            thread.join()
-        if errors:
-            raise errors[0]
+            error = future.exception()  # waits for the worker to finish
+        if error is not None:
+            raise error
 
     return chunks()

@@ -47,7 +47,7 @@ from lorakit.models import (
 )
 from lorakit.progress import progress_enabled
 from lorakit.rundir import TEMPLATE_FILE as TEMPLATE_FILE  # the public name, kept
-from lorakit.rundir import RunDir, check_base, read_json, read_run
+from lorakit.rundir import RunDir, check_base, check_safe_weights, read_json, read_run
 from lorakit.templates import get_template, template_from_dict
 from lorakit.templates.base import check_messages
 from lorakit.templates.jinja import to_chat_template
@@ -157,7 +157,7 @@ class InferenceModel:
         )
         if base is not None:
             spec = ModelSpec(base, trust_remote_code=trust_remote_code)
-        _check_safe_weights(run_dir, allow_pickle=allow_pickle)
+        check_safe_weights(run_dir, allow_pickle=allow_pickle)
         base_path = resolve_model_path(spec)
         check_base(path, spec.name_or_path, base_path, spec, allow_base_mismatch=allow_base_mismatch)
         tokenizer = load_tokenizer(str(path) if run_dir.tokenizer_config.is_file() else base_path, spec)
@@ -227,7 +227,7 @@ class InferenceModel:
             template if template is not None else "model", trust_template_classes=trust_template_classes
         )
         if path.is_dir():
-            _check_safe_weights(run_dir, allow_pickle=allow_pickle)
+            check_safe_weights(run_dir, allow_pickle=allow_pickle)
         tokenizer = load_tokenizer(str(path), spec)
         model = load_base_model(str(path), spec, dtype=torch_dtype("fp32")).eval()
         return cls(model, tokenizer, template, base_spec=spec, base_path=str(path))
@@ -506,7 +506,7 @@ class InferenceModel:
             if run is not None
             else self.template
         )
-        _check_safe_weights(RunDir(path), allow_pickle=allow_pickle)
+        check_safe_weights(RunDir(path), allow_pickle=allow_pickle)
         with self._lock:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(path), adapter_name=name)
@@ -802,26 +802,3 @@ def _from_record(
         saved_template = template_from_dict(run["template"], trust_template_classes=trust_template_classes)
     precision = run.get("precision", "fp32") if device_kind() == "cuda" else "fp32"
     return spec, quant, saved_template, precision
-
-
-_PICKLED_WEIGHTS = {
-    "adapter_model.bin": "adapter_model.safetensors",
-    "pytorch_model.bin": "model.safetensors",
-    "pytorch_model.bin.index.json": "model.safetensors.index.json",
-}
-"""Pickled weight files PEFT / transformers would fall back to, and the safetensors file they would prefer.
-(The libraries' own names: ``peft.utils.WEIGHTS_NAME``, ``transformers.utils.WEIGHTS_NAME`` /
-``WEIGHTS_INDEX_NAME``; not part of lorakit's run layout.)"""
-
-
-def _check_safe_weights(run_dir: RunDir, *, allow_pickle: bool) -> None:
-    """Refuse a directory whose weights exist only as pickle, which unpickling could run code from."""
-    if allow_pickle or not run_dir.path.is_dir():
-        return
-    for pickled, safe in _PICKLED_WEIGHTS.items():
-        if (run_dir.path / pickled).is_file() and not (run_dir.path / safe).is_file():
-            raise ConfigError(
-                f"{run_dir.path / pickled} holds the weights as a pickle and there is no {safe}: loading it "
-                "could run code stored in the file. Re-save the weights as safetensors (save_pretrained() "
-                "writes them), or pass allow_pickle=True if you trust the directory (CLI: --allow-pickle)."
-            )

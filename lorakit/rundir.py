@@ -58,6 +58,8 @@ from lorakit.errors import ConfigError
 from lorakit.models import load_model_config
 
 __all__ = [
+    "PICKLED_WEIGHTS",
+    "check_safe_weights",
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "CHECKPOINTS_DIR",
@@ -597,3 +599,26 @@ class RunDir:
         self.truncate_logs(checkpoint_step(checkpoint))
         for name in _RESUME_STALE:
             (self.path / name).unlink(missing_ok=True)
+
+
+PICKLED_WEIGHTS = {
+    "adapter_model.bin": "adapter_model.safetensors",
+    "pytorch_model.bin": "model.safetensors",
+    "pytorch_model.bin.index.json": "model.safetensors.index.json",
+}
+"""Pickled weight files PEFT / transformers would fall back to, and the safetensors file they would prefer.
+(The libraries' own names: ``peft.utils.WEIGHTS_NAME``, ``transformers.utils.WEIGHTS_NAME`` /
+``WEIGHTS_INDEX_NAME``: lorakit never writes them, but a directory someone else made may hold them.)"""
+
+
+def check_safe_weights(run_dir: RunDir, *, allow_pickle: bool) -> None:
+    """Refuse a directory whose weights exist only as pickle, which unpickling could run code from."""
+    if allow_pickle or not run_dir.path.is_dir():
+        return
+    for pickled, safe in PICKLED_WEIGHTS.items():
+        if (run_dir.path / pickled).is_file() and not (run_dir.path / safe).is_file():
+            raise ConfigError(
+                f"{run_dir.path / pickled} holds the weights as a pickle and there is no {safe}: loading it "
+                "could run code stored in the file. Re-save the weights as safetensors (save_pretrained() "
+                "writes them), or pass allow_pickle=True if you trust the directory (CLI: --allow-pickle)."
+            )

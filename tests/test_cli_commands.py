@@ -95,11 +95,6 @@ def run_dir(workspace, tiny_model_dir):
     ).output_dir
 
 
-NEEDS_W2 = pytest.mark.xfail(
-    reason="needs w2 merge: Pipeline.from_config(trust_remote_code=, trust_template_classes=)", strict=False
-)
-
-
 def test_help_is_fast_and_imports_nothing_heavy():
     code = (
         "import sys\nfrom lorakit.cli import main\n"
@@ -118,7 +113,6 @@ def test_help_is_fast_and_imports_nothing_heavy():
         assert command in out.stdout
 
 
-@NEEDS_W2
 def test_explain_with_overrides_and_config_errors(workspace):
     root, config, data = workspace
     out = lorakit("explain", str(config), "--set", f"data.source={data}", "--set", "method.r=4")
@@ -140,7 +134,6 @@ def test_explain_with_overrides_and_config_errors(workspace):
     assert "ConfigError: `lr` must be a number" in debug.stderr
 
 
-@NEEDS_W2
 def test_train_writes_a_run(trained):
     run, out = trained
     assert "lorakit plan" in out.stdout and f"lorakit: trained {run}" in out.stdout

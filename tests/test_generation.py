@@ -185,3 +185,18 @@ def test_merge_check_warns_when_the_run_rows_cannot_be_read(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a data file that is simply gone is no surprise: no warning
         assert _run_rows(moved, 4) == []
+
+
+def test_stream_raises_the_workers_error_in_the_consumers_thread(tiny_tokenizer):
+    import contextlib
+
+    from lorakit.generation import Decoding, stream_text
+
+    @contextlib.contextmanager
+    def broken_session():
+        raise RuntimeError("the model is gone")
+        yield  # pragma: no cover
+
+    chunks = stream_text(broken_session, tiny_tokenizer, [1, 2, 3], Decoding({}, (), (2,), 0))
+    with pytest.raises(RuntimeError, match="the model is gone"):
+        list(chunks)

@@ -296,15 +296,6 @@ def test_provenance_round_trip_and_base_checks(tmp_path):
         run.read_provenance()
 
 
-def test_provenance_shim_re_exports():
-    from lorakit import provenance, run
-
-    assert (
-        provenance.check_base is rundir.check_base and provenance.PROVENANCE_FILE == "lorakit_provenance.json"
-    )
-    assert run.read_run is rundir.read_run and run.write_json_atomic is rundir.write_json_atomic
-
-
 # --- checkpoints -------------------------------------------------------------------------------------------
 
 

@@ -169,7 +169,6 @@ def test_template_class_in_the_record_is_refused(trained, tiny_model_dir, tmp_pa
     assert not marker.exists()
 
 
-@pytest.mark.xfail(reason="needs w2 merge: Pipeline.from_config(trust_template_classes=)", strict=False)
 def test_template_class_in_a_config_is_refused_by_explain(tiny_model_dir, tmp_path):
     marker = tmp_path / "config-template-ran"
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
@@ -192,7 +191,6 @@ def test_template_class_in_a_config_is_refused_by_explain(tiny_model_dir, tmp_pa
     assert not marker.exists()
 
 
-@pytest.mark.xfail(reason="needs w2 merge: Pipeline.from_config refuses trust_remote_code", strict=False)
 def test_config_asking_for_remote_code_is_refused_by_explain(remote_base, tmp_path):
     base, marker = remote_base
     config = tmp_path / "remote.json"
