@@ -245,6 +245,7 @@ def _with_data(run: _Run, prepared: Any) -> _Run:
         max_steps=train_spec.max_steps,
         world_size=max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1),
     )
+    run.method.check_steps(total_steps)  # a schedule that cannot fit fails here, before the weights load
     has_val = prepared.val is not None and len(prepared.val) > 0
     # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
     checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None

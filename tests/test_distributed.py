@@ -147,7 +147,9 @@ def test_cli_num_processes_failures_are_lorakit_errors(tiny_model_dir, tmp_path,
         cli_main(["train", str(config), "--output", out, "--num-processes", "2", "--set", "training.lr=1e-3"])
         == 2
     )
-    assert calls == [(4, out, {"num_processes": 2, "machine_rank": 0, "overwrite": False})]
+    options = {"num_processes": 2, "machine_rank": 0, "overwrite": False}
+    # The CLI's opt-ins (--trust-remote-code / --trust-template-classes) reach the workers; none given here.
+    assert calls == [(4, out, {**options, "trust_remote_code": False, "trust_template_classes": False})]
     assert "2-process training run exited with code 3" in capsys.readouterr().err
     assert cli_main(["train", str(config), "--output", out, "--num-processes", "0"]) == 2
     assert "--num-processes must be a positive number of processes, got 0" in capsys.readouterr().err
