@@ -107,12 +107,30 @@ def seeds_dataset(pairs: list[tuple[str, str]], tokenizer: Any) -> Any:
     )
 
 
+def counting(base: type) -> type:
+    """``base`` (a baseline's trainer class) counting the tokens of every trained micro-batch exactly as
+    lorakit's trainer does (:func:`lorakit.batching.token_counts`), so the throughputs compare like with like."""
+    from lorakit.batching import token_counts
+
+    class Counting(base):  # type: ignore[misc, valid-type]
+        _counts: tuple[int, ...] = (0, 0, 0)
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            counted = token_counts(inputs)
+            self._counts = tuple(a + b for a, b in zip(self._counts, counted, strict=True))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def token_totals(self) -> dict[str, int]:
+            tokens, computed, loss_tokens = self._counts
+            return {"tokens": tokens, "computed_tokens": computed, "loss_tokens": loss_tokens}
+
+    return Counting
+
+
 def seeds_trainer(path: str, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int, out: Path) -> Any:
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
-
-    from lorakit.batching import lorakit_trainer
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), lora_config())
@@ -128,7 +146,7 @@ def seeds_trainer(path: str, tokenizer: Any, pairs: list[tuple[str, str]], batch
         disable_tqdm=True,
         seed=0,
     )
-    return lorakit_trainer(Trainer)(
+    return counting(Trainer)(
         model=model,
         args=args,
         train_dataset=seeds_dataset(pairs, tokenizer),
@@ -143,8 +161,6 @@ def trl_trainer(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
-
-    from lorakit.batching import lorakit_trainer
 
     torch.manual_seed(0)
     extra = {} if gc is None else {"gradient_checkpointing": gc}
@@ -164,7 +180,7 @@ def trl_trainer(
         **extra,
     )
     data = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
-    return lorakit_trainer(SFTTrainer)(
+    return counting(SFTTrainer)(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
         args=args,
         train_dataset=data,
