@@ -77,12 +77,13 @@ class PrivateName:
     """For a constant: the value lorakit relies on (None: not compared)."""
 
 
+# (lowest, highest) checked: the lowest are pyproject's lower bounds, run by scripts/check_min_versions.py.
 _TF, _TRL, _PEFT, _BNB, _TORCH = (
-    ("5.25.0",) * 2,
-    ("1.16.0",) * 2,
-    ("0.21.2",) * 2,
-    ("0.50.2",) * 2,
-    ("2.13.0",) * 2,
+    ("5.24.0", "5.25.0"),
+    ("1.10.0", "1.16.0"),
+    ("0.19.1", "0.21.2"),
+    ("0.50.0", "0.50.2"),
+    ("2.13.0", "2.13.0"),
 )
 
 PRIVATE_NAMES: tuple[PrivateName, ...] = (
