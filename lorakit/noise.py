@@ -19,7 +19,14 @@ from collections.abc import Iterator
 
 import attrs
 
-__all__ = ["QUIETED_LOGGERS", "SILENCED_WARNINGS", "QuietedLogger", "SilencedWarning", "quiet"]
+__all__ = [
+    "QUIETED_LOGGERS",
+    "SILENCED_WARNINGS",
+    "QuietedLogger",
+    "SilencedWarning",
+    "quiet",
+    "quiet_logger",
+]
 
 
 @attrs.frozen
@@ -114,6 +121,19 @@ def quiet(*, progress_bars: bool = True) -> Iterator[None]:
                 hf_logging.enable_progress_bar()
             if datasets_bars and not progress_bars:
                 _datasets_bars(True)
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """One logger at ERROR level for the block, for a library that sets its own level when imported (MLflow:
+    its store prints 'Creating initial MLflow database tables...' at INFO on first use)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _datasets_bars(enable: bool | None) -> bool:

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from lorakit import __version__
 from lorakit.errors import MissingDependencyError
+from lorakit.noise import quiet_logger
 from lorakit.rundir import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -55,7 +56,10 @@ def _client(tracking_uri: str | None) -> Any:
         from mlflow import MlflowClient
     except ImportError as error:
         raise MissingDependencyError("track('mlflow') needs mlflow: pip install 'lorakit[mlflow]'") from error
-    return MlflowClient(tracking_uri=tracking_uri)
+    with quiet_logger("mlflow"), quiet_logger("alembic"):  # a new store's schema set-up notes (INFO)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)  # opens (and on first use creates) the store here
+    return client
 
 
 class MlflowTracker:
@@ -73,8 +77,8 @@ class MlflowTracker:
             )
         run = self.client.create_run(
             experiment_id,
-            run_name=str(options.get("run_name") or output_dir.name),
-            tags={"lorakit.version": __version__, "lorakit.run_dir": str(output_dir)},
+            run_name=redact(str(options.get("run_name") or output_dir.name)),
+            tags={"lorakit.version": __version__, "lorakit.run_dir": redact(str(output_dir))},
         )
         self.run_id: str = run.info.run_id
         self.experiment_id: str = experiment_id
