@@ -254,7 +254,7 @@ def _metrics(metrics: dict[str, Any]) -> str:
 def summary_html(output_dir: str | Path) -> str:
     """The run's summary (plan, metrics, curves) as an HTML fragment: ``TrainResult._repr_html_``."""
     run = RunDir(Path(output_dir))
-    record = run.read_run() or {}
+    record = (run.read_run() if run.is_run() else None) or {}
     parts = [
         f"<div class='lorakit-run'><h3>lorakit run {_esc(run.path.name)}</h3>",
         _section("metrics", "Final metrics", _metrics(run.read_metrics())),
@@ -268,7 +268,7 @@ def summary_html(output_dir: str | Path) -> str:
 def write_report_html(output_dir: str | Path, *, trackers: dict[str, str] | None = None) -> Path:
     """Write (or rebuild) ``report.html`` from what the run directory holds; returns its path."""
     run = RunDir(Path(output_dir))
-    record = run.read_run() or {}
+    record = (run.read_run() if run.is_run() else None) or {}
     data = record.get("report_data") or {}
     sections = [
         _section("plan", "Plan", _plan(record)),
