@@ -103,3 +103,13 @@ def test_charts_escape_names_and_mark_the_cut():
     hist = histogram_chart({"counts": [1, 0, 3], "bin_width": 10, "max_length": 25})
     assert hist.count("<rect") == 3 and "max_length 25" in hist
     assert line_chart({}, "t", "y") == "" and histogram_chart({}) == ""
+
+
+def test_inference_model_rebuilds_the_report_of_its_run(report_run):
+    path = report_run.output_dir / REPORT_HTML
+    path.unlink()
+    model = lk.InferenceModel.load(report_run.output_dir)
+    assert model.report() == path and Page(path.read_text()).sections[0] == "plan"
+    model.adapter_dir = None
+    with pytest.raises(lk.errors.ConfigError, match="not loaded from a lorakit run directory"):
+        model.report()
