@@ -9,6 +9,8 @@ Commands::
     lorakit chat RUN [--system TEXT]                                          (interactive; /reset, /exit)
     lorakit merge RUN OUT [--no-verify] [--max-shard-size 2GB]
     lorakit quickstart
+    lorakit runs [DIR] [--sort COLUMN] [--reverse]                          (a table of the runs under DIR)
+    lorakit report RUN [--open]                                             (rebuild the run's report.html)
 
 Errors are one line on stderr and a non-zero exit code (2 for a lorakit error, 1 for anything else);
 ``--debug`` shows the traceback.
@@ -101,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
     _run_commands(commands)
 
+    _report_commands(commands)
+
     quick = commands.add_parser(
         "quickstart",
         help="fine-tune the embedded SmolLM2-135M on the bundled ticket data and show before/after",
@@ -111,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
         "--eval-rows", type=int, default=None, help="evaluate on the first N held-out rows only"
     )
     return parser
+
+
+def _report_commands(commands: Any) -> None:
+    """The commands that only read run directories: runs, report."""
+    from lorakit.tracking.runs import COLUMNS  # light: JSON reading only
+
+    runs = commands.add_parser("runs", help="a table of the runs under a directory, to compare experiments")
+    runs.add_argument("dir", nargs="?", default="runs", help="the directory holding runs (default: runs)")
+    runs.add_argument("--sort", default="date", choices=COLUMNS, help="sort by this column (default: date)")
+    runs.add_argument("--reverse", action="store_true", help="largest first")
+
+    report = commands.add_parser("report", help="rebuild a run's report.html (and open it with --open)")
+    report.add_argument("run", help="a run directory")
+    report.add_argument("--open", action="store_true", help="open the report in the web browser")
 
 
 def _run_commands(commands: Any) -> None:
@@ -164,7 +182,6 @@ def _load(args: argparse.Namespace) -> Any:
     """The InferenceModel of ``args.run`` (``--base``, and the trust opt-ins)."""
     from lorakit.inference import InferenceModel
 
-    _quiet_libraries()
     return InferenceModel.load(
         args.run,
         base=args.base,
@@ -172,18 +189,6 @@ def _load(args: argparse.Namespace) -> Any:
         trust_template_classes=args.trust_template_classes,
         allow_pickle=args.allow_pickle,
     )
-
-
-def _quiet_libraries() -> None:
-    """Keep transformers' advisory logging out of the terminal output (errors still show); with
-    ``LORAKIT_PROGRESS=0`` its weight-loading progress bars too."""
-    from transformers.utils import logging
-
-    from lorakit.progress import progress_enabled
-
-    logging.set_verbosity_error()
-    if not progress_enabled():
-        logging.disable_progress_bar()
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +225,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     pipeline = _pipeline(args)
     output = args.output or str(Path("runs") / Path(args.config).stem)
-    print(pipeline.explain(), flush=True)
     processes = args.num_processes
     if processes is None and pipeline.distribution is not None and "WORLD_SIZE" not in os.environ:
         processes = pipeline.distribution.num_processes
@@ -229,6 +233,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if processes is not None and (processes > 1 or args.machine_rank or pipeline.distribution is not None):
         from lorakit.distributed import launch
 
+        print(pipeline.explain(), flush=True)
         code = launch(
             pipeline,
             output,
@@ -250,9 +255,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         metrics = ", ".join(f"{key} {value:.4g}" for key, value in RunDir(output).read_metrics().items())
         print(f"lorakit: trained {output} on {processes} processes ({metrics})")
         return
-    result = pipeline.train(output, overwrite=args.overwrite)
-    metrics = ", ".join(f"{key} {value:.4g}" for key, value in result.metrics.items())
-    print(f"lorakit: trained {result.output_dir} ({metrics})")
+    pipeline.train(output, overwrite=args.overwrite)  # the console prints the plan, progress and summary
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
@@ -326,6 +329,32 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     print(f"lorakit: merged model saved to {out} (plain transformers; the chat template is the training one)")
 
 
+def _cmd_runs(args: argparse.Namespace) -> None:
+    from lorakit.tracking.runs import find_runs, render_runs, run_row, sorted_rows
+
+    root = Path(args.dir).expanduser()
+    rows = [run_row(run, root) for run in find_runs(root)]
+    if not rows:
+        print(f"lorakit: no runs under {root}")
+        return
+    print(render_runs(sorted_rows(rows, args.sort, reverse=args.reverse)))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from lorakit.errors import ConfigError
+    from lorakit.rundir import RUN_FILE, RunDir
+    from lorakit.tracking.html import write_report_html
+
+    if not RunDir(Path(args.run)).is_run():
+        raise ConfigError(f"{args.run} holds no {RUN_FILE}; pass a lorakit run directory.")
+    path = write_report_html(args.run)
+    print(f"lorakit: report written to {path}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from lorakit.quickstart import run_quickstart
 
@@ -340,7 +369,23 @@ COMMANDS = {
     "chat": _cmd_chat,
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,
+    "runs": _cmd_runs,
+    "report": _cmd_report,
 }
+_LIGHT_COMMANDS = ("runs", "report")  # they read JSON only: no model library is imported
+
+
+def _run(args: argparse.Namespace) -> None:
+    """One command; the commands that load models run with lorakit's handled third-party notices silenced
+    (:mod:`lorakit.noise`; ``--help``, ``runs`` and ``report`` import no model library)."""
+    if args.command in _LIGHT_COMMANDS:
+        COMMANDS[args.command](args)
+        return
+    from lorakit.noise import quiet
+    from lorakit.progress import progress_enabled
+
+    with quiet(progress_bars=progress_enabled()):
+        COMMANDS[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        _run(args)
         return 0
     except LorakitError as error:
         if args.debug:

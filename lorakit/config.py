@@ -45,7 +45,7 @@ SCHEDULERS = (
     "cosine_with_min_lr",
     "warmup_stable_decay",
 )
-TRACKERS = ("none", "wandb", "tensorboard")
+TRACKERS = ("none", "wandb", "tensorboard", "mlflow")
 SECRET_OPTION_WORDS = ("key", "token", "secret", "password")
 
 
@@ -404,8 +404,18 @@ def _freeze_options(value: Any) -> tuple[tuple[str, Any], ...]:
 class TrackSpec:
     """Where training metrics go besides the run directory's own ``metrics.jsonl``."""
 
-    backend: str = attrs.field(default="none", validator=one_of(TRACKERS))
-    """``"none"``, ``"wandb"`` (offline when no API key is set) or ``"tensorboard"``."""
+    backend: str = attrs.field(default="none")
+    """``"none"``, ``"wandb"`` (offline when no API key is set), ``"tensorboard"``, ``"mlflow"``, or several
+    joined by ``+`` (``"tensorboard+mlflow"``)."""
+
+    @backend.validator
+    def _check_backend(self, attribute: attrs.Attribute, value: Any) -> None:
+        parts = value.split("+") if isinstance(value, str) else [value]
+        for part in parts:
+            one_of(TRACKERS, "Join several with '+', e.g. 'tensorboard+mlflow'.")(self, attribute, part)
+        if len(parts) > 1 and "none" in parts:
+            _fail(attribute, value, "trackers without 'none'", "Drop 'none' from the list.")
+
     options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_freeze_options)
     """Backend options, e.g. ``project=`` / ``name=`` for W&B."""
 

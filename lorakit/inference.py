@@ -51,6 +51,7 @@ from lorakit.rundir import RunDir, check_base, check_safe_weights, read_json, re
 from lorakit.templates import get_template, template_from_dict
 from lorakit.templates.base import check_messages
 from lorakit.templates.jinja import to_chat_template
+from lorakit.tracking.html import write_report_html
 
 __all__ = ["AdapterInfo", "InferenceModel", "MergeReport"]
 
@@ -103,6 +104,22 @@ class InferenceModel:
         self._adapters: dict[str, AdapterInfo] = {}
         if adapter_dir is not None:
             self._adapters[DEFAULT_ADAPTER] = AdapterInfo(DEFAULT_ADAPTER, Path(adapter_dir), template)
+
+    def report(self, *, open_browser: bool = False) -> Path:
+        """Rebuild the run's ``report.html`` (plan, curves, examples, samples, metrics) and return its path;
+        ``open_browser=True`` also opens it. Raises ConfigError when the model was not loaded from a run."""
+        run = RunDir(Path(self.adapter_dir)) if self.adapter_dir is not None else None
+        if run is None or not run.is_run():
+            raise ConfigError(
+                "report(): this model was not loaded from a lorakit run directory "
+                "(InferenceModel.load(run_dir)), so there is no run to report on."
+            )
+        path = write_report_html(run.path)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(path.resolve().as_uri())
+        return path
 
     # --- loading ------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from lorakit.inference import InferenceModel
 from lorakit.metrics.builtin import ExactMatch
 from lorakit.pipeline import Pipeline
 from lorakit.rundir import RunDir, write_json_atomic
+from lorakit.tracking.html import write_report_html
 
 __all__ = ["exact_match", "run_quickstart", "sample_path"]
 
@@ -67,8 +68,6 @@ def run_quickstart(
             max_steps=max_steps, lr=4e-4, batch_size=8, scheduler="linear", warmup_ratio=0.1, logging_steps=10
         )
     )
-    print(pipeline.explain(), flush=True)
-
     print(f"\n[1/3] zero-shot exact match of {model} on {len(test_rows)} held-out tickets ...", flush=True)
     base = InferenceModel.from_model(model, template=template)
     before_result = _evaluate(base, test_rows, f"{model} (base)")
@@ -95,6 +94,8 @@ def run_quickstart(
         "output_dir": str(result.output_dir),
     }
     write_json_atomic(RunDir(result.output_dir).quickstart_file, summary)
+    report = write_report_html(result.output_dir)  # again, now with the before/after table
+    print(f"  report: {report}")
     return summary
 
 

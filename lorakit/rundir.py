@@ -72,6 +72,7 @@ __all__ = [
     "PROVENANCE_FILE",
     "QUICKSTART_FILE",
     "REPORT_FILE",
+    "REPORT_HTML",
     "RESUME_FILE",
     "RUN_FILE",
     "RUN_OUTPUTS",
@@ -114,6 +115,7 @@ METRICS_FILE = "metrics.json"
 METRICS_LOG = "metrics.jsonl"
 SAMPLES_LOG = "samples.jsonl"
 REPORT_FILE = "report.md"
+REPORT_HTML = "report.html"
 CURVES_FILE = "curves.png"
 QUICKSTART_FILE = "quickstart.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -131,10 +133,10 @@ STATE_FILE = "trainer_state.json"
 METHOD_STATE_FILE = "lorakit_method_state.safetensors"
 """A checkpoint's method resume state (a method's ``resume_state`` hook; optional)."""
 
-RUN_OUTPUTS = (SAMPLES_LOG, REPORT_FILE, CURVES_FILE)
+RUN_OUTPUTS = (SAMPLES_LOG, REPORT_FILE, REPORT_HTML, CURVES_FILE)
 """Files a run writes besides the adapter and metrics; a fresh run removes stale ones."""
 _FRESH_RUN_STALE = (METRICS_LOG, METRICS_FILE, RUN_FILE, *RUN_OUTPUTS)
-_RESUME_STALE = (METRICS_FILE, REPORT_FILE, CURVES_FILE)
+_RESUME_STALE = (METRICS_FILE, REPORT_FILE, REPORT_HTML, CURVES_FILE)
 _RESUME_LOGS = (METRICS_LOG, SAMPLES_LOG)
 
 # --- atomic writes and JSON ---------------------------------------------------------------------------------
@@ -452,6 +454,10 @@ class RunDir:
     @property
     def report_file(self) -> Path:
         return self.path / REPORT_FILE
+
+    @property
+    def report_html_file(self) -> Path:
+        return self.path / REPORT_HTML
 
     @property
     def curves_file(self) -> Path:

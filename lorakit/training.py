@@ -21,10 +21,17 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from transformers import TrainerCallback
 
-from lorakit import __version__
+from lorakit import __version__, noise
 from lorakit import checkpoints as ckpt
 from lorakit.collate import PadCollator, PaddingFreeCollator
 from lorakit.config import eval_key
+from lorakit.console import (
+    TrainingConsole,
+    final_summary,
+    live_output,
+    plan_summary,
+    remove_default_printers,
+)
 from lorakit.data import prepare_data
 from lorakit.distributed import (
     check_launch,
@@ -35,6 +42,7 @@ from lorakit.distributed import (
 )
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
+from lorakit.memory import estimate_memory, format_bytes
 from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric, missing_packages
 from lorakit.models import (
@@ -49,7 +57,7 @@ from lorakit.models import (
 from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, steps_for
 from lorakit.rundir import RUN_FILE, RunDir, checkpoint_step, find_resume_checkpoint
 from lorakit.templates import get_template
-from lorakit.tracking import Tracker, write_run_report
+from lorakit.tracking import Tracker, report_data, summary_html, write_run_report
 from lorakit.trainer import EarlyStopper, LorakitTrainer
 
 if TYPE_CHECKING:
@@ -72,6 +80,10 @@ class TrainResult:
     data_report: dict[str, Any]
     """What data preparation kept, cut and dropped (see :class:`lorakit.data.DataReport`)."""
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the run's summary (plan, curves, metrics) as in its ``report.html``."""
+        return summary_html(self.output_dir)
+
 
 def run_training(
     pipeline: Pipeline,
@@ -81,19 +93,25 @@ def run_training(
     callbacks: list[Any] | None = None,
     resume: bool | str | Path = False,
 ) -> TrainResult:
-    run = _resolve(pipeline, output_dir.expanduser(), overwrite=overwrite, resume=resume)
-    tokenizer, prepared = _prepare(run)
-    run = _with_data(run, prepared)
-    model = _load(run)
-    trainer, extras, tracker = _build_trainer(run, model, tokenizer, prepared, callbacks or [])
-    try:
-        metrics = _fit(run, trainer, extras)
-    finally:
-        tracker.close()
-    if is_main_process():  # the run directory is written by the main process only
-        _save(run, trainer, tokenizer, prepared, metrics, tracker)
-    _release(run, trainer, model)
-    return TrainResult(output_dir=run.output_dir, metrics=metrics, data_report=prepared.report.to_dict())
+    # Third-party notices lorakit has handled are silenced for this call only (lorakit.noise lists them).
+    with noise.quiet(progress_bars=live_output()):
+        run = _resolve(pipeline, output_dir.expanduser(), overwrite=overwrite, resume=resume)
+        tokenizer, prepared = _prepare(run)
+        run = _with_data(run, prepared)
+        model = _load(run)
+        console = _console(run, prepared)
+        trainer, extras, tracker = _build_trainer(
+            run, model, tokenizer, prepared, [console, *(callbacks or [])]
+        )
+        try:
+            metrics = _fit(run, trainer, extras)
+        finally:
+            tracker.close()
+        if is_main_process():  # the run directory is written by the main process only
+            _save(run, trainer, tokenizer, prepared, metrics, tracker)
+            console.print(final_summary(metrics, run.output_dir, run.rundir.report_html_file))
+        _release(run, trainer, model)
+        return TrainResult(output_dir=run.output_dir, metrics=metrics, data_report=prepared.report.to_dict())
 
 
 # --- 1. resolve -----------------------------------------------------------------------------------------
@@ -118,6 +136,8 @@ class _Run:
     has_val: bool = False
     meta: dict[str, Any] | None = None
     resumed: dict[str, Any] | None = None
+    sizes: tuple[int, int, str | None] = (0, 0, None)
+    """Trainable and total parameters, and the memory estimate, from the meta-device model."""
 
     @property
     def output_dir(self) -> Path:
@@ -150,7 +170,12 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
     )
     method.check_run(context)  # what the method cannot do with this base fails before any load
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
-    apply_method_on_meta(pipeline, load_model_config(pipeline.model))
+    config = load_model_config(pipeline.model)
+    meta_model, total = apply_method_on_meta(pipeline, config)
+    trainable = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
+    memory = estimate_memory(
+        pipeline, meta_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt
+    )
     return _Run(
         pipeline=pipeline,
         model_spec=pipeline.model,
@@ -164,6 +189,7 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
         template=get_template(pipeline.data.template),
         method=method,
         context=context,
+        sizes=(trainable, total, format_bytes(memory.total)),
     )
 
 
@@ -177,6 +203,8 @@ def _check_environment(pipeline: Pipeline) -> None:
     backend = pipeline.tracking.backend
     if backend == "wandb" and find_spec("wandb") is None:
         problems.append("track('wandb') needs wandb: pip install 'lorakit[wandb]'")
+    if "mlflow" in backend.split("+") and find_spec("mlflow") is None:
+        problems.append("track('mlflow') needs mlflow: pip install 'lorakit[mlflow]'")
     if backend == "tensorboard" and find_spec("tensorboard") is None:
         problems.append("track('tensorboard') needs tensorboard: pip install 'lorakit[tensorboard]'")
     if pipeline.evaluation is not None:
@@ -382,6 +410,7 @@ def _build_trainer(
         resume_meta=run.meta,
         keep=extras.keep,
     )
+    remove_default_printers(trainer)  # lorakit's console (in `callbacks`) shows progress; no raw log dicts
     if pipeline.training.group_by_length and not data_spec.packing:
         # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
         trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
@@ -393,6 +422,31 @@ def _build_trainer(
                 param.data = param.data.float()
     run.method.setup_trainer(trainer, run.context)
     return trainer, extras, tracker
+
+
+def _console(run: _Run, prepared: Any) -> TrainingConsole:
+    """The run's progress display; prints the plan summary (main process only)."""
+    train = run.pipeline.training
+    console = TrainingConsole(run.context.total_steps or 1)
+    if is_main_process():
+        trainable, total, memory = run.sizes
+        report = prepared.report
+        console.print(
+            plan_summary(
+                run.output_dir,
+                model=run.model_spec.name_or_path,
+                method=run.method.describe(),
+                trainable=trainable,
+                total=total,
+                rows=(report.train_rows, report.val_rows),
+                steps=run.context.total_steps or 0,
+                batch=(train.batch_size, train.grad_accum),
+                precision=run.precision,
+                device=run.device,
+                memory=memory,
+            )
+        )
+    return console
 
 
 class MetricsLog(TrainerCallback):
@@ -461,6 +515,7 @@ def _save(
         "precision": run.precision,
         "data_report": prepared.report.to_dict(),
         "versions": _versions(),
+        "report_data": report_data(prepared, tokenizer, run.data_spec.max_length),
     }
     run.rundir.write_run(record)
     run.rundir.write_metrics(metrics)
@@ -472,6 +527,7 @@ def _save(
         data_report=prepared.report.to_dict(),
         trackers=tracker.describe(),
     )
+    tracker.log_artifacts(output_dir)  # MLflow: the report and the adapter
 
 
 def _release(run: _Run, trainer: Any, model: Any) -> None:

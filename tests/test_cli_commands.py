@@ -136,7 +136,7 @@ def test_explain_with_overrides_and_config_errors(workspace):
 
 def test_train_writes_a_run(trained):
     run, out = trained
-    assert "lorakit plan" in out.stdout and f"lorakit: trained {run}" in out.stdout
+    assert f"lorakit train -> {run}" in out.stdout and "lorakit done:" in out.stdout
     assert (run / "adapter_model.safetensors").is_file() and (run / "lorakit_provenance.json").is_file()
     assert json.loads((run / "metrics.json").read_text())["train_steps"] == 30
 

@@ -82,7 +82,7 @@ def test_with_training_keeps_earlier_values():
         (lambda p: p.with_dataset("no/such/file.jsonl"), r"no such file"),
         (lambda p: p.with_dataset([1, 2]), r"must be a list of dicts"),
         (lambda p: p.with_dataset(ROWS, template="nope"), r"nope"),
-        (lambda p: p.track("mlflow"), r"`backend` must be one of 'none', 'wandb', 'tensorboard'"),
+        (lambda p: p.track("mlfow"), r"`backend` must be one of 'none', 'wandb', 'tensorboard', 'mlflow'"),
         (lambda p: p.track("wandb", api_key="abc"), r"looks like a secret"),
     ],
 )

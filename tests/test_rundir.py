@@ -67,7 +67,7 @@ def test_paths_of_every_file(tmp_path):
         "staging_dir": "checkpoints/.partial",
     }
     assert run.checkpoint(12) == tmp_path / "checkpoints" / "checkpoint-12"
-    assert rundir.RUN_OUTPUTS == ("samples.jsonl", "report.md", "curves.png")
+    assert rundir.RUN_OUTPUTS == ("samples.jsonl", "report.md", "report.html", "curves.png")
     # the names inside a checkpoint
     assert (rundir.STATE_FILE, rundir.RESUME_FILE, rundir.METHOD_STATE_FILE) == (
         "trainer_state.json",

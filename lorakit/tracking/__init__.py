@@ -15,10 +15,31 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.rundir import SAMPLES_LOG, RunDir
+from lorakit.tracking.html import report_data, summary_html, write_report_html
 from lorakit.tracking.report import write_curves, write_run_report
 from lorakit.tracking.secrets import redact, secret_values
 
-__all__ = ["SAMPLES_LOG", "Tracker", "redact", "secret_values", "write_curves", "write_run_report"]
+__all__ = [
+    "SAMPLES_LOG",
+    "Tracker",
+    "redact",
+    "report_data",
+    "secret_values",
+    "summary_html",
+    "write_curves",
+    "write_report_html",
+    "write_run_report",
+]
+
+
+def _tracked_config(pipeline: Any) -> dict[str, Any]:
+    """The pipeline's config as trackers get it: in-memory data described, not dumped."""
+    config = pipeline.to_config()
+    if config.get("data"):
+        config["data"]["source"] = _describe_source(pipeline.data.source)
+        if config["data"].get("val") is not None:
+            config["data"]["val"] = _describe_source(pipeline.data.val)
+    return config
 
 
 def _describe_source(source: Any) -> Any:
@@ -42,28 +63,30 @@ class Tracker:
         self.wandb_dir: Path | None = None
         self.wandb_mode: str | None = None
         self._close: Callable[[], None] = lambda: None
+        self.mlflow: Any = None
         options = pipeline.tracking.option_dict
-        if self.backend == "tensorboard":
+        backends = self.backend.split("+")  # e.g. "tensorboard+mlflow": several trackers at once
+        if "mlflow" in backends:
+            from lorakit.tracking.mlflow import MLFLOW_OPTIONS, MlflowTracker
+
+            mlflow_options = {key: options.pop(key) for key in MLFLOW_OPTIONS if key in options}
+            self.mlflow = MlflowTracker(_tracked_config(pipeline), output_dir, mlflow_options)
+        if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
 
             self.writer = SummaryWriter(log_dir=str(self.run.tensorboard_dir))
             self.callbacks = [TensorBoardCallback(tb_writer=self.writer)]
             self._close = self.writer.close
-        elif self.backend == "wandb":
+        elif "wandb" in backends:
             import wandb
             from transformers.integrations import WandbCallback
 
             mode = options.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            config = pipeline.to_config()
-            if config.get("data"):
-                config["data"]["source"] = _describe_source(pipeline.data.source)
-                if config["data"].get("val") is not None:
-                    config["data"]["val"] = _describe_source(pipeline.data.val)
             run = wandb.init(
                 dir=str(output_dir),
                 mode=mode,  # type: ignore[arg-type]
-                config=redact(config),
+                config=redact(_tracked_config(pipeline)),
                 save_code=False,
                 settings=wandb.Settings(disable_git=True, x_save_requirements=False),
                 **options,
@@ -72,6 +95,8 @@ class Tracker:
             self.wandb_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
             self.callbacks = [WandbCallback()]
             self._close = wandb.finish
+        if self.mlflow is not None:
+            self.callbacks.append(self.mlflow.callback)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Generation samples: appended to ``samples.jsonl``, printed, and sent to TensorBoard / W&B."""
@@ -92,11 +117,26 @@ class Tracker:
                 table.add_data(row["step"], row["prompt"], row["generation"])
             self.wandb.log({"samples": table, "train/global_step": step})
 
+    def log_artifacts(self, output_dir: Path) -> None:
+        """At the end of a run: the report and the adapter to the trackers that keep files (MLflow)."""
+        if self.mlflow is not None:
+            self.mlflow.log_artifacts(output_dir)
+
     def describe(self) -> dict[str, str]:
         """Where the tracker wrote, for the run report."""
-        if self.backend == "tensorboard":
+        found = {}
+        if self.mlflow is not None:
+            found["mlflow"] = (
+                f"run {self.mlflow.run_id} in experiment {self.mlflow.experiment_id} "
+                f"({self.mlflow.client.tracking_uri})"
+            )
+        return {**found, **self._describe()}
+
+    def _describe(self) -> dict[str, str]:
+        backends = self.backend.split("+")
+        if "tensorboard" in backends:
             return {"tensorboard": f"tensorboard --logdir {self.run.tensorboard_dir}"}
-        if self.backend == "wandb" and self.wandb_dir is not None:
+        if "wandb" in backends and self.wandb_dir is not None:
             if self.wandb_mode == "offline":
                 return {
                     "wandb": f"offline run in {self.wandb_dir}; upload it with `wandb sync {self.wandb_dir}`"
@@ -107,6 +147,8 @@ class Tracker:
     def close(self) -> None:
         self._close()
         self._close = lambda: None
+        if self.mlflow is not None and not self.mlflow.closed:
+            self.mlflow.close()
 
 
 def _md(text: str) -> str:

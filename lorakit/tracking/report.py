@@ -1,4 +1,5 @@
-"""The end-of-run curve (``curves.png``) and Markdown report (``report.md``), from ``metrics.jsonl``."""
+"""The end-of-run curve (``curves.png``), Markdown report (``report.md``) and HTML report (``report.html``,
+:mod:`lorakit.tracking.html`), from the run directory."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from lorakit.rundir import (
     read_log,
     write_text_atomic,
 )
+from lorakit.tracking.html import write_report_html
 from lorakit.tracking.secrets import redact
 
-__all__ = ["read_log", "write_curves", "write_run_report"]
+__all__ = ["is_metric", "read_log", "write_curves", "write_run_report"]
 
 # Logged eval numbers that are bookkeeping, not quality metrics.
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "num_tokens", "entropy", "epoch")
@@ -98,7 +100,7 @@ def write_run_report(
     data_report: dict[str, Any] | None = None,
     trackers: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``report.md`` (and ``curves.png``): settings, final numbers, evaluation history, samples."""
+    """Write ``report.md``, ``report.html`` (and ``curves.png``): settings, final numbers, evaluation history, samples."""
     run = RunDir(output_dir)
     entries = run.read_metrics_log()
     curves = write_curves(output_dir, entries)
@@ -114,6 +116,7 @@ def write_run_report(
     lines += ["", f"Every logged step: `{METRICS_LOG}`. Config: `{RUN_FILE}`.", ""]
     path = run.report_file
     write_text_atomic(path, redact("\n".join(lines)))
+    write_report_html(output_dir, trackers=trackers)
     return path
 
 
@@ -134,17 +137,18 @@ def _settings(pipeline: Any, data_report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _is_metric(key: str) -> bool:
+def is_metric(key: str) -> bool:
+    """Whether a logged key is an evaluation quality number (not a timing or token count)."""
     return key.startswith("eval_") and not any(word in key for word in _NOT_METRICS)
 
 
 def _evaluations(entries: list[dict[str, Any]]) -> list[str]:
     """The last 20 evaluations as a table (an evaluation logs two lines, trainer loss then lorakit's metrics:
     merged per step)."""
-    history = [e for e in entries if any(_is_metric(k) for k in e)]
+    history = [e for e in entries if any(is_metric(k) for k in e)]
     if not history:
         return []
-    keys = sorted({k for e in history for k in e if _is_metric(k)})
+    keys = sorted({k for e in history for k in e if is_metric(k)})
     merged: dict[Any, dict[str, Any]] = {}
     for entry in history:
         merged.setdefault(entry.get("step"), {}).update(entry)
