@@ -52,6 +52,7 @@ from lorakit.methods import (
 )
 from lorakit.metrics import metric_name
 from lorakit.models import load_tokenizer, resolve_model_path
+from lorakit.noise import quiet
 from lorakit.plan import make_plan
 from lorakit.templates import get_template, template_from_dict
 
@@ -701,7 +702,8 @@ class Pipeline:
         gradients and optimizer state, and an activation estimate for one micro-batch of ``max_length`` tokens
         (see docs/memory.md for how each is computed and what is not modelled).
         """
-        return make_plan(self)
+        with quiet():  # third-party deprecations lorakit triggers while planning (listed in lorakit/noise.py)
+            return make_plan(self)
 
     def explain(self) -> str:
         """The resolved plan as text: model, method, target modules, parameter counts, rows, steps and memory.
@@ -732,7 +734,8 @@ class Pipeline:
         """
         # lorakit.training imports TRL (the trainer subclasses SFTTrainer): loaded when a run starts, so that
         # building, planning and explaining a pipeline stays light. Not a cycle: training never imports pipeline.
-        from lorakit.training import run_training
+        with quiet():  # importing PEFT imports bitsandbytes, whose notices lorakit reports in its own words
+            from lorakit.training import run_training
 
         return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks, resume=resume)
 
