@@ -124,6 +124,8 @@ def _specs_from_config(config: Mapping[str, Any], *, trust_template_classes: boo
                 data["template"], trust_template_classes=trust_template_classes
             )
     tracking = dict(config.get("tracking") or {"backend": "none"})
+    if "seed" in (config.get("training") or {}):
+        _check_seed(config["training"]["seed"], config=True)
     try:
         return dict(
             model=ModelSpec(**config["model"]) if config.get("model") else None,
@@ -141,6 +143,19 @@ def _specs_from_config(config: Mapping[str, Any], *, trust_template_classes: boo
         )
     except TypeError as error:
         raise ConfigError(f"Invalid pipeline config: {error}") from error
+
+
+_MAX_SEED = 2**32 - 1  # numpy's seeds (transformers' set_seed seeds random, numpy and torch together)
+
+
+def _check_seed(seed: Any, *, config: bool = False) -> None:
+    """A training seed numpy accepts: an integer in 0..2**32-1 (refused here, not inside ``set_seed`` later)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        where = f"training.seed: {seed!r}" if config else f"with_training(seed={seed!r})"
+        raise ConfigError(
+            f"{where}: the seed must be an integer from 0 to 2**32-1 ({_MAX_SEED}), the range "
+            "numpy accepts. Use e.g. seed=42."
+        )
 
 
 def _check_grad_checkpointing(method: MethodSpec, training: TrainSpec, *, second: str) -> None:
@@ -533,6 +548,8 @@ class Pipeline:
             group_by_length=group_by_length,
             optim=optim,
         )
+        if "seed" in changes:
+            _check_seed(changes["seed"])
         training = attrs.evolve(self.training, **changes)
         if self.method is not None and changes.get("grad_checkpointing") is True:
             _check_grad_checkpointing(self.method, training, second="with_training(grad_checkpointing=True)")
