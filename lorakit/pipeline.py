@@ -54,6 +54,7 @@ from lorakit.metrics import metric_name
 from lorakit.models import load_tokenizer, resolve_model_path
 from lorakit.plan import make_plan
 from lorakit.templates import get_template, template_from_dict
+from lorakit.tracking.secrets import redact
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
@@ -796,11 +797,33 @@ class Pipeline:
 
     # --- configs ------------------------------------------------------------------------------------------
 
-    def to_config(self) -> dict[str, Any]:
+    def to_config(self, *, keep_secrets: bool = False) -> dict[str, Any]:
         """A JSON/YAML-able dict that :meth:`from_config` turns back into an equal pipeline.
 
         In-memory data (a list of dicts) is inlined; a ``datasets.Dataset`` is inlined as its rows.
+        Secrets are masked (``***``, see :mod:`lorakit.tracking.secrets`): environment secrets, credentials
+        in URLs (``https://user:pass@host``), secret-looking option values. The data rows and the template are
+        kept as they are (they are what trains). ``keep_secrets=True`` keeps them too: only to hand the
+        pipeline to another process of the same run, never to write a file someone else may read.
         """
+        config = self._raw_config()
+        if keep_secrets:
+            return config
+        data = config.get("data")
+        kept = {}
+        if data is not None:
+            kept = {
+                key: data[key]
+                for key in ("template", "source", "val")
+                if key == "template" or not isinstance(data[key], str)
+            }
+            data.update(dict.fromkeys(kept))  # redacted without them, then put back in their places
+        config = redact(config)
+        if kept:
+            config["data"].update(kept)
+        return config
+
+    def _raw_config(self) -> dict[str, Any]:
         data = None
         if self.data is not None:
             data = attrs.asdict(self.data)
