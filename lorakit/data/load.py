@@ -188,10 +188,10 @@ def _read_file(path: Path, label: str, text_unit: str) -> Source:
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, a number too long, nesting too deep
             raise DataError(
-                f"{label}, line {error.lineno}: not valid JSON ({error.msg}). A .json file holds one array "
-                "of objects, or one object per line."
+                f"{label}, line {getattr(error, 'lineno', '?')}: not valid JSON ({_json_problem(error)}). A "
+                ".json file holds one array of objects, or one object per line."
             ) from error
         for index, row in enumerate(rows):
             if not isinstance(row, dict):
@@ -220,16 +220,24 @@ def _read_json_lines(text: str, label: str) -> Source:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, a number too long, nesting too deep
             raise DataError(
-                f"{label}, line {number}: not valid JSON ({error.msg}). Each line must be one JSON object, "
-                'e.g. {"instruction": "...", "output": "..."}.'
+                f"{label}, line {number}: not valid JSON ({_json_problem(error)}). Each line must be one JSON "
+                'object, e.g. {"instruction": "...", "output": "..."}.'
             ) from error
         if not isinstance(row, dict):
             raise DataError(f"{label}, line {number}: expected a JSON object, got {type(row).__name__}.")
         rows.append(row)
         lines.append(number)
     return Source(rows, label, lines)
+
+
+def _json_problem(error: BaseException) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error)  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
 
 
 def _read_csv(text: str, label: str, *, delimiter: str) -> Source:
