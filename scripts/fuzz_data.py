@@ -31,9 +31,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=10_000, help="examples in all (default: 10,000)")
     args = parser.parse_args()
-    from hypothesis import settings
-
     import test_fuzz_data as fuzz
+    from hypothesis import settings
 
     failures = []
     started = time.monotonic()
