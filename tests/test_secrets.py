@@ -43,6 +43,8 @@ ROWS = [{"instruction": f"Say {word}.", "output": word} for word in ("hello", "y
         ("GITHUB_PAT", True, True),
         ("TOKENIZERS_PARALLELISM", True, False),
         ("PYTHONHASHSEED", True, False),
+        ("PWD", True, False),  # the working directory, not a password
+        ("PATH", True, False),
         ("api_key", False, True),
         ("apiKey", False, True),
         ("auth_token", False, True),

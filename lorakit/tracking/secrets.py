@@ -26,7 +26,7 @@ __all__ = ["MASK", "is_secret_name", "redact", "redact_text", "secret_values"]
 
 MASK = "***"
 _SECRET_WORDS = frozenset(
-    {"secret", "password", "passwd", "pwd", "credential", "credentials", "auth", "signature", "sig", "pat"}
+    {"secret", "password", "passwd", "credential", "credentials", "auth", "signature", "sig", "pat"}
     | {"apikey"}
 )
 # Names with these words are secrets in the environment (``HF_TOKEN``, ``WANDB_API_KEY``); in a mapping only
