@@ -24,20 +24,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LORAKIT_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-SHARES = {"test_rows": 0.6, "test_files": 0.3, "test_sources": 0.1}
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=10_000, help="examples in all (default: 10,000)")
+    parser.add_argument("--only", choices=["test_rows", "test_files", "test_sources"], help="one property")
     args = parser.parse_args()
+    os.environ["LORAKIT_FUZZ_EXAMPLES"] = str(args.examples)
     import test_fuzz_data as fuzz
-    from hypothesis import settings
 
     failures = []
     started = time.monotonic()
-    for name, share in SHARES.items():
-        test = settings(max_examples=max(1, round(args.examples * share)))(getattr(fuzz, name))
+    for name in [args.only] if args.only else fuzz.CI_EXAMPLES:
+        test = getattr(fuzz, name)
         before = dict(fuzz.CALLS)
         t0 = time.monotonic()
         try:

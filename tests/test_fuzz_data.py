@@ -34,8 +34,16 @@ from lorakit.data.encode import IGNORE_INDEX  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.templates import TEMPLATES  # noqa: E402
 
-# CI: ~200 examples in all (test_rows 120, test_files 60, test_sources 20).
+# CI: ~200 examples in all (test_rows 120, test_files 60, test_sources 20); scripts/fuzz_data.py sets
+# LORAKIT_FUZZ_EXAMPLES (10,000 or more), shared out in the same proportions.
 CI_EXAMPLES = {"test_rows": 120, "test_files": 60, "test_sources": 20}
+
+
+def examples(test: str) -> int:
+    total = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES") or sum(CI_EXAMPLES.values()))
+    return max(1, round(total * CI_EXAMPLES[test] / sum(CI_EXAMPLES.values())))
+
+
 _COMMON = dict(
     deadline=None,
     derandomize=True,  # CI sees the same examples every run; the long profile explores
@@ -218,7 +226,7 @@ def check(source: Any, opts: dict[str, Any]) -> None:
             assert all(0 <= token < len(tokenizer()) for token in ids)
 
 
-@settings(max_examples=CI_EXAMPLES["test_rows"])
+@settings(max_examples=examples("test_rows"))
 @given(rows=row_lists, opts=options)
 def test_rows(rows, opts):
     """In-memory rows of every format (and mixed), with every template and option."""
@@ -274,7 +282,7 @@ def _write(path: Path, rows: list[Any], raw: bytes | None) -> None:
         path.write_text("\n".join(str(row) for row in rows).replace(_HUGE, digits), errors="surrogatepass")
 
 
-@settings(max_examples=CI_EXAMPLES["test_files"])
+@settings(max_examples=examples("test_files"))
 @given(
     rows=row_lists,
     suffix=st.sampled_from([".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]),
@@ -295,7 +303,7 @@ def test_files(rows, suffix, raw, opts, text_unit):
         check(str(path), {**opts, "text_unit": text_unit})
 
 
-@settings(max_examples=CI_EXAMPLES["test_sources"])
+@settings(max_examples=examples("test_sources"))
 @given(
     source=st.one_of(values.filter(lambda v: not isinstance(v, str)), st.lists(values, max_size=4)),
     opts=options,
@@ -304,6 +312,16 @@ def test_sources(source, opts):
     """Anything passed as a source (other than a string: paths are test_files' and Hub ids need the network):
     a LorakitError, never a crash."""
     check(source, opts)
+
+
+def test_a_csv_cell_over_the_csv_module_limit_is_a_data_error(tmp_path):
+    """Found by the long profile: csv's 131,072-character cell limit raised a raw _csv.Error."""
+    path = tmp_path / "long.csv"
+    path.write_text("instruction,output\nhi,ok\nsay,it\nlong," + "x" * 200_000 + "\n")
+    with pytest.raises(
+        LorakitError, match=r"long.csv, line 4: cannot read this comma-separated line \(field larger"
+    ):
+        prepare_data(str(path), tokenizer=tokenizer(), template="alpaca", cache=False)
 
 
 def test_the_ci_profile_stays_small():

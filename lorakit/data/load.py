@@ -245,7 +245,16 @@ def _read_csv(text: str, label: str, *, delimiter: str) -> Source:
     rows = []
     lines = []
     kind = "tab-separated" if delimiter == "\t" else "comma-separated"
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:  # e.g. a cell over csv.field_size_limit() (131,072 characters by default)
+            raise DataError(
+                f"{label}, line {reader.line_num + 1}: cannot read this {kind} line ({error}). Very long texts "
+                "belong in a .jsonl file (one JSON object per line), which has no cell size limit."
+            ) from error
         if None in row:
             raise DataError(
                 f"{label}, line {reader.line_num}: more cells than the {len(reader.fieldnames or [])} header "
