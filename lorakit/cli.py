@@ -89,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--machine-rank", type=int, default=0, help="this machine's rank in a multi-machine job (default: 0)"
     )
+    train.add_argument(
+        "--nnodes", type=int, default=None, metavar="N",
+        help="machines in the job (default: the config's `distributed` section, else 1); each runs this "
+        "command with --num-processes per machine and the same --main-process-ip/--main-process-port",
+    )  # fmt: skip
+    train.add_argument("--main-process-ip", default=None, help="rendezvous address of a multi-machine job")
+    train.add_argument("--main-process-port", type=int, default=None, help="rendezvous port (default: 29500)")
+    train.add_argument(
+        "--max-restarts", type=int, default=0, metavar="N",
+        help="restart the process group up to N times when a process dies; it resumes from the last "
+        "complete checkpoint (default: 0)",
+    )  # fmt: skip
     _trust_arguments(train, weights=False)
 
     explain = commands.add_parser(
@@ -230,7 +242,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
         processes = pipeline.distribution.num_processes
     if processes is not None and processes < 1:
         raise ConfigError(f"--num-processes must be a positive number of processes, got {processes}.")
-    if processes is not None and (processes > 1 or args.machine_rank or pipeline.distribution is not None):
+    multi_options = _multi_machine_options(args)
+    multi = bool(args.nnodes and args.nnodes > 1) or args.max_restarts > 0
+    if processes is None and multi:
+        processes = 1
+    if processes is not None and (
+        processes > 1 or args.machine_rank or pipeline.distribution is not None or multi
+    ):
         from lorakit.distributed import launch
 
         print(pipeline.explain(), flush=True)
@@ -242,6 +260,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             trust_remote_code=args.trust_remote_code,
             trust_template_classes=args.trust_template_classes,
+            **multi_options,
         )
         if code != 0:
             raise TrainingError(
@@ -253,9 +272,26 @@ def _cmd_train(args: argparse.Namespace) -> None:
         from lorakit.rundir import RunDir
 
         metrics = ", ".join(f"{key} {value:.4g}" for key, value in RunDir(output).read_metrics().items())
-        print(f"lorakit: trained {output} on {processes} processes ({metrics})")
+        print(f"lorakit: trained {output} on {processes * (args.nnodes or 1)} processes ({metrics})")
         return
     pipeline.train(output, overwrite=args.overwrite)  # the console prints the plan, progress and summary
+
+
+def _multi_machine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The launch() keywords of --nnodes / --main-process-ip / --main-process-port / --max-restarts (given only)."""
+    from lorakit.errors import ConfigError
+
+    if args.nnodes is not None and args.nnodes < 1:
+        raise ConfigError(f"--nnodes must be a positive number of machines, got {args.nnodes}.")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be 0 or more, got {args.max_restarts}.")
+    options = {
+        "num_machines": args.nnodes,
+        "main_process_ip": args.main_process_ip,
+        "main_process_port": args.main_process_port,
+        "max_restarts": args.max_restarts,
+    }
+    return {key: value for key, value in options.items() if value}
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:

@@ -38,6 +38,7 @@ from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
 from lorakit.models import load_model_config
 from lorakit.plan import decide_grad_checkpointing
+from lorakit.rundir import CHECKPOINTS_DIR, list_checkpoints
 from lorakit.templates import template_from_dict
 
 if TYPE_CHECKING:
@@ -408,6 +409,7 @@ def launch_command(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     trust_template_classes: bool = False,
+    max_restarts: int = 0,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment that train ``config_path`` into ``output_dir`` on N processes.
 
@@ -415,7 +417,13 @@ def launch_command(
     and one thread per process per core, i.e. DDP over gloo. With CUDA: ``accelerate launch`` with the given
     config file (or ``--multi_gpu``). ``trust_remote_code`` / ``trust_template_classes`` add the worker's
     ``--trust-remote-code`` / ``--trust-template-classes`` (the opt-ins of :meth:`Pipeline.from_config`).
+
+    Several machines on CPU join through torchrun's c10d rendezvous at ``main_process_ip:main_process_port``
+    (the rendezvous assigns the global ranks). ``max_restarts`` > 0 lets the launcher restart the whole group
+    that many times when a worker dies; the restarted workers resume from the last complete checkpoint.
     """
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ConfigError(f"`max_restarts` must be 0 or a positive integer, got {max_restarts!r}.")
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError(f"`num_processes` must be a positive integer, got {num_processes!r}.")
     if num_machines > 1 and not main_process_ip:
@@ -431,22 +439,11 @@ def launch_command(
     ):
         if on:
             target.append(flag)
-    env: dict[str, str] = {}
     if not cuda:
-        cores = os.cpu_count() or 1
-        env["ACCELERATE_USE_CPU"] = "1"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // num_processes)))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}"]
-        if num_machines == 1:
-            command.append("--standalone")
-        else:
-            command += [
-                f"--nnodes={num_machines}",
-                f"--node_rank={machine_rank}",
-                f"--master_addr={main_process_ip}",
-                f"--master_port={main_process_port}",
-            ]
+        machine = (num_machines, machine_rank, main_process_ip, main_process_port)
+        command, env = _torchrun_command(num_processes, machine, max_restarts)
         return command + target, env
+    env: dict[str, str] = {}
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config_file is not None:
         command += ["--config_file", str(accelerate_config_file), f"--machine_rank={machine_rank}"]
@@ -459,7 +456,37 @@ def launch_command(
                 f"--main_process_ip={main_process_ip}",
                 f"--main_process_port={main_process_port}",
             ]
+    if max_restarts:
+        command.append(f"--max_restarts={max_restarts}")
     return command + target, env
+
+
+def _torchrun_command(
+    num_processes: int, machine: tuple[int, int, str | None, int], max_restarts: int
+) -> tuple[list[str], dict[str, str]]:
+    """``torchrun`` on CPU: DDP over gloo, one machine (``--standalone``) or several (c10d rendezvous)."""
+    num_machines, machine_rank, main_process_ip, main_process_port = machine
+    cores = os.cpu_count() or 1
+    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(max(1, cores // num_processes))}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}"]
+    if num_machines == 1:
+        command.append("--standalone")
+    else:
+        command += [
+            f"--nnodes={num_machines}",
+            f"--node_rank={machine_rank}",
+            f"--master_addr={main_process_ip}",
+            f"--master_port={main_process_port}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={main_process_ip}:{main_process_port}",
+            f"--rdzv-id=lorakit-{main_process_port}",
+        ]
+    if max_restarts:
+        command.append(f"--max-restarts={max_restarts}")
+        # torchrun shares one TCP store between the restarts of a group, without a per-attempt prefix: the
+        # restarted gloo group read the dead attempt's addresses ("Connection refused"). A store per attempt.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return command, env
 
 
 def launch(
@@ -472,12 +499,19 @@ def launch(
     env: Mapping[str, str] | None = None,
     trust_remote_code: bool | None = None,
     trust_template_classes: bool | None = None,
+    num_machines: int | None = None,
+    main_process_ip: str | None = None,
+    main_process_port: int | None = None,
+    max_restarts: int = 0,
 ) -> int:
     """Train a pipeline (or a saved config file) on several processes; returns the launcher's exit code.
 
     This is what ``lorakit train CONFIG --num-processes N`` runs. ``num_processes`` defaults to the pipeline's
     ``distributed(num_processes=...)`` (2 without one). Machines other than rank 0 of a multi-machine job run
-    the same call with their ``machine_rank``.
+    the same call with their ``machine_rank``. ``num_machines`` / ``main_process_ip`` / ``main_process_port``
+    override the pipeline's ``distributed(...)`` values. ``max_restarts=N`` restarts the whole group up to N
+    times when a process dies (torchrun elastic); the new processes resume from the last complete
+    checkpoint (``with_checkpoints(every=...)``), or start the run again when there is none yet.
 
     A config (dict, file or run directory) is checked here as far as launching reads it (model, method,
     quantization, training and distributed sections); each process builds the whole pipeline from it.
@@ -510,11 +544,12 @@ def launch(
             config_path,
             output_dir,
             num_processes=processes,
-            num_machines=spec.num_machines if spec else 1,
+            num_machines=num_machines or (spec.num_machines if spec else 1),
             machine_rank=machine_rank,
-            main_process_ip=spec.main_process_ip if spec else None,
-            main_process_port=spec.main_process_port if spec else 29500,
+            main_process_ip=main_process_ip or (spec.main_process_ip if spec else None),
+            main_process_port=main_process_port or (spec.main_process_port if spec else 29500),
             accelerate_config_file=accelerate_file,
+            max_restarts=max_restarts,
             cuda=cuda,
             overwrite=overwrite,
             trust_remote_code=trusted[0],
@@ -534,7 +569,7 @@ def _launch_config(
     A config is refused here, before any process starts, when it needs an opt-in it was not given.
     """
     if not isinstance(pipeline, (Mapping, str, Path)):  # a Pipeline: its config, rebuilt in each process
-        config = pipeline.to_config()
+        config = pipeline.to_config(keep_secrets=True)  # for the workers of this run, in a private temp dir
         return config, pipeline, _pipeline_trust(pipeline, config, remote_code, template_classes)
     source = "The pipeline config dict"
     if not isinstance(pipeline, Mapping):
@@ -597,6 +632,24 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config.get("pipeline", config)
 
 
+def restart_mode(output_dir: Path, *, overwrite: bool) -> tuple[bool, bool]:
+    """``(overwrite, resume)`` for ``train()`` in a launched process.
+
+    On the first attempt, what the caller asked. After torchrun restarted the group (a process died;
+    ``TORCHELASTIC_RESTART_COUNT`` > 0): resume from the last complete checkpoint of this run, or, when the
+    dead attempt wrote none yet, replace what it left behind. Every process decides from the same files,
+    before any of them writes.
+    """
+    restarts = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if restarts <= 0:
+        return overwrite, False
+    resume = bool(list_checkpoints(output_dir / CHECKPOINTS_DIR))
+    if is_main_process():
+        where = "the last complete checkpoint" if resume else "the start (no checkpoint yet)"
+        print(f"lorakit: restart {restarts} of the process group; resuming from {where}", flush=True)
+    return not resume, resume
+
+
 def _main(builder: Any, argv: Sequence[str] | None = None) -> int:
     """``python -m lorakit.distributed run CONFIG OUTPUT [--overwrite] [--trust-remote-code]
     [--trust-template-classes]``: what each launched process runs (the flags are from_config's opt-ins).
@@ -619,7 +672,8 @@ def _main(builder: Any, argv: Sequence[str] | None = None) -> int:
         trust_remote_code=args.trust_remote_code,
         trust_template_classes=args.trust_template_classes,
     )
-    result = pipeline.train(args.output_dir, overwrite=args.overwrite)
+    overwrite, resume = restart_mode(Path(args.output_dir), overwrite=args.overwrite)
+    result = pipeline.train(args.output_dir, overwrite=overwrite, resume=resume)
     if is_main_process():
         print(json.dumps(result.metrics), flush=True)
     return 0

@@ -55,6 +55,7 @@ from lorakit.models import load_tokenizer, resolve_model_path
 from lorakit.noise import quiet
 from lorakit.plan import make_plan
 from lorakit.templates import get_template, template_from_dict
+from lorakit.tracking.secrets import redact
 
 if TYPE_CHECKING:
     from lorakit.data import DataReport, PreparedData, Preview
@@ -125,6 +126,8 @@ def _specs_from_config(config: Mapping[str, Any], *, trust_template_classes: boo
                 data["template"], trust_template_classes=trust_template_classes
             )
     tracking = dict(config.get("tracking") or {"backend": "none"})
+    if "seed" in (config.get("training") or {}):
+        _check_seed(config["training"]["seed"], config=True)
     try:
         return dict(
             model=ModelSpec(**config["model"]) if config.get("model") else None,
@@ -142,6 +145,19 @@ def _specs_from_config(config: Mapping[str, Any], *, trust_template_classes: boo
         )
     except TypeError as error:
         raise ConfigError(f"Invalid pipeline config: {error}") from error
+
+
+_MAX_SEED = 2**32 - 1  # numpy's seeds (transformers' set_seed seeds random, numpy and torch together)
+
+
+def _check_seed(seed: Any, *, config: bool = False) -> None:
+    """A training seed numpy accepts: an integer in 0..2**32-1 (refused here, not inside ``set_seed`` later)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        where = f"training.seed: {seed!r}" if config else f"with_training(seed={seed!r})"
+        raise ConfigError(
+            f"{where}: the seed must be an integer from 0 to 2**32-1 ({_MAX_SEED}), the range "
+            "numpy accepts. Use e.g. seed=42."
+        )
 
 
 def _check_grad_checkpointing(method: MethodSpec, training: TrainSpec, *, second: str) -> None:
@@ -534,6 +550,8 @@ class Pipeline:
             group_by_length=group_by_length,
             optim=optim,
         )
+        if "seed" in changes:
+            _check_seed(changes["seed"])
         training = attrs.evolve(self.training, **changes)
         if self.method is not None and changes.get("grad_checkpointing") is True:
             _check_grad_checkpointing(self.method, training, second="with_training(grad_checkpointing=True)")
@@ -782,11 +800,33 @@ class Pipeline:
 
     # --- configs ------------------------------------------------------------------------------------------
 
-    def to_config(self) -> dict[str, Any]:
+    def to_config(self, *, keep_secrets: bool = False) -> dict[str, Any]:
         """A JSON/YAML-able dict that :meth:`from_config` turns back into an equal pipeline.
 
         In-memory data (a list of dicts) is inlined; a ``datasets.Dataset`` is inlined as its rows.
+        Secrets are masked (``***``, see :mod:`lorakit.tracking.secrets`): environment secrets, credentials
+        in URLs (``https://user:pass@host``), secret-looking option values. The data rows and the template are
+        kept as they are (they are what trains). ``keep_secrets=True`` keeps them too: only to hand the
+        pipeline to another process of the same run, never to write a file someone else may read.
         """
+        config = self._raw_config()
+        if keep_secrets:
+            return config
+        data = config.get("data")
+        kept = {}
+        if data is not None:
+            kept = {
+                key: data[key]
+                for key in ("template", "source", "val")
+                if key == "template" or not isinstance(data[key], str)
+            }
+            data.update(dict.fromkeys(kept))  # redacted without them, then put back in their places
+        config = redact(config)
+        if kept:
+            config["data"].update(kept)
+        return config
+
+    def _raw_config(self) -> dict[str, Any]:
         data = None
         if self.data is not None:
             data = attrs.asdict(self.data)

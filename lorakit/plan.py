@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from lorakit.config import TrainSpec
+from lorakit.config import DataSpec, TrainSpec
 from lorakit.data import count_rows
 from lorakit.errors import ConfigError
 from lorakit.memory import MemoryEstimate, estimate_memory
@@ -19,7 +20,17 @@ if TYPE_CHECKING:
     from lorakit.distributed import DistributedSpec
     from lorakit.pipeline import Pipeline
 
-__all__ = ["GradCheckpointing", "Plan", "decide_grad_checkpointing", "make_plan", "steps_for"]
+__all__ = [
+    "GradCheckpointing",
+    "Plan",
+    "check_context",
+    "decide_grad_checkpointing",
+    "make_plan",
+    "model_context",
+    "steps_for",
+]
+
+_DEFAULT_MAX_LENGTH = attrs.fields(DataSpec).max_length.default
 
 
 # --- decisions ----------------------------------------------------------------------------------------------
@@ -56,7 +67,7 @@ def decide_grad_checkpointing(
     FSDP, FSDP's own activation checkpointing replaces the Trainer's (which would cost an extra AllGather).
 
     Example:
-        >>> from lorakit.config import TrainSpec
+        >>> from lorakit.config import DataSpec, TrainSpec
         >>> from lorakit.methods import LoraSpec
         >>> decide_grad_checkpointing(TrainSpec(), LoraSpec(), "cpu").reason
         'off (CPU)'
@@ -161,6 +172,48 @@ def _linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_context(config: Any) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` or its older spellings)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for source in (text_config, config):
+        for field in _CONTEXT_FIELDS:
+            value = getattr(source, field, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_context(pipeline: Pipeline, config: Any) -> None:
+    """``with_dataset(max_length=...)`` must fit the model's context (packed rows fill all of it).
+
+    An explicit value beyond it is a :class:`ConfigError`; the untouched default (1024) beyond a smaller
+    context is a warning (rows up to the context train as before; longer ones would run past it).
+    """
+    data, context = pipeline.data, model_context(config)
+    if data is None or context is None or data.max_length <= context:
+        return
+    assert pipeline.model is not None
+    default = data.max_length == _DEFAULT_MAX_LENGTH
+    setting = (
+        f"The default max_length={data.max_length}"
+        if default
+        else f"with_dataset(max_length={data.max_length})"
+    )
+    what = "packed sequences fill" if data.packing else "rows may reach"
+    message = (
+        f"{setting} is beyond the context of {pipeline.model.name_or_path} ({context} positions, "
+        f"max_position_embeddings): {what} {data.max_length} tokens, past every position the model was "
+        f"trained on. Use with_dataset(max_length={context}) or less."
+    )
+    if default:
+        warnings.warn(message, stacklevel=4)
+        return
+    raise ConfigError(message)
+
+
 def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     """Build the model on the meta device, apply the method, and return (model, base param count).
 
@@ -172,6 +225,7 @@ def apply_method_on_meta(pipeline: Pipeline, config: Any) -> tuple[Any, int]:
     from transformers import AutoModelForCausalLM
 
     assert pipeline.model is not None
+    check_context(pipeline, config)  # plan() and train() both pass here before any weight loads
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=pipeline.model.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())

@@ -138,7 +138,7 @@ def _tiny_model(tmp_path, arch):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=4096,  # the shipped configs train at up to 2048 tokens
     )
     path = tmp_path / arch
     config.save_pretrained(path)

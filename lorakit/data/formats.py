@@ -161,21 +161,21 @@ def _convert(row: Mapping[str, Any], fmt: Format, where: str, changes: set[str])
         turns = row.get("conversations")
         if not isinstance(turns, list):
             raise DataError(
-                f"{where}: field 'conversations' must be a list of {{from, value}} dicts, got {turns!r}."
+                f"{where}: field 'conversations' must be a list of {{from, value}} dicts, got {_show(turns)}."
             )
         converted = []
         for index, turn in enumerate(turns):
             at = f"{where}, conversations[{index}]"
             if not isinstance(turn, Mapping):
-                raise DataError(f"{at}: expected a {{from, value}} dict, got {turn!r}.")
+                raise DataError(f"{at}: expected a {{from, value}} dict, got {_show(turn)}.")
             speaker = turn.get("from")
-            if speaker not in SHAREGPT_ROLES:
+            if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
                 raise DataError(
-                    f"{at}: unknown speaker 'from': {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)} "
+                    f"{at}: unknown speaker 'from': {_show(speaker)}; use one of {', '.join(SHAREGPT_ROLES)} "
                     "(or convert the rows to the messages format)."
                 )
             if "value" not in turn:
-                raise DataError(f"{at}: missing field 'value' (fields present: {sorted(turn)}).")
+                raise DataError(f"{at}: missing field 'value' (fields present: {_fields(turn)}).")
             converted.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
         return _check_conversation(converted, where, "conversations")
     if fmt == "alpaca":
@@ -201,7 +201,7 @@ def _convert(row: Mapping[str, Any], fmt: Format, where: str, changes: set[str])
         conversation = row.get("messages")
         if not isinstance(conversation, list):
             raise DataError(
-                f"{where}: field 'messages' must be a list of {{role, content}} dicts, got {conversation!r}."
+                f"{where}: field 'messages' must be a list of {{role, content}} dicts, got {_show(conversation)}."
             )
         return _check_conversation(conversation, where, "messages")
     raise DataError(f"Unknown data format {fmt!r}; use one of {', '.join(FORMATS)}.")
@@ -214,15 +214,15 @@ def _clean_text(
     if value is None:
         if required:
             raise DataError(
-                f"{where}: missing field {field!r} (fields present: {sorted(row)}). If your data names it "
+                f"{where}: missing field {field!r} (fields present: {_fields(row)}). If your data names it "
                 f'differently, map it: columns={{"{field}": "<your column>"}}.'
             )
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(
-            f"{where}: field {field!r} must be text, got {type(value).__name__} {value!r}. Give it a string."
+            f"{where}: field {field!r} must be text, got {type(value).__name__} {_show(value)}. Give it a string."
         )
-    raw = str(value)
+    raw = _text_of(value, field, where)
     text = raw.strip()
     if text != raw:
         changes.add("stripped")
@@ -230,6 +230,37 @@ def _clean_text(
     if normal != text:
         changes.add("nfc_normalized")
     return normal
+
+
+def _text_of(value: str | int | float, field: str, where: str) -> str:
+    """The text of a field; numbers become their digits. Text a tokenizer cannot take is a DataError."""
+    try:
+        raw = str(value)
+    except ValueError as error:  # an integer with more digits than Python converts
+        raise DataError(f"{where}: field {field!r} is a number too long to be text ({error}).") from error
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = raw[error.start]
+        raise DataError(
+            f"{where}: field {field!r} holds a lone surrogate {bad!r} at character {error.start}, which is not "
+            "valid Unicode text (often a badly decoded emoji). Fix the encoding of the source, or drop the row."
+        ) from error
+    return raw
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages (never fails on odd values)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # huge integers, very deep nesting
+        text = f"<{type(value).__name__} that cannot be shown>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fields(row: Mapping[Any, Any]) -> list[str]:
+    """A row's field names, sorted, for error messages (names need not be strings)."""
+    return sorted(str(key) for key in row)
 
 
 def _conversation(conversation: list[Any], where: str, field: str, changes: set[str]) -> list[dict[str, Any]]:
@@ -240,10 +271,10 @@ def _conversation(conversation: list[Any], where: str, field: str, changes: set[
     for index, message in enumerate(conversation):
         at = f"{where}, {field}[{index}]"
         if not isinstance(message, Mapping):
-            raise DataError(f"{at}: expected a {{role, content}} dict, got {message!r}.")
+            raise DataError(f"{at}: expected a {{role, content}} dict, got {_show(message)}.")
         role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{at}: unknown role {role!r}; use 'system', 'user' or 'assistant'.")
+        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+            raise DataError(f"{at}: unknown role {_show(role)}; use 'system', 'user' or 'assistant'.")
         if role == "system" and index > 0:
             raise DataError(f"{at}: a system message may only come first.")
         content = message.get("content")
@@ -271,7 +302,7 @@ def _join_text_parts(parts: list[Any], where: str) -> str:
         ):
             raise DataError(
                 f"{where}, content[{index}]: only text parts ({{'type': 'text', 'text': ...}}) can be trained "
-                f"on, got {part!r}. Remove image / audio parts or convert them to text."
+                f"on, got {_show(part)}. Remove image / audio parts or convert them to text."
             )
         texts.append(part["text"])
     return "".join(texts)

@@ -188,10 +188,10 @@ def _read_file(path: Path, label: str, text_unit: str) -> Source:
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, a number too long, nesting too deep
             raise DataError(
-                f"{label}, line {error.lineno}: not valid JSON ({error.msg}). A .json file holds one array "
-                "of objects, or one object per line."
+                f"{label}, line {getattr(error, 'lineno', '?')}: not valid JSON ({_json_problem(error)}). A "
+                ".json file holds one array of objects, or one object per line."
             ) from error
         for index, row in enumerate(rows):
             if not isinstance(row, dict):
@@ -220,10 +220,10 @@ def _read_json_lines(text: str, label: str) -> Source:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, a number too long, nesting too deep
             raise DataError(
-                f"{label}, line {number}: not valid JSON ({error.msg}). Each line must be one JSON object, "
-                'e.g. {"instruction": "...", "output": "..."}.'
+                f"{label}, line {number}: not valid JSON ({_json_problem(error)}). Each line must be one JSON "
+                'object, e.g. {"instruction": "...", "output": "..."}.'
             ) from error
         if not isinstance(row, dict):
             raise DataError(f"{label}, line {number}: expected a JSON object, got {type(row).__name__}.")
@@ -232,12 +232,29 @@ def _read_json_lines(text: str, label: str) -> Source:
     return Source(rows, label, lines)
 
 
+def _json_problem(error: BaseException) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error)  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+
+
 def _read_csv(text: str, label: str, *, delimiter: str) -> Source:
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
     rows = []
     lines = []
     kind = "tab-separated" if delimiter == "\t" else "comma-separated"
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:  # e.g. a cell over csv.field_size_limit() (131,072 characters by default)
+            raise DataError(
+                f"{label}, line {reader.line_num + 1}: cannot read this {kind} line ({error}). Very long texts "
+                "belong in a .jsonl file (one JSON object per line), which has no cell size limit."
+            ) from error
         if None in row:
             raise DataError(
                 f"{label}, line {reader.line_num}: more cells than the {len(reader.fieldnames or [])} header "

@@ -89,7 +89,7 @@ class Tracker:
                 config=redact(_tracked_config(pipeline)),
                 save_code=False,
                 settings=wandb.Settings(disable_git=True, x_save_requirements=False),
-                **options,
+                **redact(options),  # notes, tags, names: what W&B writes locally and uploads
             )
             self.wandb, self.wandb_mode = wandb, mode
             self.wandb_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
