@@ -58,6 +58,7 @@ from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, steps_
 from lorakit.rundir import RUN_FILE, RunDir, checkpoint_step, find_resume_checkpoint
 from lorakit.templates import get_template
 from lorakit.tracking import Tracker, report_data, summary_html, write_run_report
+from lorakit.tracking.secrets import redact
 from lorakit.trainer import EarlyStopper, LorakitTrainer
 
 if TYPE_CHECKING:
@@ -507,7 +508,7 @@ def _save(
         trainer.model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     config = pipeline.to_config()
-    config["data"]["source"] = run.rundir.source_for_config(run.data_spec.source)
+    config["data"]["source"] = redact(run.rundir.source_for_config(run.data_spec.source))
     record = {
         "pipeline": config,
         "base_model_path": run.context.base_path,
