@@ -382,9 +382,9 @@ class TrainSpec:
     ``"adamw_torch"`` (within 1e-8) and its step was 14x faster on SmolLM2's 420 LoRA tensors (bench note)."""
 
     compile: bool | str = attrs.field(default=False)
-    """``torch.compile`` the decoder layers (in place) before training: ``False`` (default: on the bench's
-    short runs the compile time outweighs the faster steps, see ``docs/benchmarks.md``), ``True``, or ``"auto"``
-    (compile on a CUDA GPU, not on CPU)."""
+    """``torch.compile`` the decoder layers (in place) before training: ``False`` (default, until the bench shows
+    a win including the compile time, see ``docs/benchmarks.md``), ``True``, or ``"auto"`` (compile on a CUDA
+    GPU, not on CPU)."""
     fused_loss: bool = attrs.field(default=True)
     """Compute the training loss with lorakit's fused linear cross-entropy (only loss positions reach the LM head,
     no full-vocabulary logits, see :mod:`lorakit.fused`) where it applies; ``False`` uses TRL's loss."""
