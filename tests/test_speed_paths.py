@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -91,6 +92,10 @@ def test_speed_path_trains_like_the_baseline(tiny_model_dir, tmp_path, baseline,
     assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # it trained
 
 
+@pytest.mark.skipif(
+    os.environ.get("LORAKIT_TEST_COMPILE") != "1",
+    reason="inductor compiles C++ kernels for minutes on 2 cores (over the CI budget); LORAKIT_TEST_COMPILE=1 runs it",
+)
 def test_compile_trains_like_the_baseline(tiny_model_dir, tmp_path, baseline):
     loss, _, _ = _train(tiny_model_dir, tmp_path, "compiled", fused_loss=False, compile=True)
     assert loss == pytest.approx(baseline[0], abs=1e-4)
