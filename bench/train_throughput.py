@@ -16,9 +16,23 @@ the same rows; each run in its own process, the order alternating between repeat
 - ``c_bf16``: lorakit's default with ``precision="bf16"`` (bf16 autocast over fp32 weights on CPU).
 
 Reported per run: real (non-padding) tokens/s, loss-bearing tokens/s, the non-padding fraction of computed
-tokens, peak RSS of the process, model FLOP/s (4 x matmul parameters per computed token: forward, and the
-backward to the activations of frozen weights) against the measured matmul peak; per model, medians over the
-repeats, the ratios of c to a and b, and the losses of all configurations on the same 8 examples.
+tokens, peak RSS of the process, training FLOP/s against the machine's best matmul rate measured in the same
+invocation (fp32 and bf16 2048^2 matmuls; fp32 runs against the fp32 rate, ``c_bf16`` against the bf16 rate);
+per model, medians over the repeats, the ratios of c to a and b, and the losses of all configurations on the
+same 8 examples.
+
+The FLOP count of a step (:func:`train_flops`), T = computed tokens (padding included), s = the mean computed
+length of a row (T / rows trained), L layers, d hidden size:
+
+- frozen weights (N = every ``nn.Linear`` weight incl. the LM head): forward 2·N·T + backward to the inputs
+  only 2·N·T (no weight gradient) = 4·N·T;
+- LoRA weights (N_lora): forward 2 + backward 4 (inputs and weights) = 6·N_lora·T;
+- attention scores and values, causal (half the s x s products): forward 2·L·d·s·T, backward twice that
+  = 6·L·d·s·T.
+
+``model_gflops_per_s`` counts every computed token, ``useful_gflops_per_s`` only the real ones (the same
+formula with T = real tokens). The LM head over prompt and padding positions is counted although lorakit's
+fused loss skips it, so lorakit's FLOP/s is, if anything, an over-count of the work it really does.
 Results: ``bench/results/train_throughput-<UTC>.json`` (and ``-latest.json``).
 """
 
@@ -82,6 +96,36 @@ def rendered(rows: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, str]
         first = next(i for i, (_, trained) in enumerate(segments) if trained)
         pairs.append(("".join(t for t, _ in segments[:first]), "".join(t for t, _ in segments[first:])))
     return pairs
+
+
+def train_flops(
+    params: int, lora_params: int, layers: int, hidden: int, tokens: int, mean_length: float
+) -> float:
+    """Training FLOPs of ``tokens`` tokens (the formula in the module docstring)."""
+    return 4 * params * tokens + 6 * lora_params * tokens + 6 * layers * hidden * mean_length * tokens
+
+
+def shape_of(path: str) -> tuple[int, int]:
+    """(layers, hidden size) of the model at ``path``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    return config.num_hidden_layers, config.hidden_size
+
+
+def lora_param_count(path: str) -> int:
+    """Parameters of the bench's LoRA (r=16, all linear layers but the head) on the model at ``path``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    head = model.get_output_embeddings()
+    return sum(
+        16 * (m.in_features + m.out_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
 
 
 def matmul_params(model: Any) -> int:
@@ -293,7 +337,11 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
         counts = trainer.token_totals()
         tokens, computed, loss_tokens = counts["tokens"], counts["computed_tokens"], counts["loss_tokens"]
         train_loss, steps = float(output.training_loss), int(output.global_step)
-    flops = 4 * params * computed
+    layers, hidden = shape_of(path)
+    lora = lora_param_count(path)
+    mean_length = computed / max(1, steps * batch_size)
+    flops = train_flops(params, lora, layers, hidden, computed, mean_length)
+    useful = train_flops(params, lora, layers, hidden, tokens, mean_length)
     return {
         "model": model_name,
         "config": config,
@@ -310,7 +358,8 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
         "loss_tokens_per_s": round(loss_tokens / runtime, 1),
         "non_pad_fraction": round(tokens / computed, 4),
         "model_gflops_per_s": round(flops / runtime / 1e9, 2),
-        "useful_gflops_per_s": round(4 * params * tokens / runtime / 1e9, 2),
+        "useful_gflops_per_s": round(useful / runtime / 1e9, 2),
+        "flop_formula": "4*N*T + 6*N_lora*T + 6*L*d*s*T",
         "matmul_params": params,
         "train_loss": round(train_loss, 5),
         "peak_rss_mb": peak_rss_mb(),
@@ -385,7 +434,7 @@ def agreement_worker(model_name: str, scratch: Path) -> dict[str, Any]:
 # --- driver ----------------------------------------------------------------------------------------------
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]], peak: dict[str, float] | None = None) -> dict[str, Any]:
     by_config: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_config.setdefault(run["config"], []).append(run)
@@ -402,6 +451,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 statistics.median(r["useful_gflops_per_s"] for r in items), 2
             ),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in items),
+            "pct_of_matmul_peak": round(
+                100
+                * statistics.median(r["model_gflops_per_s"] for r in items)
+                / (peak or {}).get("bf16" if config == "c_bf16" else "fp32", float("inf")),
+                1,
+            ),
             "train_loss": items[0]["train_loss"],
         }
     ratios = {}
@@ -499,7 +554,13 @@ def main() -> None:
         print(
             f"{model_name:8s} losses on the same {agreement['rows']} rows: {agreement['losses']}", flush=True
         )
-        summary = summarize(runs)
+        summary = summarize(runs, payload["matmul_peak_gflops"])
+        for config, numbers in summary["configs"].items():
+            print(
+                f"{model_name:8s} {config:11s} training {numbers['model_gflops_per_s_median']} GFLOP/s = "
+                f"{numbers['pct_of_matmul_peak']}% of the matmul peak",
+                flush=True,
+            )
         for name, ratio in summary["ratios"].items():
             print(f"{model_name:8s} {name}: {ratio['median']}x (per repeat {ratio['all']})", flush=True)
         payload["models"][model_name] = {

@@ -523,14 +523,17 @@ class Pipeline:
         save_steps: int | None = _UNSET,
         group_by_length: bool = _UNSET,
         optim: str = _UNSET,
+        compile: bool | str = _UNSET,
+        fused_loss: bool = _UNSET,
     ) -> Pipeline:
         """Set optimisation hyper-parameters; arguments not passed keep their current value.
 
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
         precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
-        epoch), save_steps=None (final adapter only), optim="adamw_torch", group_by_length=True (batches of
-        similar lengths, little padding). See :class:`lorakit.config.TrainSpec`.
+        epoch), save_steps=None (final adapter only), optim="adamw_torch_fused", group_by_length=True (batches of
+        similar lengths, little padding), compile=False (``True`` / ``"auto"``: ``torch.compile`` the decoder
+        layers), fused_loss=True (the loss without full-vocabulary logits). See :class:`lorakit.config.TrainSpec`.
         """
         changes = _given(
             epochs=epochs,
@@ -549,6 +552,8 @@ class Pipeline:
             save_steps=save_steps,
             group_by_length=group_by_length,
             optim=optim,
+            compile=compile,
+            fused_loss=fused_loss,
         )
         if "seed" in changes:
             _check_seed(changes["seed"])

@@ -116,6 +116,8 @@ class Plan:
     """Bytes of weights, adapter, gradients, optimizer state and activations (``lorakit.memory``)."""
     grad_checkpointing: GradCheckpointing | None = None
     """The gradient checkpointing decision and its reason (:func:`decide_grad_checkpointing`)."""
+    speed: str | None = None
+    """The step's speed paths: optimizer, fused loss, compile (:func:`describe_speed`)."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -142,6 +144,8 @@ class Plan:
         ]
         if self.grad_checkpointing is not None:
             lines.append(f"  grad checkpoint  {self.grad_checkpointing.reason}")
+        if self.speed is not None:
+            lines.append(f"  step             {self.speed}")
         if self.memory is not None:
             lines.append(f"  memory           {self.memory.render()}")
         return "\n".join(lines)
@@ -312,4 +316,15 @@ def make_plan(pipeline: Pipeline) -> Plan:
         **_data_plan(pipeline),
         memory=memory,
         grad_checkpointing=grad_ckpt,
+        speed=describe_speed(pipeline.training, device),
+    )
+
+
+def describe_speed(train: Any, device: str) -> str:
+    """One line for ``explain()``: the optimizer, whether the fused loss and ``torch.compile`` are on, and why."""
+    compiled = train.compile is True or (train.compile == "auto" and device == "cuda")
+    why = {True: "compile=True", False: "compile=False", "auto": f"compile='auto' on {device}"}[train.compile]
+    loss = "fused linear cross-entropy" if train.fused_loss else "TRL's loss (fused_loss=False)"
+    return (
+        f"optim {train.optim}, {loss} (where the head allows), compile {'on' if compiled else 'off'} ({why})"
     )

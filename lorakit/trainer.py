@@ -43,6 +43,7 @@ from lorakit.batching import GroupedSampler, token_counts
 from lorakit.config import eval_key
 from lorakit.data.encode import IGNORE_INDEX
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.fused import fused_linear_cross_entropy, fused_loss_applies
 from lorakit.rng import forked_rng
 
 __all__ = [
@@ -434,6 +435,7 @@ class LorakitTrainer(SFTTrainer):
         self._lorakit_counts: tuple[int, ...] = (0, 0, 0)
         self._lorakit_lengths: list[int] | None = None
         self._lorakit_staging = False
+        self._lorakit_fused = False
         self._lorakit_eval_nll: list[float] = [0.0, 0.0]  # summed NLL and label tokens of one evaluation
         super().__init__(*args, **kwargs)
         self.callback_handler.__class__ = RngIsolatedCallbackHandler  # same state, forked events
@@ -480,7 +482,10 @@ class LorakitTrainer(SFTTrainer):
         loss from the logits and never reads a term a PEFT model adds to ``outputs.loss``."""
         if not model.training:
             return self._lorakit_eval_loss(model, inputs, return_outputs)
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._lorakit_fused and not return_outputs:
+            result = self._lorakit_fused_loss(model, inputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.lorakit_method is None:
             return result
         extra = self.lorakit_method.extra_loss(self.accelerator.unwrap_model(model))
@@ -493,6 +498,27 @@ class LorakitTrainer(SFTTrainer):
             loss, outputs = result
             return loss + extra, outputs
         return result + extra
+
+    def use_fused_loss(self, on: bool = True) -> bool:
+        """Train with :func:`lorakit.fused.fused_linear_cross_entropy` where it applies (a plain linear LM head,
+        one process: the backbone is called past the DDP wrapper); returns whether it does. The training log then
+        has no ``entropy`` / ``mean_token_accuracy`` (TRL computes them from the full logits)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._lorakit_fused = on and self.accelerator.num_processes == 1 and fused_loss_applies(unwrapped)
+        return self._lorakit_fused
+
+    def _lorakit_fused_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
+        """The training loss as TRL's (summed NLL over ``num_items_in_batch``, else this batch's loss tokens),
+        from the backbone's hidden states and the LM head's weight, without the logits."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache")}
+        with self.accelerator.autocast():
+            hidden = base.base_model(**kwargs, use_cache=False).last_hidden_state
+            total, count = fused_linear_cross_entropy(
+                hidden, base.get_output_embeddings().weight, inputs["labels"]
+            )
+        return total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
 
     def _lorakit_eval_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
         """An evaluation batch's loss (this batch's mean over its label tokens), also added to the running sums

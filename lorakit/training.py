@@ -42,6 +42,7 @@ from lorakit.distributed import (
 )
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
+from lorakit.fused import compile_blocks
 from lorakit.memory import estimate_memory, format_bytes
 from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric, missing_packages
@@ -364,6 +365,13 @@ def _training_args(run: _Run) -> Any:
     return trainer_arguments(args, run.pipeline, has_val=run.has_val)
 
 
+def _speed_paths(trainer: LorakitTrainer, train_spec: Any, device: str) -> None:
+    """The fused loss (where it applies) and ``torch.compile`` of the decoder layers (see lorakit.fused)."""
+    trainer.use_fused_loss(train_spec.fused_loss)
+    if train_spec.compile is True or (train_spec.compile == "auto" and device == "cuda"):
+        compile_blocks(trainer.model)
+
+
 def _prepare_run_dir(run: _Run) -> None:
     """A fresh run removes the previous run's outputs; a resumed one what the crash left half-written."""
     if not is_main_process():  # only after every process has checked the (still untouched) directory
@@ -412,6 +420,7 @@ def _build_trainer(
         keep=extras.keep,
     )
     remove_default_printers(trainer)  # lorakit's console (in `callbacks`) shows progress; no raw log dicts
+    _speed_paths(trainer, pipeline.training, run.device)
     if pipeline.training.group_by_length and not data_spec.packing:
         # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
         trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])

@@ -8,6 +8,7 @@ import pytest
 
 from lorakit.collate import PadCollator, PaddingFreeCollator
 from lorakit.data import IGNORE_INDEX, pack, prepare_data
+from lorakit.data.prepare import first_fit_bins
 
 ROWS = [
     {"instruction": "Say " + "one " * (i % 5 + 1), "output": "hello " * (i % 3 + 1) + str(i)}
@@ -27,6 +28,43 @@ def test_pack_is_first_fit_decreasing_and_masks_each_first_label():
         "labels": [-100, -100, 8, 9],
         "seq_lengths": [4],
     }
+
+
+def _scan_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The textbook first-fit decreasing (a scan over the open bins, O(n^2)): the oracle for the max-tree."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[index] <= free:
+                bins[b].append(index)
+                room[b] -= lengths[index]
+                break
+        else:
+            bins.append([index])
+            room.append(capacity - lengths[index])
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_fit_bins_equals_the_scan_and_keeps_the_invariants(seed):
+    import random
+
+    rng = random.Random(seed)
+    capacity = rng.choice([1, 7, 64, 512])
+    lengths = [rng.randint(0, capacity) for _ in range(rng.randint(0, 400))]
+    bins = first_fit_bins(lengths, capacity)
+    assert bins == _scan_first_fit(lengths, capacity)
+    assert sorted(i for members in bins for i in members) == list(range(len(lengths)))  # each row once
+    assert all(sum(lengths[i] for i in members) <= capacity for members in bins)
+    examples = [(list(range(n)), [7] * n) for n in lengths]
+    rows = pack(examples, capacity)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(lengths)  # same total tokens, nothing split
+    assert [r["seq_lengths"] for r in rows] == [[lengths[i] for i in sorted(m)] for m in bins]
+
+
+def test_first_fit_bins_gives_an_overlong_example_its_own_row():
+    assert first_fit_bins([3, 9, 2, 3], capacity=5) == [[1], [0, 2], [3]]
 
 
 def test_collators_only_pad_or_concatenate():

@@ -375,21 +375,11 @@ def pack(examples: Sequence[tuple[list[int], list[int]]], max_length: int) -> li
     Each row holds ``input_ids``, ``labels`` and ``seq_lengths`` (the length of each example in it). The first
     label of every example is set to :data:`~lorakit.data.IGNORE_INDEX`: nothing predicts an example's first
     token (unpacked, it is shifted out), and packed it would otherwise be predicted from the previous example.
-    Order is deterministic.
+    Order is deterministic: examples go longest first (ties in data order) into the first row with room; the
+    examples of a row keep data order. O(n log n): the first row with room is found in a max-tree of the rows'
+    free space (:func:`first_fit_bins`).
     """
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for index in order:
-        length = len(examples[index][0])
-        for b, free in enumerate(room):
-            if length <= free:
-                bins[b].append(index)
-                room[b] -= length
-                break
-        else:
-            bins.append([index])
-            room.append(max_length - length)
+    bins = first_fit_bins([len(ids) for ids, _ in examples], max_length)
     rows = []
     for members in bins:
         ids: list[int] = []
@@ -406,6 +396,41 @@ def pack(examples: Sequence[tuple[list[int], list[int]]], max_length: int) -> li
             }
         )
     return rows
+
+
+def first_fit_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of ``lengths`` in bins of at most ``capacity`` (bins in opening order).
+
+    The bins' free space sits in the leaves of a binary max-tree (one leaf per bin that may ever open, at most
+    ``len(lengths)``); the first bin with room is found by walking down from the root, left child first, so each
+    example costs O(log n) instead of a scan over all open bins.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    tree = [capacity] * (
+        2 * size
+    )  # leaves size..2*size-1: free space of bin (leaf - size); unopened = full room
+    bins: list[list[int]] = []
+    for index in order:
+        length = lengths[index]
+        if length > capacity:  # fits nowhere: a row of its own, as a scan over the open bins would do
+            node = size + len(bins)
+        else:
+            node = 1
+            while node < size:
+                node = 2 * node if tree[2 * node] >= length else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(index)
+        tree[node] -= length
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return bins
 
 
 def cache_dir(cache: bool | str | Path | None = True) -> Path | None:
