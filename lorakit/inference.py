@@ -30,8 +30,10 @@ from lorakit.data import detect_format, encode_prompt, to_messages
 from lorakit.errors import ConfigError, DataError
 from lorakit.generation import (
     Decoding,
+    Row,
     Sampling,
     Session,
+    generate_rows,
     generate_texts,
     run_generate,
     stop_token_ids,
@@ -406,6 +408,38 @@ class InferenceModel:
                 yield self.model
 
         return session
+
+    def generate_rows(self, rows: Sequence[Row]) -> None:
+        """Generate several requests as one batch, each with its own adapter (``Row.adapter``), decoding and
+        text callback (see :func:`lorakit.generation.generate_rows`); the server batches through here.
+
+        Rows for one adapter run with that adapter active, exactly as :meth:`generate` does. Rows for several
+        LoRA adapters run as one mixed batch (PEFT's ``adapter_names``; ``None`` rows use the bare base);
+        adapters that cannot share a batch (prompt-based ones) run one group after the other.
+        """
+        names = [self._resolve_adapter(row.adapter) for row in rows]
+        groups = dict.fromkeys(names)
+        if len(groups) == 1:
+            generate_rows(self._session(names[0]), self.tokenizer, rows)
+            return
+        if all(self._mixable(name) for name in groups):
+            adapter_names = [name if name is not None else "__base__" for name in names]
+            session = self._session(next(n for n in names if n is not None))
+            generate_rows(session, self.tokenizer, rows, adapter_names=adapter_names)
+            return
+        for group in groups:
+            generate_rows(
+                self._session(group),
+                self.tokenizer,
+                [r for r, n in zip(rows, names, strict=True) if n == group],
+            )
+
+    def _mixable(self, adapter: str | None) -> bool:
+        """Whether ``adapter`` can share a batch with other adapters (PEFT mixes LoRA adapters only)."""
+        if adapter is None:
+            return True
+        config = getattr(self.model, "peft_config", {}).get(adapter)
+        return str(getattr(getattr(config, "peft_type", None), "value", "")) == "LORA"
 
     def _run_generate(
         self, encoded: list[list[int]], kwargs: dict[str, Any], adapter: str | None, seed: int | None
