@@ -28,6 +28,7 @@ import attrs
 from lorakit.config import ModelSpec, QuantSpec
 from lorakit.data import detect_format, encode_prompt, to_messages
 from lorakit.errors import ConfigError, DataError
+from lorakit.export import export_gguf
 from lorakit.generation import (
     Decoding,
     Row,
@@ -729,6 +730,15 @@ class InferenceModel:
             self.tokenizer.chat_template = previous
         RunDir(path).write_template(self.template)
         return path
+
+    def export_gguf(self, path: str | Path, dtype: str = "f16", *, adapter: str | None = None) -> Path:
+        """Write the merged model as a GGUF file (``f32``, ``f16`` or ``q8_0`` weights) with the tokenizer and
+        this run's template as its chat template, and an Ollama ``Modelfile`` beside it; see
+        :mod:`lorakit.export`. An adapter is merged first (this model is left as it is); ``adapter`` picks one
+        when several are loaded. Returns the GGUF path.
+        """
+        merged = self.merge(adapter=adapter)
+        return export_gguf(merged.model, merged.tokenizer, merged.template, path, dtype)
 
     def _export_chat_template(self, chat_template: bool | str) -> str | None:
         """The Jinja chat template :meth:`save` writes (None: keep the tokenizer's)."""
