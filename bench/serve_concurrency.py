@@ -112,7 +112,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads (default: torch's); 1 on a shared machine, where a parallel region "
+        "waits for descheduled threads at every tiny op",
+    )  # fmt: skip
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import lorakit as lk
     from lorakit.serve import create_app
@@ -153,6 +162,7 @@ def main() -> None:
         "machine": machine(),
         "model": args.model,
         "new_tokens": args.tokens,
+        "torch_threads": torch.get_num_threads(),
         "clients": CLIENTS,
         "sequential": seq,
         "concurrent": con,
@@ -167,7 +177,7 @@ def main() -> None:
         },
     }
     print(json.dumps(result, indent=2))
-    print("written to", write_result(f"serve_concurrency-{args.model}", result))
+    print("written to", write_result(f"serve_concurrency-{args.model}-t{torch.get_num_threads()}", result))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from lorakit.generation import (
     stream_text,
 )
 from lorakit.merging import MergeReport, compare, reference_outputs, verification_sequences
+from lorakit.modelcard import push_folder, write_model_card
 from lorakit.models import (
     device_kind,
     load_base_model,
@@ -729,7 +730,40 @@ class InferenceModel:
         finally:
             self.tokenizer.chat_template = previous
         RunDir(path).write_template(self.template)
+        write_model_card(
+            path,
+            base_model=self.base_spec.name_or_path if self.base_spec is not None else None,
+            template=self.template,
+            adapter=False,
+            tokenizer=self.tokenizer,
+        )
         return path
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = True,
+        token: str | None = None,
+        adapter: str | None = None,
+        endpoint: str | None = None,
+        commit_message: str = "Upload with lorakit",
+    ) -> str:
+        """Upload to the Hugging Face Hub as ``repo_id`` (a private repo unless ``private=False``); the commit URL.
+
+        With an adapter: its directory (weights, tokenizer, run record, template and model card; never the
+        checkpoints, the copy of the training data or the logs), so ``InferenceModel.load(repo_id)`` and PEFT
+        load it. Without (merged / full model): :meth:`save` into a temporary directory, then that. ``token``
+        and ``endpoint`` (default ``$HF_ENDPOINT``) go to ``huggingface_hub.HfApi``.
+        """
+        import tempfile
+
+        name = None if self.is_merged else (self._resolve_adapter(adapter) or next(iter(self._adapters)))
+        options = {"private": private, "token": token, "endpoint": endpoint, "commit_message": commit_message}
+        if name is not None:
+            return push_folder(self._adapters[name].path, repo_id, **options)
+        with tempfile.TemporaryDirectory(prefix="lorakit-push-") as folder:
+            return push_folder(self.save(folder), repo_id, **options)
 
     def export_gguf(self, path: str | Path, dtype: str = "f16", *, adapter: str | None = None) -> Path:
         """Write the merged model as a GGUF file (``f32``, ``f16`` or ``q8_0`` weights) with the tokenizer and

@@ -37,6 +37,7 @@ from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
 from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric, missing_packages
+from lorakit.modelcard import write_run_card
 from lorakit.models import (
     device_kind,
     load_base_model,
@@ -472,6 +473,7 @@ def _save(
         data_report=prepared.report.to_dict(),
         trackers=tracker.describe(),
     )
+    write_run_card(output_dir, run.template, tokenizer)
 
 
 def _release(run: _Run, trainer: Any, model: Any) -> None:
