@@ -61,7 +61,8 @@ def runs(tiny_model_dir, tmp_path_factory):
 def server(runs):
     """`python -m lorakit.cli serve a=RUN --adapter b=RUN` on a free port; yields (base url, process)."""
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAKIT_PROGRESS": "0"}
+    # One intra-op thread: on a shared 2-core machine a batched step otherwise waits for descheduled threads.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAKIT_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "lorakit.cli", "serve", f"a={runs['a']}", "--adapter", f"b={runs['b']}",
         "--port", str(port), "--api-key", KEY, "--max-tokens-cap", str(CAP),
