@@ -168,6 +168,10 @@ def _serve_commands(commands: Any) -> None:
     )  # fmt: skip
     serve.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens (default: 1024)")
     serve.add_argument("--max-batch", type=int, default=16, help="most requests per batch (default: 16)")
+    serve.add_argument(
+        "--batch-window", type=float, default=0.02, metavar="SECONDS",
+        help="how long the batcher waits after each request for another to join its batch (default: 0.02)",
+    )  # fmt: skip
     _trust_arguments(serve, weights=True)
 
     export = commands.add_parser("export", help="export the merged model as a GGUF file (+ Ollama Modelfile)")
@@ -202,7 +206,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(
         _named_runs(args),
         api_key=args.api_key or os.environ.get("LORAKIT_API_KEY") or None,
-        limits=Limits(max_tokens_cap=args.max_tokens_cap, max_batch=args.max_batch),
+        limits=Limits(
+            max_tokens_cap=args.max_tokens_cap, max_batch=args.max_batch, batch_window=args.batch_window
+        ),
         trust_remote_code=args.trust_remote_code,
         trust_template_classes=args.trust_template_classes,
         allow_pickle=args.allow_pickle,

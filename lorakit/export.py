@@ -138,9 +138,14 @@ def _write_tokenizer(writer: Any, gguf: Any, tokenizer: Any, vocab_size: int, ch
     ):
         if token_id is not None:
             setter(token_id)
-    bos = tokenizer.bos_token_id
-    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    writer.add_add_bos_token(_adds_bos(tokenizer))
     writer.add_chat_template(chat_template)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of every encoded text (llama.cpp's ``add_bos_token``)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def export_gguf(
@@ -242,7 +247,7 @@ def modelfile(gguf_name: str, template: Any, tokenizer: Any) -> str:
     """An Ollama Modelfile for ``gguf_name`` whose TEMPLATE renders prompts as ``template`` does."""
     p = {key: _go(value) for key, value in ollama_pieces(template, tokenizer).items()}
     bos = tokenizer.bos_token or ""
-    if bos and p["first"].startswith(bos):  # llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token)
+    if bos and _adds_bos(tokenizer):  # llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token)
         p = {
             key: value.removeprefix(bos) if key in ("first", "system") else value for key, value in p.items()
         }

@@ -69,7 +69,7 @@ def server(runs):
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # a busy machine takes long to import torch and load
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
@@ -270,6 +270,8 @@ def test_shutdown_finishes_the_request_in_flight(server):
     assert started.wait(30)
     process.send_signal(signal.SIGTERM)
     reader.join(60)
-    assert process.wait(timeout=60) == 0
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    # uvicorn re-raises the signal it handled once the server is down: the exit status is SIGTERM's
+    assert process.wait(timeout=60) == -signal.SIGTERM
+    assert "Finished server process" in process.stdout.read()

@@ -43,8 +43,8 @@ class Limits:
     """Largest request body (above: 413)."""
     max_batch: int = 16
     """Most requests generated in one batch."""
-    batch_window: float = 0.01
-    """Seconds the batcher waits after a request for others to join its batch."""
+    batch_window: float = 0.02
+    """Seconds the batcher waits after each request for another to join the batch (at most 10 windows)."""
 
 
 def load_models(

@@ -1,7 +1,7 @@
 """The batcher: requests that arrive within a short window are generated together, one batch at a time.
 
 The asyncio side submits :class:`lorakit.generation.Row` objects; one worker thread collects the rows that
-arrive within ``window`` seconds of the first (at most ``max_batch``) and hands them to
+arrive within ``window`` seconds of the previous one (at most ``max_batch`` rows and ``10 * window`` seconds) and hands them to
 ``InferenceModel.generate_rows`` (one left-padded batch, mixed adapters included). Each row streams its own
 text through its callbacks and is done on its own; the batch ends with its longest row. A generation error
 is handed to every row of its batch (``fail``), and the worker goes on with the next batch.
@@ -29,7 +29,7 @@ class Batcher:
         model: Any,
         *,
         max_batch: int = 16,
-        window: float = 0.01,
+        window: float = 0.02,
         fail: Callable[[Row, BaseException], None] | None = None,
     ) -> None:
         self.model = model
@@ -66,7 +66,8 @@ class Batcher:
         if first is _STOP:
             return [], True
         rows = [first]
-        deadline = time.monotonic() + self.window
+        start = time.monotonic()
+        deadline = start + self.window
         while len(rows) < self.max_batch:
             try:
                 item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
@@ -75,6 +76,8 @@ class Batcher:
             if item is _STOP:
                 return rows, True
             rows.append(item)
+            # A burst keeps the batch open: each arrival waits one more window, at most 10 windows in all.
+            deadline = min(time.monotonic() + self.window, start + 10 * self.window)
         return rows, False
 
     def _run(self) -> None:
