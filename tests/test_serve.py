@@ -271,7 +271,7 @@ def test_shutdown_finishes_the_request_in_flight(server):
     process.send_signal(signal.SIGTERM)
     reader.join(60)
     assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
     # uvicorn re-raises the signal it handled once the server is down: the exit status is SIGTERM's
     assert process.wait(timeout=60) == -signal.SIGTERM
     assert "Finished server process" in process.stdout.read()
