@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 
 __all__ = ["main"]
 
@@ -169,6 +169,8 @@ def _run_commands(commands: Any) -> None:
     _sampling_arguments(chat)
     _trust_arguments(chat, weights=True)
 
+    _serve_commands(commands)
+
     merge = commands.add_parser("merge", help="merge the adapter into the base and save a plain model")
     merge.add_argument("run", help="a run directory or PEFT adapter directory")
     merge.add_argument("output", help="directory for the merged model")
@@ -176,6 +178,79 @@ def _run_commands(commands: Any) -> None:
     merge.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 2GB or 500MB")
     merge.add_argument("--base", default=None, help="merge into this base model instead of the run's")
     _trust_arguments(merge, weights=True)
+
+
+def _serve_commands(commands: Any) -> None:
+    """The commands that ship a run to other services: serve, export."""
+    serve = commands.add_parser(
+        "serve", help="serve runs behind an OpenAI-compatible HTTP API (one base, an adapter per model id)"
+    )
+    serve.add_argument("run", help="a run directory (model id: its directory name) or NAME=RUN")
+    serve.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=RUN",
+        help="another run's adapter on the same base, served as model NAME (repeatable)",
+    )  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument(
+        "--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY, else no key)",
+    )  # fmt: skip
+    serve.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens (default: 1024)")
+    serve.add_argument("--max-batch", type=int, default=16, help="most requests per batch (default: 16)")
+    serve.add_argument(
+        "--batch-window", type=float, default=0.02, metavar="SECONDS",
+        help="how long the batcher waits after each request for another to join its batch (default: 0.02)",
+    )  # fmt: skip
+    _trust_arguments(serve, weights=True)
+
+    export = commands.add_parser("export", help="export the merged model as a GGUF file (+ Ollama Modelfile)")
+    export.add_argument("run", help="a run directory, PEFT adapter directory or saved model")
+    export.add_argument("output", help="the .gguf file to write")
+    export.add_argument(
+        "--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="weights (default: f16)"
+    )
+    _trust_arguments(export, weights=True)
+
+
+def _named_runs(args: argparse.Namespace) -> dict[str, str]:
+    """``RUN`` / ``NAME=RUN`` and every ``--adapter NAME=RUN`` -> {model id: run directory}."""
+    first = args.run.partition("=") if "=" in args.run else ("", "", args.run)
+    runs = {first[0] or Path(first[2]).name: first[2]}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {item!r} must look like NAME=RUN, e.g. --adapter legal=runs/legal.")
+        if name in runs:
+            raise ConfigError(f"--adapter {item!r}: the model id {name!r} is taken; pick another NAME.")
+        runs[name] = path
+    return runs
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from lorakit.serve import Limits, create_app, run_server
+
+    _quiet_libraries()
+    app = create_app(
+        _named_runs(args),
+        api_key=args.api_key or os.environ.get("LORAKIT_API_KEY") or None,
+        limits=Limits(
+            max_tokens_cap=args.max_tokens_cap, max_batch=args.max_batch, batch_window=args.batch_window
+        ),
+        trust_remote_code=args.trust_remote_code,
+        trust_template_classes=args.trust_template_classes,
+        allow_pickle=args.allow_pickle,
+    )
+    run_server(app, host=args.host, port=args.port)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    args.base = None
+    model = _load(args)
+    out = model.export_gguf(args.output, dtype=args.dtype)
+    print(f"lorakit: GGUF written to {out} (Ollama Modelfile beside it)")
 
 
 def _pipeline(args: argparse.Namespace) -> Any:
@@ -404,6 +479,8 @@ COMMANDS = {
     "generate": _cmd_generate,
     "chat": _cmd_chat,
     "merge": _cmd_merge,
+    "serve": _cmd_serve,
+    "export": _cmd_export,
     "quickstart": _cmd_quickstart,
     "runs": _cmd_runs,
     "report": _cmd_report,

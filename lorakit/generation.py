@@ -39,11 +39,13 @@ from lorakit.rng import forked_rng, generator
 
 __all__ = [
     "Decoding",
+    "Row",
     "Sampling",
     "Session",
     "StopCutter",
     "cut_at_stops",
     "fixed",
+    "generate_rows",
     "generate_texts",
     "prompt_learning_generation",
     "run_generate",
@@ -454,3 +456,177 @@ def stream_text(session: Session, tokenizer: Any, prompt: Sequence[int], decodin
             raise error
 
     return chunks()
+
+
+# --- several requests in one batch (the server) ---------------------------------------------------------
+
+
+class Row:
+    """One prompt of a :func:`generate_rows` batch with its own decoding, adapter and text callback.
+
+    Each row stops on its own: at one of its stop tokens, at its stop strings, after its ``max_new_tokens``,
+    or when :meth:`cancel` is called (a client that went away). Sampled rows (``temperature > 0``) draw from
+    their own ``torch.Generator`` seeded with ``decoding.seed``, so a seeded reply does not depend on the other
+    rows of the batch. ``on_text`` receives the reply's text chunks as they are certain (the chunks join to
+    :attr:`text`, which equals what :func:`generate_texts` returns for the prompt under greedy decoding);
+    ``on_done`` is called once when the row is done (before the rest of the batch is). ``logit_bias`` adds
+    to the scores of those token ids before the row picks its token (OpenAI's ``logit_bias``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt: Sequence[int],
+        decoding: Decoding,
+        *,
+        adapter: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_done: Callable[[Row], None] | None = None,
+        logit_bias: Mapping[int, float] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.on_done = on_done
+        self.logit_bias = dict(logit_bias or {})
+        self.prompt = list(prompt)
+        self.decoding = decoding
+        self.adapter = adapter
+        self.on_text = on_text
+        self.max_new_tokens = int(decoding.kwargs.get("max_new_tokens", 256))
+        self.tokens: list[int] = []
+        """Generated token ids, the one that ended the reply included."""
+        self.finish_reason: str | None = None
+        """None while generating, then ``"stop"`` (a stop token or string), ``"length"`` or ``"cancelled"``."""
+        self.chunks: list[str] = []
+        self._cutter = StopCutter(decoding.stops)
+        self._decoded = ""
+        self._cancel = threading.Event()
+        self._generator: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    def cancel(self) -> None:
+        """Stop this row at the next token (thread-safe); the others go on."""
+        self._cancel.set()
+
+    def sampler(self) -> Any:
+        """This row's ``torch.Generator`` (None under greedy decoding), made on first use."""
+        if self.decoding.kwargs.get("do_sample") and self._generator is None:
+            seed = self.decoding.seed if self.decoding.seed is not None else generator(None).initial_seed()
+            self._generator = generator(seed)
+        return self._generator
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.chunks.append(piece)
+            if self.on_text is not None:
+                self.on_text(piece)
+
+    def step(self, token: int) -> None:
+        """Take the next generated token: emit the text it makes certain, decide whether the row is done."""
+        if self.done:
+            return
+        if self._cancel.is_set():
+            self.finish_reason = "cancelled"
+            self._finish()
+            return
+        self.tokens.append(token)
+        ended = token in self.decoding.eos_ids
+        if not ended:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next token
+                self._emit(self._cutter.feed(text[len(self._decoded) :]))
+                self._decoded = text
+        if ended or self._cutter.done:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        if self.done:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Emit the text still held back, then tell ``on_done`` (a cancelled row emits nothing more)."""
+        if self.finish_reason != "cancelled":
+            text = self.tokenizer.decode(
+                [t for t in self.tokens if t not in self.decoding.eos_ids], skip_special_tokens=True
+            )
+            if not self._cutter.done:
+                self._emit(self._cutter.feed(text[len(self._decoded) :]))
+            self._emit(self._cutter.finish())
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+def _sample_rows(rows: Sequence[Row], scores: Any) -> Any:
+    """Scores with each row's logit bias, under which argmax picks each sampled row's own draw."""
+    import torch
+
+    for index, row in enumerate(rows):
+        for token, bias in row.logit_bias.items():
+            scores[index, token] += bias
+        sampler = row.sampler()
+        if sampler is None or row.done:
+            continue
+        kwargs = row.decoding.kwargs
+        logits = scores[index] / float(kwargs.get("temperature") or 1.0)
+        top_k = kwargs.get("top_k")
+        if top_k:
+            floor = torch.topk(logits, min(int(top_k), logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < floor, -math.inf)
+        top_p = kwargs.get("top_p")
+        if top_p is not None and top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True)
+            mass = torch.softmax(ordered, -1).cumsum(-1)
+            drop = mass - torch.softmax(ordered, -1) >= top_p  # keep the token that crosses top_p
+            logits = logits.scatter(0, order[drop], -math.inf)
+        token = torch.multinomial(torch.softmax(logits, -1), 1, generator=sampler)
+        scores[index] = torch.full_like(scores[index], -math.inf).scatter(0, token, 0.0)
+    return scores
+
+
+def generate_rows(session: Session, tokenizer: Any, rows: Sequence[Row], **extra: Any) -> None:
+    """Generate ``rows`` as one left-padded batch through :func:`run_generate`; each row streams and stops
+    on its own (see :class:`Row`). ``extra`` goes to ``model.generate`` (e.g. PEFT's ``adapter_names``).
+
+    The batch runs until its longest row is done; a row that is done (or cancelled) only rides along. The
+    reply of a greedy row equals the one :func:`generate_texts` generates alone for the same prompt.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    class _Sampler(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            return _sample_rows(rows, scores)
+
+    class _Stops(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+            import torch
+
+            for row, token in zip(rows, input_ids[:, -1].tolist(), strict=True):
+                row.step(token)
+            return torch.tensor([row.done for row in rows], dtype=torch.bool, device=input_ids.device)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = {
+        **Sampling(max(row.max_new_tokens for row in rows)).generate_kwargs(),
+        "eos_token_id": [tokenizer.eos_token_id],  # every row's own stop tokens end it in _Stops
+        "pad_token_id": pad,
+    }
+    decoding = Decoding(kwargs, (), (tokenizer.eos_token_id,), pad, seed=0)
+    with session() as model:
+        run_generate(
+            model,
+            [row.prompt for row in rows],
+            decoding,
+            logits_processor=LogitsProcessorList([_Sampler()]),
+            stopping_criteria=StoppingCriteriaList([_Stops()]),
+            **extra,
+        )
+    for row in rows:  # generation ended by the shared budget or the shared EOS before a row saw its end
+        if not row.done:
+            row.finish_reason = "length" if len(row.tokens) >= row.max_new_tokens else "stop"
+            row._finish()

@@ -28,16 +28,20 @@ import attrs
 from lorakit.config import ModelSpec, QuantSpec
 from lorakit.data import detect_format, encode_prompt, to_messages
 from lorakit.errors import ConfigError, DataError
+from lorakit.export import export_gguf
 from lorakit.generation import (
     Decoding,
+    Row,
     Sampling,
     Session,
+    generate_rows,
     generate_texts,
     run_generate,
     stop_token_ids,
     stream_text,
 )
 from lorakit.merging import MergeReport, compare, reference_outputs, verification_sequences
+from lorakit.modelcard import push_folder, write_model_card
 from lorakit.models import (
     device_kind,
     load_base_model,
@@ -424,6 +428,38 @@ class InferenceModel:
 
         return session
 
+    def generate_rows(self, rows: Sequence[Row]) -> None:
+        """Generate several requests as one batch, each with its own adapter (``Row.adapter``), decoding and
+        text callback (see :func:`lorakit.generation.generate_rows`); the server batches through here.
+
+        Rows for one adapter run with that adapter active, exactly as :meth:`generate` does. Rows for several
+        LoRA adapters run as one mixed batch (PEFT's ``adapter_names``; ``None`` rows use the bare base);
+        adapters that cannot share a batch (prompt-based ones) run one group after the other.
+        """
+        names = [self._resolve_adapter(row.adapter) for row in rows]
+        groups = dict.fromkeys(names)
+        if len(groups) == 1:
+            generate_rows(self._session(names[0]), self.tokenizer, rows)
+            return
+        if all(self._mixable(name) for name in groups):
+            adapter_names = [name if name is not None else "__base__" for name in names]
+            session = self._session(next(n for n in names if n is not None))
+            generate_rows(session, self.tokenizer, rows, adapter_names=adapter_names)
+            return
+        for group in groups:
+            generate_rows(
+                self._session(group),
+                self.tokenizer,
+                [r for r, n in zip(rows, names, strict=True) if n == group],
+            )
+
+    def _mixable(self, adapter: str | None) -> bool:
+        """Whether ``adapter`` can share a batch with other adapters (PEFT mixes LoRA adapters only)."""
+        if adapter is None:
+            return True
+        config = getattr(self.model, "peft_config", {}).get(adapter)
+        return str(getattr(getattr(config, "peft_type", None), "value", "")) == "LORA"
+
     def _run_generate(
         self, encoded: list[list[int]], kwargs: dict[str, Any], adapter: str | None, seed: int | None
     ) -> Any:
@@ -711,7 +747,49 @@ class InferenceModel:
         finally:
             self.tokenizer.chat_template = previous
         RunDir(path).write_template(self.template)
+        write_model_card(
+            path,
+            base_model=self.base_spec.name_or_path if self.base_spec is not None else None,
+            template=self.template,
+            adapter=False,
+            tokenizer=self.tokenizer,
+        )
         return path
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = True,
+        token: str | None = None,
+        adapter: str | None = None,
+        endpoint: str | None = None,
+        commit_message: str = "Upload with lorakit",
+    ) -> str:
+        """Upload to the Hugging Face Hub as ``repo_id`` (a private repo unless ``private=False``); the commit URL.
+
+        With an adapter: its directory (weights, tokenizer, run record, template and model card; never the
+        checkpoints, the copy of the training data or the logs), so ``InferenceModel.load(repo_id)`` and PEFT
+        load it. Without (merged / full model): :meth:`save` into a temporary directory, then that. ``token``
+        and ``endpoint`` (default ``$HF_ENDPOINT``) go to ``huggingface_hub.HfApi``.
+        """
+        import tempfile
+
+        name = None if self.is_merged else (self._resolve_adapter(adapter) or next(iter(self._adapters)))
+        options = {"private": private, "token": token, "endpoint": endpoint, "commit_message": commit_message}
+        if name is not None:
+            return push_folder(self._adapters[name].path, repo_id, **options)
+        with tempfile.TemporaryDirectory(prefix="lorakit-push-") as folder:
+            return push_folder(self.save(folder), repo_id, **options)
+
+    def export_gguf(self, path: str | Path, dtype: str = "f16", *, adapter: str | None = None) -> Path:
+        """Write the merged model as a GGUF file (``f32``, ``f16`` or ``q8_0`` weights) with the tokenizer and
+        this run's template as its chat template, and an Ollama ``Modelfile`` beside it; see
+        :mod:`lorakit.export`. An adapter is merged first (this model is left as it is); ``adapter`` picks one
+        when several are loaded. Returns the GGUF path.
+        """
+        merged = self.merge(adapter=adapter)
+        return export_gguf(merged.model, merged.tokenizer, merged.template, path, dtype)
 
     def _export_chat_template(self, chat_template: bool | str) -> str | None:
         """The Jinja chat template :meth:`save` writes (None: keep the tokenizer's)."""

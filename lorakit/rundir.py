@@ -65,6 +65,7 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "CHECKPOINT_PREFIX",
     "CURVES_FILE",
+    "MODEL_CARD_FILE",
     "METRICS_FILE",
     "METHOD_STATE_FILE",
     "METRICS_LOG",
@@ -117,6 +118,8 @@ SAMPLES_LOG = "samples.jsonl"
 REPORT_FILE = "report.md"
 REPORT_HTML = "report.html"
 CURVES_FILE = "curves.png"
+MODEL_CARD_FILE = "README.md"
+"""The Hugging Face model card of an adapter or merged directory (:mod:`lorakit.modelcard`)."""
 QUICKSTART_FILE = "quickstart.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

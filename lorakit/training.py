@@ -46,6 +46,7 @@ from lorakit.fused import compile_blocks
 from lorakit.memory import estimate_memory, format_bytes
 from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric, missing_packages
+from lorakit.modelcard import write_run_card
 from lorakit.models import (
     device_kind,
     load_base_model,
@@ -537,7 +538,8 @@ def _save(
         data_report=prepared.report.to_dict(),
         trackers=tracker.describe(),
     )
-    tracker.log_artifacts(output_dir)  # MLflow: the report and the adapter
+    write_run_card(output_dir, run.template, tokenizer)
+    tracker.log_artifacts(output_dir)  # MLflow: the report, the adapter and its card
 
 
 def _release(run: _Run, trainer: Any, model: Any) -> None:

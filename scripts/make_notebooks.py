@@ -391,14 +391,29 @@ print("plain transformers:", repr(plain_answer))
 print("lorakit           :", repr(lorakit_answer))
 assert plain_answer.strip() == lorakit_answer.strip()"""),
         md("""
-## Serving
+## 5 · Serve and ship
 
-- Adapter on the base (no merge): `lk.InferenceModel.load(OUT)`; more adapters on the same base weights with
-  `model.load_adapter(other_run, name="...")` and `generate(..., adapter="...")`. `examples/adapter_service/`
-  is a FastAPI service doing this, with a test that starts it and calls it.
-- Merged: the exported directory above is a plain transformers model, for vLLM, TGI or `pipeline("text-generation")`.
-- From a shell: `lorakit generate OUT "your prompt"`, `lorakit merge OUT OUT-merged` (verifies by default), `lorakit eval OUT test.jsonl`.
+- **An OpenAI-compatible server**: `lorakit serve OUT --adapter other=OTHER_RUN --api-key ...` (extra `serve`).
+  Every adapter is a model id, concurrent requests are batched (also across adapters), replies stream as
+  server-sent events. Any OpenAI client works:
+  `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...).chat.completions.create(model="notebook-deploy", ...)`.
+  See docs/serving.md for running it under systemd or supervisor.
+- **llama.cpp / Ollama**: `export_gguf` writes the merged model as GGUF with the training chat template, and an
+  Ollama `Modelfile` beside it (`ollama create my-model -f Modelfile`); `lorakit export OUT out.gguf` from a shell.
+- **The Hub**: every run directory and saved model has a `README.md` model card; `tuned.push_to_hub("org/name")`
+  uploads the adapter (private by default).
+- From a shell: `lorakit generate OUT "your prompt"`, `lorakit merge OUT OUT-merged` (verifies by default),
+  `lorakit eval OUT test.jsonl`.
 """),
+        code("""
+from transformers import AutoModelForCausalLM
+
+gguf_path = merged.export_gguf(OUT + "-gguf/model.gguf", dtype="q8_0")
+print(f"{gguf_path} ({gguf_path.stat().st_size / 2**20:.0f} MiB)")
+print((gguf_path.parent / "Modelfile").read_text()[:400])
+print((export_dir / "README.md").read_text()[:300])  # the model card save() wrote
+back = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)  # transformers reads GGUF too
+print("loaded back:", type(back).__name__, back.num_parameters())"""),
     ],
 }
 

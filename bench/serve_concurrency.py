@@ -1,0 +1,211 @@
+"""`lorakit serve` under load: 16 concurrent clients against 16 sequential requests, and adapter memory.
+
+    PYTHONPATH=$PWD python bench/serve_concurrency.py [--model smollm2|tiny] [--tokens 32]
+    # writes bench/results/serve_concurrency-*.json
+
+- one base (SmolLM2-135M by default) with 3 random r=16 all-linear LoRA adapters, served by ``lorakit serve`` in
+  its own process on a free port, driven over HTTP with streaming (``stream=true``) so the time to first token (TTFT) is
+  the time to the first content chunk;
+- every request asks a different adapter in turn (mixed-adapter batches) for exactly ``--tokens`` new tokens
+  (the end-of-turn tokens are banned with ``logit_bias``, so each request does the same work);
+- sequential: 16 requests one after the other; concurrent: 16 client threads sending together (after a barrier); requests/s, TTFT mean / median / max for both, and the speed-up;
+- memory: parameter bytes of one base + 3 adapters against 3 merged models, and the server's RSS after loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, machine, model_dir, write_result  # noqa: E402
+
+CLIENTS = 16
+PROMPTS = [
+    "Summarize: the parcel arrived late and the box was damaged.",
+    "Route this ticket: I was charged twice for one order.",
+    "Write a haiku about tokens.",
+    "What is the capital of France?",
+]
+
+
+def _adapter(base_dir: str, out: Path, seed: int) -> tuple[Path, int]:
+    """A random r=16 all-linear LoRA adapter (non-zero B) in PEFT format, and its parameter bytes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    size = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                size += param.numel() * param.element_size()
+                if "lora_B" in name:
+                    param.normal_(0, 1e-3)
+    model.save_pretrained(out)
+    return out, size
+
+
+def _serve(runs: list[Path], threads: int | None, window: float) -> tuple[str, subprocess.Popen]:
+    """``lorakit serve`` in its own process (as in production: clients elsewhere), once it answers."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    adapters = [f"--adapter=adapter-{i}={path}" for i, path in enumerate(runs[1:], start=1)]
+    command = [sys.executable, "-m", "lorakit.cli", "serve", f"adapter-0={runs[0]}", *adapters]
+    command += ["--port", str(port), "--max-batch", str(CLIENTS), "--batch-window", str(window)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAKIT_PROGRESS": "0"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url, process
+        except httpx.TransportError:
+            if process.poll() is not None:
+                raise RuntimeError("the server exited before answering") from None
+            time.sleep(0.2)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def _request(url: str, model: str, prompt: str, tokens: int, bias: dict[str, int]) -> tuple[float, float]:
+    """(time to first content chunk, total time) of one streamed chat request."""
+    import httpx
+
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "stream": True,
+        "logit_bias": bias,
+    }
+    started = time.perf_counter()
+    first = None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if first is None and line.startswith("data:") and '"content": "' in line and '""' not in line:
+                first = time.perf_counter() - started
+    return first if first is not None else float("nan"), time.perf_counter() - started
+
+
+def _summary(ttfts: list[float], wall: float) -> dict[str, float]:
+    return {
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(CLIENTS / wall, 3),
+        "ttft_mean_s": round(statistics.mean(ttfts), 3),
+        "ttft_median_s": round(statistics.median(ttfts), 3),
+        "ttft_max_s": round(max(ttfts), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="the server's torch intra-op threads (OMP_NUM_THREADS; default: torch's). 1 on a shared machine, "
+        "where a parallel region waits for descheduled threads at every small op",
+    )  # fmt: skip
+    parser.add_argument("--window", type=float, default=0.02, help="the server's --batch-window (seconds)")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    base_dir = model_dir(args.model, scratch)
+    adapters = [_adapter(base_dir, scratch / f"adapter-{i}", seed=i) for i in range(3)]
+    base_bytes = sum(
+        p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(base_dir).parameters()
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    ends = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])}
+    bias = {str(t): -100 for t in ends if t is not None and t != tokenizer.unk_token_id}
+
+    url, process = _serve([path for path, _ in adapters], args.threads, args.window)
+    server_rss = _rss_mb(process.pid)
+    ids = [f"adapter-{i}" for i in range(3)]
+    jobs = [(ids[i % len(ids)], PROMPTS[i % len(PROMPTS)]) for i in range(CLIENTS)]
+    try:
+        _request(url, *jobs[0], args.tokens, bias)  # warm-up
+        started = time.perf_counter()
+        sequential = [_request(url, m, p, args.tokens, bias) for m, p in jobs]
+        sequential_wall = time.perf_counter() - started
+        started = time.perf_counter()
+        barrier = threading.Barrier(
+            CLIENTS
+        )  # the clients send together, not as their threads happen to start
+
+        def client(job: tuple[str, str]) -> tuple[float, float]:
+            barrier.wait()
+            return _request(url, *job, args.tokens, bias)
+
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            concurrent = list(pool.map(client, jobs))
+        concurrent_wall = time.perf_counter() - started
+        import httpx
+
+        batches = httpx.get(f"{url}/health").json()["batches"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+    seq = _summary([t for t, _ in sequential], sequential_wall)
+    con = _summary([t for t, _ in concurrent], concurrent_wall)
+    adapter_bytes = sum(size for _, size in adapters)
+    result = {
+        "machine": machine(),
+        "model": args.model,
+        "new_tokens": args.tokens,
+        "server_threads": args.threads or "torch default",
+        "batch_window_s": args.window,
+        "clients": CLIENTS,
+        "sequential": seq,
+        "concurrent": con,
+        "batches_total": batches,
+        "speedup_requests_per_s": round(con["requests_per_s"] / seq["requests_per_s"], 2),
+        "target_speedup": 3.0,
+        "memory": {
+            "base_param_mb": round(base_bytes / 2**20, 2),
+            "three_adapters_param_mb": round(adapter_bytes / 2**20, 2),
+            "base_plus_3_adapters_mb": round((base_bytes + adapter_bytes) / 2**20, 2),
+            "three_merged_models_mb": round(3 * base_bytes / 2**20, 2),
+            "server_rss_mb_after_load": server_rss,
+        },
+    }
+    print(json.dumps(result, indent=2))
+    name = f"serve_concurrency-{args.model}-t{args.threads or 'default'}"
+    print("written to", write_result(name, result))
+
+
+if __name__ == "__main__":
+    main()
