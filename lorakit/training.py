@@ -46,8 +46,17 @@ from lorakit.models import (
     resolve_precision,
     torch_dtype,
 )
-from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, steps_for
-from lorakit.rundir import RUN_FILE, RunDir, checkpoint_step, find_resume_checkpoint
+from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, save_bytes, steps_for
+from lorakit.rundir import (
+    RUN_FILE,
+    RunDir,
+    check_free_space,
+    checkpoint_step,
+    checksums,
+    find_resume_checkpoint,
+    storage_guard,
+)
+from lorakit.runlock import RunLock
 from lorakit.templates import get_template
 from lorakit.tracking import Tracker, write_run_report
 from lorakit.trainer import EarlyStopper, LorakitTrainer
@@ -74,6 +83,21 @@ class TrainResult:
 
 
 def run_training(
+    pipeline: Pipeline,
+    output_dir: Path,
+    *,
+    overwrite: bool = False,
+    callbacks: list[Any] | None = None,
+    resume: bool | str | Path = False,
+) -> TrainResult:
+    """Train holding the run directory's lock (one writer per run: a second train() into it fails at once);
+    released when the run ends, also on errors. A full disk becomes a StorageError naming what was kept."""
+    output_dir = output_dir.expanduser()
+    with RunLock.hold(output_dir, active=is_main_process()), storage_guard(output_dir):
+        return _train_locked(pipeline, output_dir, overwrite=overwrite, callbacks=callbacks, resume=resume)
+
+
+def _train_locked(
     pipeline: Pipeline,
     output_dir: Path,
     *,
@@ -118,6 +142,8 @@ class _Run:
     has_val: bool = False
     meta: dict[str, Any] | None = None
     resumed: dict[str, Any] | None = None
+    save_bytes: tuple[int, int] = (0, 0)
+    """Bytes of the final save and of one checkpoint (:func:`lorakit.plan.save_bytes`), for the space check."""
 
     @property
     def output_dir(self) -> Path:
@@ -150,7 +176,9 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
     )
     method.check_run(context)  # what the method cannot do with this base fails before any load
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
-    apply_method_on_meta(pipeline, load_model_config(pipeline.model))
+    model_config = load_model_config(pipeline.model)
+    applied, _ = apply_method_on_meta(pipeline, model_config)
+    sizes = save_bytes(pipeline, applied, model_config, precision=precision, device=device)
     return _Run(
         pipeline=pipeline,
         model_spec=pipeline.model,
@@ -164,6 +192,7 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
         template=get_template(pipeline.data.template),
         method=method,
         context=context,
+        save_bytes=sizes,
     )
 
 
@@ -246,6 +275,7 @@ def _with_data(run: _Run, prepared: Any) -> _Run:
         world_size=max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1),
     )
     run.method.check_steps(total_steps)  # a schedule that cannot fit fails here, before the weights load
+    _check_storage(run, total_steps)
     has_val = prepared.val is not None and len(prepared.val) > 0
     # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
     checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None
@@ -254,6 +284,18 @@ def _with_data(run: _Run, prepared: Any) -> _Run:
     check_specs(pipeline, has_val=has_val)
     context = attrs.evolve(run.context, total_steps=total_steps)
     return attrs.evolve(run, context=context, has_val=has_val, meta=meta, resumed=resumed)
+
+
+def _check_storage(run: _Run, total_steps: int) -> None:
+    """Enough free space for the final save and the checkpoints kept at once (plus one being written)."""
+    train_spec, checkpoints = run.pipeline.training, run.pipeline.checkpoints
+    every = checkpoints.every if checkpoints is not None else train_spec.save_steps
+    saves = math.ceil(total_steps / every) if every else 0
+    keep = checkpoints.keep if checkpoints is not None else None
+    kept = min(saves, keep + 2) if keep else saves  # lorakit keeps the best and the latest; one being written
+    final, checkpoint = run.save_bytes
+    needed = int(1.1 * (final + kept * checkpoint)) + (1 << 20)
+    check_free_space(run.output_dir, needed, f"the adapter and {kept} checkpoint(s) of this run")
 
 
 # --- 3. load --------------------------------------------------------------------------------------------
@@ -462,6 +504,7 @@ def _save(
         "data_report": prepared.report.to_dict(),
         "versions": _versions(),
     }
+    record["checksums"] = checksums(output_dir)  # checked when the run loads
     run.rundir.write_run(record)
     run.rundir.write_metrics(metrics)
     run.rundir.write_provenance(pipeline.model, run.context.base_path)
@@ -472,6 +515,7 @@ def _save(
         data_report=prepared.report.to_dict(),
         trackers=tracker.describe(),
     )
+    run.rundir.drop_replaced()  # overwrite=True: the new run is complete, the old one goes
 
 
 def _release(run: _Run, trainer: Any, model: Any) -> None:
