@@ -409,10 +409,10 @@ def check_safetensors(path: Path) -> str | None:
         return f"{path.name}: the safetensors header is not a JSON object"
     ends = [entry.get("data_offsets", [0, 0])[1] for key, entry in header.items() if key != "__metadata__"]
     expected = 8 + length + max(ends, default=0)
-    if expected != size:
-        return (
-            f"{path.name} is {size} bytes, its header describes {expected}: the file is cut short or padded"
-        )
+    if expected > size:
+        return f"{path.name} is cut short: {size} bytes, its header describes {expected}"
+    if expected < size:
+        return f"{path.name} is {size} bytes, its header describes {expected}: extra bytes after the tensors"
     return None
 
 
@@ -559,7 +559,8 @@ def check_checkpoint(checkpoint: Path) -> list[str]:
     for name, size, digest in entries:
         file = checkpoint / name
         if not file.is_file():
-            problems.append(f"{name} is missing")
+            if not any(name in problem for problem in problems):  # not already named as required
+                problems.append(f"{name} is missing")
         elif file.stat().st_size != size:
             problems.append(f"{name} is {file.stat().st_size} bytes, {size} when it was saved (cut short)")
         elif sha256_file(file) != digest:
