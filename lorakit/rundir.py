@@ -724,11 +724,12 @@ def publish_checkpoint(checkpoints_dir: Path, step: int) -> Path:
     return final
 
 
-def clean_staging(checkpoints_dir: Path) -> None:
-    """Remove what a crash left half-written."""
+def clean_staging(checkpoints_dir: Path, *, quiet: bool = False) -> None:
+    """Remove what a crash (or a failed save: ``quiet``) left half-written."""
     staging = checkpoints_dir / STAGING_DIR
     if staging.exists():
-        warnings.warn(f"Removing the incomplete checkpoint left by a crash: {staging}", stacklevel=2)
+        if not quiet:
+            warnings.warn(f"Removing the incomplete checkpoint left by a crash: {staging}", stacklevel=2)
         shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -591,7 +591,7 @@ class LorakitTrainer(SFTTrainer):
             with saving or contextlib.nullcontext():
                 super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError):  # e.g. a full disk: the half-written copy only takes space
-            shutil.rmtree(staged, ignore_errors=True)
+            rd.clean_staging(run_dir, quiet=True)
             raise
         finally:
             self._lorakit_staging = False
@@ -602,7 +602,7 @@ class LorakitTrainer(SFTTrainer):
         try:
             self._write_lorakit_state(staged)
         except OSError:
-            shutil.rmtree(staged, ignore_errors=True)
+            rd.clean_staging(run_dir, quiet=True)
             raise
         rd.publish_checkpoint(run_dir, step)
         rotate_checkpoints(
