@@ -7,7 +7,7 @@ Everything a run produced sits in one directory, readable without lorakit where 
     <run>/config.json, model*.safetensors   instead of the adapter: the whole model of a full fine-tuning
     <run>/tokenizer.json, tokenizer_config.json, ...   the tokenizer used in training (pad token included)
     <run>/lorakit_run.json             pipeline config, resolved base path, template, precision, data report,
-                                       versions
+                                       versions, SHA-256 of the weight files (checked when the run loads)
     <run>/lorakit_provenance.json      base model id, resolved path and config fingerprint (see below)
     <run>/metrics.json                 final metrics (train / eval loss, eval perplexity, runtime, ...)
     <run>/metrics.jsonl                every logged step, one JSON object per line
@@ -20,9 +20,12 @@ Everything a run produced sits in one directory, readable without lorakit where 
     <run>/quickstart.json              the quickstart's before / after table (lorakit quickstart only)
     <run>/checkpoints/checkpoint-<step>/   adapter, optimizer, scheduler, RNG states, trainer_state.json,
                                        lorakit_method_state.safetensors (the method's own state; optional),
-                                       lorakit_resume.json (config + data fingerprint, early-stopping state;
-                                       written last)
-    <run>/checkpoints/.partial/        a checkpoint being written; renamed into place when complete
+                                       lorakit_resume.json (config + data fingerprint, early-stopping state),
+                                       lorakit_manifest.json (size and SHA-256 of every file; written last,
+                                       after every file is flushed: the seal)
+    <run>/checkpoints/.partial/        a checkpoint being written; renamed into place when sealed
+    <run>/lorakit.lock                 the lock of the process training into the directory (lorakit.runlock)
+    <run>/.lorakit-replaced/           overwrite=True: the previous run, moved aside until the new one saved
 
 An exported merged model (``InferenceModel.save(path)``) is a plain transformers directory plus
 ``lorakit_template.json``, the prompt template it was trained with.
