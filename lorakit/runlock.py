@@ -120,13 +120,22 @@ class RunLock:
         raise ConfigError(f"Could not take the lock {self.path}: other processes keep taking it.")
 
     def _create(self, record: dict[str, Any]) -> bool:
-        """Write the lock aside and link it into place; False when a lock exists."""
+        """Write the lock aside and link it into place (readers never see half a lock); on file systems without
+        hard links (some network / FUSE mounts) create it exclusively and write it. False when a lock exists."""
+        text = json.dumps(record) + "\n"
         tmp = self.run_dir / f".{rd.LOCK_FILE}.{os.getpid()}.tmp"
         try:
-            tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
             os.link(tmp, self.path)
         except FileExistsError:
             return False
+        except OSError:  # no hard links here
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
         finally:
             tmp.unlink(missing_ok=True)
         return True

@@ -190,3 +190,15 @@ def test_an_unwritable_output_directory_fails_before_any_weights_load(
         target = tmp_path / "run"
     with pytest.raises(StorageError, match=rf"train\('{target}'\): cannot write to the output directory"):
         _pipeline(tiny_model_dir).train(target)
+
+
+def test_the_lock_works_where_hard_links_do_not(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")  # e.g. a FUSE-mounted Google Drive
+
+    monkeypatch.setattr(os, "link", no_links)
+    with RunLock.hold(tmp_path):
+        assert lock_holder(tmp_path)["pid"] == os.getpid()
+        with pytest.raises(RunLockedError):
+            RunLock(tmp_path).acquire()
+    assert os.listdir(tmp_path) == []
