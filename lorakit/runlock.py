@@ -4,7 +4,9 @@ The lock is a small JSON file in the run directory (``rundir.LOCK_FILE``) naming
 process's start time and since when it holds the lock. It is created atomically (written aside, then hard-linked
 into place, which fails if a lock exists) and removed when the run ends, also on errors. A lock whose process is
 gone (same host, no such pid, or a pid reused by another process) is stale and taken over with a warning; a lock
-from another host is honoured until removed by hand, since lorakit cannot see that host's processes.
+from another host is honoured until removed by hand, since lorakit cannot see that host's processes. (Two
+processes taking over the same stale lock at the same instant could both proceed; the window is the time
+between reading and replacing the lock file.)
 
 Example:
     >>> from lorakit.runlock import lock_holder
