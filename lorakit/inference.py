@@ -51,7 +51,8 @@ from lorakit.models import (
 )
 from lorakit.progress import progress_enabled
 from lorakit.rundir import TEMPLATE_FILE as TEMPLATE_FILE  # the public name, kept
-from lorakit.rundir import RunDir, check_base, check_safe_weights, read_json, read_run
+from lorakit.rundir import RunDir, check_artifacts, check_base, check_safe_weights, read_json, read_run
+from lorakit.runlock import readable_run
 from lorakit.templates import get_template, template_from_dict
 from lorakit.templates.base import check_messages
 from lorakit.templates.jinja import to_chat_template
@@ -162,7 +163,7 @@ class InferenceModel:
             trust_template_classes: build a saved template whose class is not registered (imports it).
             allow_pickle: load weights saved as pickle (``*.bin``) when the directory has no safetensors.
         """
-        path = Path(path).expanduser()
+        path = readable_run(Path(path).expanduser())  # a run still training: its last complete checkpoint
         run_dir = RunDir(path)
         if path.is_dir() and run_dir.is_full_model():
             return cls._load_plain(
@@ -173,6 +174,7 @@ class InferenceModel:
                 allow_pickle=allow_pickle,
             )
         run = read_run(path)
+        check_artifacts(run_dir, run)  # damaged or missing files: a CorruptArtifactError naming them
         spec, quant, saved_template, precision = _from_record(
             run_dir, run, template, trust_remote_code, trust_template_classes
         )
@@ -240,6 +242,8 @@ class InferenceModel:
             template = run_dir.read_template()
         # A full fine-tuning run directory: the template it trained with (and the base's remote-code flag).
         run = run_dir.read_run() if run_dir.is_run() else None
+        if path.is_dir():
+            check_artifacts(run_dir, run)
         if run is not None:
             _check_remote_code(run_dir, run, spec.trust_remote_code)
             if template is None:
@@ -531,8 +535,9 @@ class InferenceModel:
         """
         from peft import PeftModel
 
-        path = Path(path).expanduser()
+        path = readable_run(Path(path).expanduser())
         run = read_run(path)
+        check_artifacts(RunDir(path), run)
         if run is not None:
             _check_remote_code(RunDir(path), run, trust_remote_code)
         if run is not None and ((run["pipeline"].get("method") or {}).get("name")) == "full":

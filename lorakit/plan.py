@@ -27,6 +27,7 @@ __all__ = [
     "decide_grad_checkpointing",
     "make_plan",
     "model_context",
+    "save_bytes",
     "steps_for",
 ]
 
@@ -165,6 +166,18 @@ def steps_for(
     per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
     total = max_steps if max_steps is not None else math.ceil(epochs * per_epoch)
     return per_epoch, total
+
+
+def save_bytes(
+    pipeline: Pipeline, peft_model: Any, config: Any, *, precision: str, device: str
+) -> tuple[int, int]:
+    """(bytes of the run's saved weights, bytes of one checkpoint): the adapter (the whole model for full
+    fine-tuning), and a checkpoint adds the optimizer state (:func:`lorakit.memory.estimate_memory`)."""
+    memory = estimate_memory(
+        pipeline, peft_model, config, precision=precision, device=device, grad_checkpointing=False
+    )
+    saved = memory.adapter + (memory.weights if memory.trained_label != "adapter" else 0)
+    return saved, saved + memory.optimizer
 
 
 def _linear_module_names(model: Any) -> list[str]:

@@ -7,7 +7,7 @@ Everything a run produced sits in one directory, readable without lorakit where 
     <run>/config.json, model*.safetensors   instead of the adapter: the whole model of a full fine-tuning
     <run>/tokenizer.json, tokenizer_config.json, ...   the tokenizer used in training (pad token included)
     <run>/lorakit_run.json             pipeline config, resolved base path, template, precision, data report,
-                                       versions
+                                       versions, SHA-256 of the weight files (checked when the run loads)
     <run>/lorakit_provenance.json      base model id, resolved path and config fingerprint (see below)
     <run>/metrics.json                 final metrics (train / eval loss, eval perplexity, runtime, ...)
     <run>/metrics.jsonl                every logged step, one JSON object per line
@@ -20,9 +20,12 @@ Everything a run produced sits in one directory, readable without lorakit where 
     <run>/quickstart.json              the quickstart's before / after table (lorakit quickstart only)
     <run>/checkpoints/checkpoint-<step>/   adapter, optimizer, scheduler, RNG states, trainer_state.json,
                                        lorakit_method_state.safetensors (the method's own state; optional),
-                                       lorakit_resume.json (config + data fingerprint, early-stopping state;
-                                       written last)
-    <run>/checkpoints/.partial/        a checkpoint being written; renamed into place when complete
+                                       lorakit_resume.json (config + data fingerprint, early-stopping state),
+                                       lorakit_manifest.json (size and SHA-256 of every file; written last,
+                                       after every file is flushed: the seal)
+    <run>/checkpoints/.partial/        a checkpoint being written; renamed into place when sealed
+    <run>/lorakit.lock                 the lock of the process training into the directory (lorakit.runlock)
+    <run>/.lorakit-replaced/           overwrite=True: the previous run, moved aside until the new one saved
 
 An exported merged model (``InferenceModel.save(path)``) is a plain transformers directory plus
 ``lorakit_template.json``, the prompt template it was trained with.
@@ -42,25 +45,45 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, CorruptArtifactError, StorageError
 from lorakit.models import load_model_config
 
 __all__ = [
     "PICKLED_WEIGHTS",
     "check_safe_weights",
     "ADAPTER_CONFIG",
+    "LOCK_FILE",
+    "MANIFEST_FILE",
+    "OPTIMIZER_FILE",
+    "REPLACED_DIR",
+    "RNG_PREFIX",
+    "SCHEDULER_FILE",
+    "TOKENIZER_FILES",
+    "WANDB_DIR",
+    "check_artifacts",
+    "check_checkpoint",
+    "check_free_space",
+    "check_safetensors",
+    "check_writable",
+    "checksums",
+    "seal_checkpoint",
+    "sha256_file",
+    "storage_guard",
     "ADAPTER_WEIGHTS",
     "CHECKPOINTS_DIR",
     "CHECKPOINT_PREFIX",
@@ -135,6 +158,22 @@ RESUME_FILE = "lorakit_resume.json"
 STATE_FILE = "trainer_state.json"
 METHOD_STATE_FILE = "lorakit_method_state.safetensors"
 """A checkpoint's method resume state (a method's ``resume_state`` hook; optional)."""
+MANIFEST_FILE = "lorakit_manifest.json"
+"""A checkpoint's size and SHA-256 of every other file; written (fsynced) after them all: the seal."""
+OPTIMIZER_FILE = "optimizer.pt"
+"""transformers' ``OPTIMIZER_NAME`` (FSDP / DeepSpeed write a directory starting with ``optimizer`` /
+``global_step`` instead)."""
+SCHEDULER_FILE = "scheduler.pt"
+"""transformers' ``SCHEDULER_NAME``."""
+RNG_PREFIX = "rng_state"
+"""transformers' RNG files: ``rng_state.pth``, or ``rng_state_<rank>.pth`` per process."""
+LOCK_FILE = "lorakit.lock"
+"""The advisory lock of the process training into the directory (pid, host, since); see lorakit.runlock."""
+REPLACED_DIR = ".lorakit-replaced"
+"""``overwrite=True``: the previous run's outputs, moved aside when the new run starts, removed when it ends."""
+WANDB_DIR = "wandb"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+"""A tokenizer directory holds at least one of these beside ``tokenizer_config.json``."""
 
 RUN_OUTPUTS = (SAMPLES_LOG, REPORT_FILE, REPORT_HTML, CURVES_FILE)
 """Files a run writes besides the adapter and metrics; a fresh run removes stale ones."""
@@ -230,7 +269,7 @@ def check_output_dir(path: Path, *, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory unless asked to."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"train({str(path)!r}): a file is in the way; pass a directory path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
         raise ConfigError(
             f"train({str(path)!r}): the directory is not empty. Pick a new directory, or pass overwrite=True "
             "to replace the run in it."
@@ -255,7 +294,13 @@ def read_run(run_dir: str | Path) -> dict[str, Any] | None:
                 f"{run_dir} holds neither {RUN_FILE} (a lorakit run) nor {ADAPTER_CONFIG} (a PEFT adapter)."
             )
         return None
-    return read_json(path)
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise CorruptArtifactError(
+            f"{path} holds a JSON {type(record).__name__}, not a run record (an object): the run directory is "
+            "damaged. Copy it again from where it was made, or train again."
+        )
+    return record
 
 
 # --- provenance -----------------------------------------------------------------------------------------
@@ -339,6 +384,256 @@ def check_base(
     )
 
 
+# --- integrity: file checks, checksums, the seal of a checkpoint ----------------------------------------------
+
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_safetensors(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout (empty, cut short, header not JSON), or None. Reads the
+    header only: the 8-byte header length, the JSON header, and that the tensors' byte ranges end exactly at
+    the end of the file."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is {'empty' if size == 0 else f'{size} bytes'}: no safetensors header"
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > size - 8:
+            return f"{path.name} is cut short: its header says {length} header bytes, the file has {size}"
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{path.name}: the safetensors header is not valid JSON"
+    if not isinstance(header, dict):
+        return f"{path.name}: the safetensors header is not a JSON object"
+    ends = [entry.get("data_offsets", [0, 0])[1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if expected > size:
+        return f"{path.name} is cut short: {size} bytes, its header describes {expected}"
+    if expected < size:
+        return f"{path.name} is {size} bytes, its header describes {expected}: extra bytes after the tensors"
+    return None
+
+
+def _check_file(path: Path) -> str | None:
+    """A structural check of one file by its kind (safetensors header, torch zip archive, JSON), or None."""
+    name = path.name
+    if name.endswith(".safetensors"):
+        return check_safetensors(path)
+    if name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(path):
+        return f"{name} is not a complete torch archive ({path.stat().st_size} bytes): cut short or damaged"
+    if name.endswith(".json"):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return f"{name} is not valid JSON ({error})"
+    return None
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """SHA-256 of the weight files (``*.safetensors``) of a run or model directory, by file name; recorded
+    in the run record at save time and checked when the run loads."""
+    return {path.name: sha256_file(path) for path in _weight_files(Path(directory))}
+
+
+def check_artifacts(run_dir: RunDir, run: Mapping[str, Any] | None) -> None:
+    """Check the files a load reads, before any of them is handed to PEFT / transformers: the run record's
+    fields, the adapter / model weights (present, whole, matching the checksums recorded at save time) and
+    the tokenizer files.
+
+    Raises:
+        CorruptArtifactError: naming every damaged file and what to do.
+    """
+    path, problems = run_dir.path, []
+    if run is not None:
+        problems.extend(_record_problems(run))
+    if run is not None and not run_dir.is_adapter() and not run_dir.model_config.is_file():
+        problems.append(f"neither the adapter ({ADAPTER_CONFIG}) nor a model ({MODEL_CONFIG}) is there")
+    if run_dir.is_adapter() and not run_dir.adapter_weights.is_file():
+        if not any((path / name).is_file() for name in PICKLED_WEIGHTS):
+            problems.append(
+                f"{ADAPTER_WEIGHTS} is missing beside {ADAPTER_CONFIG} (a copy that did not finish, or a run "
+                "that stopped before its final save)"
+            )
+    for weights in _weight_files(path):
+        problem = check_safetensors(weights)
+        if problem is not None:
+            problems.append(problem)
+    problems.extend(_tokenizer_problems(path))
+    recorded = (run or {}).get("checksums") or {}
+    for name, digest in recorded.items() if isinstance(recorded, dict) else ():
+        file = path / name
+        if file.is_file() and not any(p.startswith(name) for p in problems) and sha256_file(file) != digest:
+            problems.append(
+                f"{name} does not match the SHA-256 recorded in {RUN_FILE} when the run saved it (the file "
+                "changed or was damaged since)"
+            )
+    if problems:
+        raise CorruptArtifactError(
+            f"{path} cannot be loaded:\n  - "
+            + "\n  - ".join(problems)
+            + "\nCopy the run directory again from where it was made, load one of its checkpoints "
+            f"({CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}<step>), or train again."
+        )
+
+
+def _record_problems(run: Mapping[str, Any]) -> list[str]:
+    pipeline = run.get("pipeline")
+    problems = []
+    if not isinstance(pipeline, dict) or not isinstance(pipeline.get("model"), dict):
+        problems.append(f"{RUN_FILE} has no 'pipeline.model' section (the base model it was trained on)")
+    if not isinstance(run.get("template"), (dict, str)):
+        problems.append(f"{RUN_FILE} has no 'template' (the prompt template it was trained with)")
+    return problems
+
+
+def _tokenizer_problems(path: Path) -> list[str]:
+    config = path / TOKENIZER_CONFIG
+    if not config.is_file():
+        return []
+    problems = [p for p in (_check_file(config),) if p is not None]
+    present = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not present:
+        problems.append(
+            f"{TOKENIZER_CONFIG} is there but none of the tokenizer's files ({', '.join(TOKENIZER_FILES)})"
+        )
+    problems.extend(p for p in map(_check_file, present) if p is not None)
+    return problems
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal_checkpoint(staged: Path) -> None:
+    """Seal a checkpoint written aside: flush every file to disk, then write the manifest (size and SHA-256
+    of each) and flush it and the directory. A checkpoint is complete when it is sealed and its files match
+    the manifest (:func:`check_checkpoint`); only then is it published."""
+    files: dict[str, list[Any]] = {}
+    for file in sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        _fsync(file)
+        files[file.relative_to(staged).as_posix()] = [file.stat().st_size, sha256_file(file)]
+    manifest = staged / MANIFEST_FILE
+    write_json_atomic(manifest, {"files": files})
+    _fsync(manifest)
+    _fsync(staged)
+
+
+def _required_problems(checkpoint: Path) -> list[str]:
+    names = [p.name for p in checkpoint.iterdir()]
+    wanted = {
+        STATE_FILE: STATE_FILE in names,
+        RESUME_FILE: RESUME_FILE in names,
+        "the optimizer state (optimizer.pt)": any(n.startswith(("optimizer", "global_step")) for n in names),
+        "the scheduler state (scheduler.pt)": SCHEDULER_FILE in names,
+        "the RNG state (rng_state*.pth)": any(n.startswith(RNG_PREFIX) for n in names),
+    }
+    return [f"{what} is missing" for what, found in wanted.items() if not found]
+
+
+def check_checkpoint(checkpoint: Path) -> list[str]:
+    """What makes a checkpoint unusable for a resume (missing, cut-short or changed files), or ``[]``.
+
+    A sealed checkpoint's files must match its manifest; one written before manifests existed gets the
+    structural checks (JSON parses, safetensors headers, torch archives whole)."""
+    checkpoint = Path(checkpoint)
+    problems = _required_problems(checkpoint)
+    manifest = checkpoint / MANIFEST_FILE
+    if not manifest.is_file():
+        files = [p for p in checkpoint.rglob("*") if p.is_file()]
+        return problems + [p for p in map(_check_file, files) if p is not None]
+    try:
+        listed = read_json(manifest)["files"]
+        entries = [(name, int(size), str(digest)) for name, (size, digest) in listed.items()]
+    except (ConfigError, TypeError, KeyError, ValueError, AttributeError):
+        return [*problems, f"{MANIFEST_FILE} is unreadable"]
+    for name, size, digest in entries:
+        file = checkpoint / name
+        if not file.is_file():
+            if not any(name in problem for problem in problems):  # not already named as required
+                problems.append(f"{name} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name} is {file.stat().st_size} bytes, {size} when it was saved (cut short)")
+        elif sha256_file(file) != digest:
+            problems.append(f"{name} does not match its SHA-256 from the save (changed or damaged)")
+    return problems
+
+
+# --- storage ------------------------------------------------------------------------------------------------
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` (and its parents) if needed and write a file in it.
+
+    Raises:
+        StorageError: the directory cannot be created or written to.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".lorakit-write-test-"):
+            pass
+    except OSError as error:
+        raise StorageError(
+            f"train({str(directory)!r}): cannot write to the output directory ({error.strerror or error}). "
+            "Pick a directory you can write to (a local disk, or a mounted drive with write access)."
+        ) from error
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    """Raise StorageError when the file system of ``directory`` has less than ``needed`` bytes free."""
+    where = Path(directory)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise StorageError(
+            f"train({str(directory)!r}): {what} need about {needed / 1e6:,.1f} MB, but only "
+            f"{free / 1e6:,.1f} MB are free there. Free some space, write the run elsewhere, keep fewer "
+            "checkpoints (with_checkpoints(keep=N)) or save less often."
+        )
+
+
+@contextlib.contextmanager
+def storage_guard(directory: Path) -> Iterator[None]:
+    """Turn a full disk (ENOSPC / EDQUOT, or torch's "file write failed" on a full disk) while writing into a
+    run directory into a :class:`StorageError` saying what was kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(error, RuntimeError) and "file write failed" in str(error):
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(directory).free < 1 << 20
+        if not full:
+            raise
+        kept = list_checkpoints(Path(directory) / CHECKPOINTS_DIR)
+        last = (
+            f"the last complete checkpoint, {kept[-1]}, is intact" if kept else "no checkpoint was complete"
+        )
+        raise StorageError(
+            f"The disk is full while writing into {directory} ({error}). Checkpoints are published only once "
+            f"complete, so {last}. Free some space (or keep fewer checkpoints: with_checkpoints(keep=N)), then "
+            "continue with train(dir, resume=True)."
+        ) from error
+
+
 # --- checkpoints ----------------------------------------------------------------------------------------
 
 
@@ -368,13 +663,28 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def find_resume_checkpoint(output_dir: Path, resume: bool | str | Path) -> Path:
-    """The checkpoint to resume from: the latest in ``output_dir`` (``resume=True``) or the given one (a
-    checkpoint, a run directory or a checkpoints directory)."""
+    """The checkpoint to resume from: the latest complete one in ``output_dir`` (``resume=True``) or the given
+    one (a checkpoint, a run directory or a checkpoints directory).
+
+    A checkpoint that fails :func:`check_checkpoint` (a file missing, cut short or changed since its save) is
+    skipped with a warning naming it and why, for the previous complete one; a checkpoint given by path must
+    itself be complete.
+
+    Raises:
+        CorruptArtifactError: the checkpoint given by path is incomplete.
+        ConfigError: no such directory, or no complete checkpoint in it.
+    """
     if resume is True:
         where = output_dir / CHECKPOINTS_DIR
     else:
         where = Path(str(resume)).expanduser()
         if (where / STATE_FILE).is_file():
+            problems = check_checkpoint(where)
+            if problems:
+                raise CorruptArtifactError(
+                    f"Cannot resume from {where}: it is incomplete:\n  - " + "\n  - ".join(problems) + "\n"
+                    "Resume from another checkpoint, or pass resume=True to take the latest complete one."
+                )
             return where
         if (where / CHECKPOINTS_DIR).is_dir():
             where = where / CHECKPOINTS_DIR
@@ -383,13 +693,23 @@ def find_resume_checkpoint(output_dir: Path, resume: bool | str | Path) -> Path:
                 f"train(resume={str(resume)!r}): no such directory. Pass a checkpoint directory "
                 f"(…/{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}<step>), a run directory, or resume=True."
             )
-    found = list_checkpoints(where)
-    if not found:
-        raise ConfigError(
-            f"train(resume=...): no complete checkpoint in {where}. Checkpoints are written by "
-            ".with_checkpoints(every=N) (or with_training(save_steps=N)); start a new run without resume."
-        )
-    return found[-1]
+    skipped = []
+    for checkpoint in reversed(list_checkpoints(where)):
+        problems = check_checkpoint(checkpoint)
+        if not problems:
+            if skipped:
+                warnings.warn(
+                    f"Skipping incomplete checkpoints ({'; '.join(skipped)}); resuming from {checkpoint.name}.",
+                    stacklevel=3,
+                )
+            return checkpoint
+        skipped.append(f"{checkpoint.name}: {', '.join(problems)}")
+    raise ConfigError(
+        f"train(resume=...): no complete checkpoint in {where}"
+        + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
+        + ". Checkpoints are written by .with_checkpoints(every=N) (or with_training(save_steps=N)); start a "
+        "new run without resume."
+    )
 
 
 def publish_checkpoint(checkpoints_dir: Path, step: int) -> Path:
@@ -406,16 +726,18 @@ def publish_checkpoint(checkpoints_dir: Path, step: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staged, final)
+    _fsync(checkpoints_dir)  # the rename itself reaches the disk
     with contextlib.suppress(OSError):
         staging.rmdir()  # only when empty
     return final
 
 
-def clean_staging(checkpoints_dir: Path) -> None:
-    """Remove what a crash left half-written."""
+def clean_staging(checkpoints_dir: Path, *, quiet: bool = False) -> None:
+    """Remove what a crash (or a failed save: ``quiet``) left half-written."""
     staging = checkpoints_dir / STAGING_DIR
     if staging.exists():
-        warnings.warn(f"Removing the incomplete checkpoint left by a crash: {staging}", stacklevel=2)
+        if not quiet:
+            warnings.warn(f"Removing the incomplete checkpoint left by a crash: {staging}", stacklevel=2)
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -594,18 +916,44 @@ class RunDir:
         check_output_dir(self.path, overwrite=overwrite)
 
     def clear_for_fresh_run(self) -> None:
-        """Remove a previous run's logs, record, report and checkpoints (``overwrite=True``); a fresh run must
-        not append to its logs, rotate or resume its checkpoints."""
-        for name in _FRESH_RUN_STALE:
-            (self.path / name).unlink(missing_ok=True)
-        if self.checkpoints_dir.is_dir():
-            shutil.rmtree(self.checkpoints_dir)
+        """Move a previous run's outputs aside into ``.lorakit-replaced/`` (``overwrite=True``), weights first:
+        from then on nothing of the old run poses as the new one, even after a crash. A fresh run must not
+        append to its logs, rotate or resume its checkpoints. :meth:`drop_replaced` removes them at the end."""
+        aside = self.path / REPLACED_DIR
+        if aside.exists():  # left by an earlier overwrite that crashed: that run was to be replaced anyway
+            shutil.rmtree(aside)
+        old = [p for p in self._run_outputs() if p.exists()]
+        if not old:
+            return
+        aside.mkdir()
+        for path in old:
+            target = aside / path.relative_to(self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        _fsync(self.path)
+
+    def _run_outputs(self) -> list[Path]:
+        """What a run writes at the top of its directory, weights first (files of other kinds stay)."""
+        weights = [*_weight_files(self.path), *(self.path / name for name in PICKLED_WEIGHTS)]
+        kinds = ("*.json", "*.jsonl", "*.jinja", "*.model", "*.txt", "*.md", "*.png")
+        named = [p for kind in kinds for p in sorted(self.path.glob(kind)) if p.name != LOCK_FILE]
+        dirs = [self.checkpoints_dir, self.tensorboard_dir, self.path / WANDB_DIR]  # data/: maybe the source
+        return [*weights, *named, *dirs]
+
+    def drop_replaced(self) -> None:
+        """Remove the outputs of the run this one replaced (its save is complete)."""
+        shutil.rmtree(self.path / REPLACED_DIR, ignore_errors=True)
 
     def prepare_resume(self, checkpoint: Path) -> None:
-        """Before resuming from ``checkpoint``: drop what a crash left half-written, log lines past the
-        checkpoint's step, and the final outputs the resumed run writes again."""
+        """Before resuming from ``checkpoint``: drop what a crash left half-written (the staging directory,
+        later checkpoints that are incomplete), log lines past the checkpoint's step, and the final outputs
+        the resumed run writes again."""
         clean_staging(checkpoint.parent)
-        self.truncate_logs(checkpoint_step(checkpoint))
+        step = checkpoint_step(checkpoint)
+        for later in list_checkpoints(checkpoint.parent):
+            if checkpoint_step(later) > step and check_checkpoint(later):
+                shutil.rmtree(later)
+        self.truncate_logs(step)
         for name in _RESUME_STALE:
             (self.path / name).unlink(missing_ok=True)
 

@@ -617,13 +617,20 @@ class LorakitTrainer(SFTTrainer):
         try:
             with saving or contextlib.nullcontext():
                 super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError):  # e.g. a full disk: the half-written copy only takes space
+            rd.clean_staging(run_dir, quiet=True)
+            raise
         finally:
             self._lorakit_staging = False
         if not self.args.should_save:
             return
         if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
             self.state.best_model_checkpoint = str(final)
-        self._write_lorakit_state(staged)
+        try:
+            self._write_lorakit_state(staged)
+        except OSError:
+            rd.clean_staging(run_dir, quiet=True)
+            raise
         rd.publish_checkpoint(run_dir, step)
         rotate_checkpoints(
             output_dir=str(run_dir),
@@ -643,8 +650,8 @@ class LorakitTrainer(SFTTrainer):
             self.lorakit_method.load_resume_state(self.model, *saved)
 
     def _write_lorakit_state(self, staged: Path) -> None:
-        """The trainer state (best checkpoint renamed), the method's resume state, then the resume record: the
-        record is the last file, so a checkpoint with it is complete."""
+        """The trainer state (best checkpoint renamed), the method's resume state, the resume record, then the
+        seal: every file flushed to disk and listed with its SHA-256 (:func:`lorakit.rundir.seal_checkpoint`)."""
         self.state.save_to_json(str(staged / rd.STATE_FILE))
         saved = self.lorakit_method.resume_state(self.model) if self.lorakit_method is not None else None
         if saved is not None:
@@ -653,3 +660,4 @@ class LorakitTrainer(SFTTrainer):
         if self.lorakit_early_stop is not None:
             record["early_stop"] = self.lorakit_early_stop.state()
         ckpt.write_resume_record(staged, record)
+        rd.seal_checkpoint(staged)

@@ -56,8 +56,17 @@ from lorakit.models import (
     resolve_precision,
     torch_dtype,
 )
-from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, steps_for
-from lorakit.rundir import RUN_FILE, RunDir, checkpoint_step, find_resume_checkpoint
+from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, save_bytes, steps_for
+from lorakit.rundir import (
+    RUN_FILE,
+    RunDir,
+    check_free_space,
+    checkpoint_step,
+    checksums,
+    find_resume_checkpoint,
+    storage_guard,
+)
+from lorakit.runlock import RunLock
 from lorakit.templates import get_template
 from lorakit.tracking import Tracker, report_data, summary_html, write_run_report
 from lorakit.tracking.secrets import redact
@@ -96,25 +105,41 @@ def run_training(
     callbacks: list[Any] | None = None,
     resume: bool | str | Path = False,
 ) -> TrainResult:
-    # Third-party notices lorakit has handled are silenced for this call only (lorakit.noise lists them).
-    with noise.quiet(progress_bars=live_output()):
-        run = _resolve(pipeline, output_dir.expanduser(), overwrite=overwrite, resume=resume)
-        tokenizer, prepared = _prepare(run)
-        run = _with_data(run, prepared)
-        model = _load(run)
-        console = _console(run, prepared)
-        trainer, extras, tracker = _build_trainer(
-            run, model, tokenizer, prepared, [console, *(callbacks or [])]
-        )
-        try:
-            metrics = _fit(run, trainer, extras)
-        finally:
-            tracker.close()
-        if is_main_process():  # the run directory is written by the main process only
-            _save(run, trainer, tokenizer, prepared, metrics, tracker)
-            console.print(final_summary(metrics, run.output_dir, run.rundir.report_html_file))
-        _release(run, trainer, model)
-        return TrainResult(output_dir=run.output_dir, metrics=metrics, data_report=prepared.report.to_dict())
+    """Train holding the run directory's lock (one writer per run: a second train() into it fails at once);
+    released when the run ends, also on errors. A full disk becomes a StorageError naming what was kept.
+    Third-party notices lorakit has handled are silenced for this call only (lorakit.noise lists them)."""
+    output_dir = output_dir.expanduser()
+    with (
+        RunLock.hold(output_dir, active=is_main_process()),
+        storage_guard(output_dir),
+        noise.quiet(progress_bars=live_output()),
+    ):
+        return _train_locked(pipeline, output_dir, overwrite=overwrite, callbacks=callbacks, resume=resume)
+
+
+def _train_locked(
+    pipeline: Pipeline,
+    output_dir: Path,
+    *,
+    overwrite: bool = False,
+    callbacks: list[Any] | None = None,
+    resume: bool | str | Path = False,
+) -> TrainResult:
+    run = _resolve(pipeline, output_dir, overwrite=overwrite, resume=resume)
+    tokenizer, prepared = _prepare(run)
+    run = _with_data(run, prepared)
+    model = _load(run)
+    console = _console(run, prepared)
+    trainer, extras, tracker = _build_trainer(run, model, tokenizer, prepared, [console, *(callbacks or [])])
+    try:
+        metrics = _fit(run, trainer, extras)
+    finally:
+        tracker.close()
+    if is_main_process():  # the run directory is written by the main process only
+        _save(run, trainer, tokenizer, prepared, metrics, tracker)
+        console.print(final_summary(metrics, run.output_dir, run.rundir.report_html_file))
+    _release(run, trainer, model)
+    return TrainResult(output_dir=run.output_dir, metrics=metrics, data_report=prepared.report.to_dict())
 
 
 # --- 1. resolve -----------------------------------------------------------------------------------------
@@ -141,6 +166,8 @@ class _Run:
     resumed: dict[str, Any] | None = None
     sizes: tuple[int, int, str | None] = (0, 0, None)
     """Trainable and total parameters, and the memory estimate, from the meta-device model."""
+    save_bytes: tuple[int, int] = (0, 0)
+    """Bytes of the final save and of one checkpoint (:func:`lorakit.plan.save_bytes`), for the space check."""
 
     @property
     def output_dir(self) -> Path:
@@ -179,6 +206,7 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
     memory = estimate_memory(
         pipeline, meta_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt
     )
+    sizes = save_bytes(pipeline, meta_model, config, precision=precision, device=device)
     return _Run(
         pipeline=pipeline,
         model_spec=pipeline.model,
@@ -193,6 +221,7 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
         method=method,
         context=context,
         sizes=(trainable, total, format_bytes(memory.total)),
+        save_bytes=sizes,
     )
 
 
@@ -277,6 +306,7 @@ def _with_data(run: _Run, prepared: Any) -> _Run:
         world_size=max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1),
     )
     run.method.check_steps(total_steps)  # a schedule that cannot fit fails here, before the weights load
+    _check_storage(run, total_steps)
     has_val = prepared.val is not None and len(prepared.val) > 0
     # Resuming continues the same run only: config and tokenized data must equal the checkpoint's.
     checkpointing = pipeline.checkpoints is not None or train_spec.save_steps is not None
@@ -285,6 +315,18 @@ def _with_data(run: _Run, prepared: Any) -> _Run:
     check_specs(pipeline, has_val=has_val)
     context = attrs.evolve(run.context, total_steps=total_steps)
     return attrs.evolve(run, context=context, has_val=has_val, meta=meta, resumed=resumed)
+
+
+def _check_storage(run: _Run, total_steps: int) -> None:
+    """Enough free space for the final save and the checkpoints kept at once (plus one being written)."""
+    train_spec, checkpoints = run.pipeline.training, run.pipeline.checkpoints
+    every = checkpoints.every if checkpoints is not None else train_spec.save_steps
+    saves = math.ceil(total_steps / every) if every else 0
+    keep = checkpoints.keep if checkpoints is not None else None
+    kept = min(saves, keep + 2) if keep else saves  # lorakit keeps the best and the latest; one being written
+    final, checkpoint = run.save_bytes
+    needed = int(1.1 * (final + kept * checkpoint)) + (1 << 20)
+    check_free_space(run.output_dir, needed, f"the adapter and {kept} checkpoint(s) of this run")
 
 
 # --- 3. load --------------------------------------------------------------------------------------------
@@ -528,6 +570,7 @@ def _save(
         "versions": _versions(),
         "report_data": report_data(prepared, tokenizer, run.data_spec.max_length),
     }
+    record["checksums"] = checksums(output_dir)  # checked when the run loads
     run.rundir.write_run(record)
     run.rundir.write_metrics(metrics)
     run.rundir.write_provenance(pipeline.model, run.context.base_path)
@@ -540,6 +583,7 @@ def _save(
     )
     write_run_card(output_dir, run.template, tokenizer)
     tracker.log_artifacts(output_dir)  # MLflow: the report, the adapter and its card
+    run.rundir.drop_replaced()  # overwrite=True: the new run is complete, the old one goes
 
 
 def _release(run: _Run, trainer: Any, model: Any) -> None:

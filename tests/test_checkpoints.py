@@ -397,3 +397,81 @@ def test_adalora_ends_with_the_best_checkpoints_weights_and_rank_pattern(tiny_mo
         # AdaLoRA's factors are ParameterDict entries: "...q_proj.lora_A", "...lora_E", "...lora_B" (columns)
         picked = full[name][:, kept] if name.endswith(".lora_B") else full[name][kept]
         assert torch.equal(tensor, picked), name
+
+
+# --- a half-written last checkpoint: resume falls back to the previous complete one ----------------------------
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def _torn_json(path: Path) -> None:
+    path.write_text(path.read_text()[:25])
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    # rng_state.pth and lorakit_resume.json: the same skip, checked without training in test_corrupt_artifacts
+    [("optimizer.pt", _cut), ("trainer_state.json", _torn_json)],
+)
+def test_resume_skips_a_damaged_last_checkpoint_and_equals_the_uninterrupted_run(
+    tiny_model_dir, rows_file, uninterrupted, tmp_path, name, damage
+):
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(uninterrupted.output_dir, out)
+    (out / "lorakit.lock").unlink(missing_ok=True)
+    damage(out / "checkpoints" / "checkpoint-8" / name)
+    with pytest.warns(UserWarning, match=rf"Skipping incomplete checkpoints \(checkpoint-8: {name}"):
+        resumed = resumable(tiny_model_dir, rows_file).train(out, resume=True)
+    assert resumed.metrics["train_steps"] == 8
+    whole, after = _adapter(uninterrupted.output_dir), _adapter(out)
+    assert whole.keys() == after.keys()
+    for key in whole:
+        torch.testing.assert_close(after[key], whole[key], rtol=1e-5, atol=1e-6)
+    # The damaged checkpoint was replaced by a complete one of the same step.
+    from lorakit.rundir import check_checkpoint
+
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-6", "checkpoint-8"]
+    assert check_checkpoint(out / "checkpoints" / "checkpoint-8") == []
+
+
+# --- a full disk during a save ---------------------------------------------------------------------------------
+
+
+def test_enospc_during_a_save_keeps_the_previous_checkpoint_and_says_so(
+    tiny_model_dir, rows_file, uninterrupted, tmp_path, monkeypatch
+):
+    import errno
+
+    from lorakit.errors import StorageError
+    from lorakit.rundir import check_checkpoint
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt") and "checkpoint-6" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "full"
+    with pytest.raises(StorageError) as caught:
+        resumable(tiny_model_dir, rows_file).train(out)
+    message = str(caught.value)
+    assert f"The disk is full while writing into {out}" in message
+    assert f"the last complete checkpoint, {out / 'checkpoints' / 'checkpoint-3'}, is intact" in message
+    assert "then continue with train(dir, resume=True)" in message
+    assert isinstance(caught.value.__cause__, OSError) and caught.value.__cause__.errno == errno.ENOSPC
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-3"]
+    assert check_checkpoint(out / "checkpoints" / "checkpoint-3") == []
+    assert not (out / "checkpoints" / ".partial").exists()  # the half-written copy freed its space
+    assert not (out / "lorakit.lock").exists()  # released on the error
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed = resumable(tiny_model_dir, rows_file).train(out, resume=True)
+    whole, after = _adapter(uninterrupted.output_dir), _adapter(out)
+    assert resumed.metrics["train_steps"] == 8
+    for key in whole:
+        torch.testing.assert_close(after[key], whole[key], rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,22 @@ from lorakit.errors import ConfigError
 from lorakit.rundir import RunDir
 
 
+def _archive(path: Path) -> None:
+    """A small torch-style zip archive (what torch.save writes)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"x" * 64)
+
+
 def _checkpoint(run: RunDir, step: int, *, complete: bool = True) -> Path:
+    """A checkpoint with every file a resume needs, sealed; ``complete=False``: only a weight file."""
     path = run.checkpoint(step)
     path.mkdir(parents=True)
     if complete:
         (path / rundir.STATE_FILE).write_text("{}")
+        (path / rundir.RESUME_FILE).write_text(json.dumps({"step": step}))
+        for name in (rundir.OPTIMIZER_FILE, rundir.SCHEDULER_FILE, "rng_state.pth"):
+            _archive(path / name)
+        rundir.seal_checkpoint(path)
     return path
 
 
@@ -368,7 +380,7 @@ def test_check_output_dir(tmp_path):
         rundir.check_output_dir(run.metrics_log, overwrite=True)
 
 
-def test_clear_for_fresh_run_removes_the_previous_runs_outputs(tmp_path):
+def test_clear_for_fresh_run_moves_the_whole_previous_run_aside(tmp_path):
     run = RunDir(tmp_path)
     for path in (
         run.metrics_log,
@@ -377,13 +389,26 @@ def test_clear_for_fresh_run_removes_the_previous_runs_outputs(tmp_path):
         run.samples_log,
         run.report_file,
         run.curves_file,
+        run.tokenizer_config,
     ):
         path.write_text("old")
     run.adapter_config.write_text("{}")
+    run.adapter_weights.write_bytes(b"old weights")
+    run.tensorboard_dir.mkdir()
+    (tmp_path / rundir.LOCK_FILE).write_text("{}")
+    (tmp_path / "notes.py").write_text("the user's")  # not a run output: stays
     _checkpoint(run, 3)
     run.clear_for_fresh_run()
-    assert os.listdir(tmp_path) == ["adapter_config.json"]  # replaced by the new run's save
-    run.clear_for_fresh_run()  # nothing left to remove
+    assert sorted(os.listdir(tmp_path)) == [rundir.REPLACED_DIR, rundir.LOCK_FILE, "notes.py"]
+    aside = tmp_path / rundir.REPLACED_DIR
+    assert (aside / "adapter_model.safetensors").read_bytes() == b"old weights"
+    assert (aside / "checkpoints" / "checkpoint-3" / rundir.MANIFEST_FILE).is_file()
+    run.clear_for_fresh_run()  # nothing new to move: the old copy of a crashed overwrite is dropped
+    assert sorted(os.listdir(tmp_path)) == [rundir.LOCK_FILE, "notes.py"]
+    run.adapter_weights.write_bytes(b"x")
+    run.clear_for_fresh_run()
+    run.drop_replaced()
+    assert sorted(os.listdir(tmp_path)) == [rundir.LOCK_FILE, "notes.py"]
 
 
 def test_prepare_resume(tmp_path):
