@@ -8,6 +8,8 @@ A template is any object with ``name``, ``render()``, ``stop_strings()`` and ``t
 - ``"llama2"``: ``<s>[INST] <<SYS>> ... [/INST] reply </s>``.
 - ``"llama3"``, ``"mistral"``, ``"zephyr"``, ``"gemma"``, ``"phi3"``, ``"vicuna"``: those model families' formats.
 - ``"model"``: the tokenizer's own ``chat_template``.
+- ``"auto"`` (the default of ``with_dataset``): ``"model"`` when the tokenizer has a chat template, else
+  ``"alpaca"``; decided per tokenizer, so a run and its saved tokenizer always agree.
 
 A Jinja chat template string (anything containing ``{%`` or ``{{``) is used like ``"model"`` with that string
 in place of the tokenizer's template.
@@ -30,8 +32,10 @@ Example:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import attrs
 
 from lorakit.errors import ConfigError
 from lorakit.templates.base import Message, PromptTemplate, Segment
@@ -51,6 +55,7 @@ from lorakit.templates.format import Template
 from lorakit.templates.model import ModelTemplate
 
 __all__ = [
+    "AutoTemplate",
     "TEMPLATES",
     "TEMPLATE_CLASSES",
     "AlpacaTemplate",
@@ -59,11 +64,55 @@ __all__ = [
     "PromptTemplate",
     "Segment",
     "Template",
+    "describe_template",
     "get_template",
     "register_template",
     "register_template_class",
     "template_from_dict",
 ]
+
+
+@attrs.frozen
+class AutoTemplate:
+    """``template="auto"``: the tokenizer's own chat template when it has one, else alpaca.
+
+    The choice is made from the tokenizer each call gets (:meth:`resolve`); training saves the tokenizer with
+    the run, so loading the run makes the same choice.
+    """
+
+    name: str = "auto"
+    """Shown in plans and saved with the run."""
+
+    def resolve(self, tokenizer: Any) -> PromptTemplate:
+        """``TEMPLATES["model"]`` when ``tokenizer.chat_template`` is set, else ``TEMPLATES["alpaca"]``."""
+        return TEMPLATES["model"] if getattr(tokenizer, "chat_template", None) else TEMPLATES["alpaca"]
+
+    def render(
+        self, messages: Sequence[Message], *, tokenizer: Any, add_generation_prompt: bool = False
+    ) -> list[Segment]:
+        """See :meth:`lorakit.templates.PromptTemplate.render`."""
+        return self.resolve(tokenizer).render(
+            messages, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt
+        )
+
+    def stop_strings(self, tokenizer: Any) -> list[str]:
+        """The stop strings of the resolved template."""
+        return self.resolve(tokenizer).stop_strings(tokenizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": "auto"}``."""
+        return {"name": self.name}
+
+
+def describe_template(template: PromptTemplate, tokenizer: Any) -> str:
+    """``"auto -> model (the tokenizer's chat template)"`` / ``"auto -> alpaca (no chat template)"``; other
+    templates by name."""
+    if not isinstance(template, AutoTemplate):
+        return template.name
+    if template.resolve(tokenizer) is TEMPLATES["model"]:
+        return "auto -> model (the tokenizer's own chat template)"
+    return "auto -> alpaca (the tokenizer has no chat template)"
+
 
 TEMPLATES: dict[str, PromptTemplate] = {
     "alpaca": ALPACA,
@@ -76,6 +125,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "phi3": PHI3,
     "vicuna": VICUNA,
     "model": ModelTemplate(),
+    "auto": AutoTemplate(),
 }
 """Every template known by name. Add to it with :func:`register_template`."""
 
