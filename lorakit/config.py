@@ -454,11 +454,12 @@ class TrainSpec:
     )
     """Write a checkpoint every N steps; ``None`` saves only the final adapter."""
     optim: str = attrs.field(
-        default="auto",
+        default="adamw_torch",
         validator=one_of(OPTIMIZERS, "adamw_8bit / paged_* use bitsandbytes; paged_* need a CUDA GPU."),
     )
     """The optimizer (a transformers ``optim`` name); ``paged_*`` page optimizer state to the CPU on a GPU;
-    ``"auto"`` = ``paged_adamw_8bit`` for QLoRA on a GPU, ``adamw_torch`` otherwise."""
+    ``"auto"`` = ``paged_adamw_8bit`` for QLoRA on a GPU, ``adamw_torch`` otherwise (decided when training
+    starts, and recorded as the optimizer it became)."""
     liger: bool | None = attrs.field(default=None)
     """Liger kernels (TRL's ``use_liger_kernel``); None = on for GPU runs when ``liger_kernel`` is installed."""
     options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_option_pairs)

@@ -518,8 +518,8 @@ class Pipeline:
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
         precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
-        epoch), save_steps=None (final adapter only), optim="auto" (paged_adamw_8bit for QLoRA on a GPU,
-        adamw_torch otherwise), group_by_length=True (batches of similar lengths, little padding), liger=None
+        epoch), save_steps=None (final adapter only), optim="adamw_torch" ("auto": paged_adamw_8bit for
+        QLoRA on a GPU, adamw_torch otherwise), group_by_length=True (batches of similar lengths, little padding), liger=None
         (Liger kernels via TRL's use_liger_kernel when liger_kernel is installed on a GPU run).
         ``trainer_options`` are more TRL ``SFTConfig`` fields (e.g. ``{"max_grad_norm": 0.3,
         "neftune_noise_alpha": 5}``): unknown fields are a ConfigError naming close matches, fields a lorakit
@@ -763,7 +763,7 @@ class Pipeline:
         tokenizer, template = self._tokenizer_and_template()
         assert self.data is not None
         return prepare_data(
-            self.data.source, tokenizer=tokenizer, template=template, **self.data.prepare_kwargs()
+            self._source(), tokenizer=tokenizer, template=template, **self.data.prepare_kwargs()
         )
 
     def preview(self, n: int = 3) -> Preview:
@@ -777,7 +777,7 @@ class Pipeline:
         tokenizer, template = self._tokenizer_and_template()
         assert self.data is not None
         options = {**self.data.prepare_kwargs(), "packing": False}
-        prepared = prepare_data(self.data.source, tokenizer=tokenizer, template=template, **options)
+        prepared = prepare_data(self._source(), tokenizer=tokenizer, template=template, **options)
         return preview_examples(
             prepared.train.select(range(min(n, len(prepared.train)))).to_list(), tokenizer
         )
@@ -789,6 +789,12 @@ class Pipeline:
         ``report.problems()`` lists fatal problems and warnings; ``train()`` stops on the fatal ones.
         """
         return self.prepare_data().report
+
+    def _source(self) -> Any:
+        """The data source as ``train()`` reads it (a streamed Hub dataset: the rows ``max_steps`` consumes)."""
+        data = resolve_for_run(self, current_device()).data
+        assert data is not None
+        return data.source
 
     def _tokenizer_and_template(self) -> tuple[Any, Any]:
         self.require()

@@ -231,7 +231,7 @@ def test_template_validation_names_the_field():
 def test_get_template_unknown_lists_known_names():
     with pytest.raises(
         ConfigError,
-        match="Unknown template 'vicuna2'. Known templates: alpaca, auto, chatml, gemma, llama2, llama3, mistral, "
+        match="Unknown template 'vicuna2'. Known templates: alpaca, chatml, gemma, llama2, llama3, mistral, "
         "model, phi3, vicuna, zephyr",
     ):
         get_template("vicuna2")

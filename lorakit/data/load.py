@@ -119,7 +119,7 @@ def read_source(source: Any, *, name: str | None = None, text_unit: str = "line"
         elif path.suffix.lower() in SUFFIXES or path.exists() or isinstance(source, Path):
             read = _read_file(path, label, text_unit)
         else:
-            read = _read_hub(str(source), label)
+            read = _read_hub(source, label)  # a HubDataset keeps its options
     elif _is_dataset(source):
         read = Source(source.to_list(), name or "the Dataset passed as source")
     elif _is_dataset_dict(source):

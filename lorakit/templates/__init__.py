@@ -55,6 +55,7 @@ from lorakit.templates.format import Template
 from lorakit.templates.model import ModelTemplate
 
 __all__ = [
+    "AUTO",
     "AutoTemplate",
     "TEMPLATES",
     "TEMPLATE_CLASSES",
@@ -104,6 +105,11 @@ class AutoTemplate:
         return {"name": self.name}
 
 
+AUTO = AutoTemplate()
+"""``template="auto"``, the default of ``with_dataset``: not in :data:`TEMPLATES` (it is not a format of its
+own, it picks one of them per tokenizer)."""
+
+
 def describe_template(template: PromptTemplate, tokenizer: Any) -> str:
     """``"auto -> model (the tokenizer's chat template)"`` / ``"auto -> alpaca (no chat template)"``; other
     templates by name."""
@@ -125,7 +131,6 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "phi3": PHI3,
     "vicuna": VICUNA,
     "model": ModelTemplate(),
-    "auto": AutoTemplate(),
 }
 """Every template known by name. Add to it with :func:`register_template`."""
 
@@ -183,7 +188,7 @@ def register_template(name: str, template: PromptTemplate) -> None:
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"A template name must be a non-empty string, got {name!r}.")
-    if name in TEMPLATES:
+    if name in TEMPLATES or name == AUTO.name:
         raise ConfigError(
             f"A template named {name!r} is already registered; pick another name "
             f"(registered: {', '.join(sorted(TEMPLATES))})."
@@ -209,11 +214,12 @@ def get_template(
     if isinstance(name_or_template, str):
         if "{%" in name_or_template or "{{" in name_or_template:
             return ModelTemplate(name="jinja", chat_template=name_or_template)
-        template = TEMPLATES.get(name_or_template)
+        template = AUTO if name_or_template == AUTO.name else TEMPLATES.get(name_or_template)
         if template is None:
             raise ConfigError(
                 f"Unknown template {name_or_template!r}. Known templates: {', '.join(sorted(TEMPLATES))}. "
-                "Or pass a Template(...) of your own, or register one with register_template()."
+                "Or 'auto' (the tokenizer's chat template when it has one, else alpaca), pass a Template(...) "
+                "of your own, or register one with register_template()."
             )
         return template
     if isinstance(name_or_template, Mapping):
@@ -255,6 +261,8 @@ def template_from_dict(data: Mapping[str, Any], *, trust_template_classes: bool 
     if data.get("kind") == "format":
         return Template.from_dict(data)
     name = data.get("name")
+    if name == AUTO.name:
+        return AUTO
     if isinstance(name, str) and name in TEMPLATES:
         return TEMPLATES[name]
     raise ConfigError(
