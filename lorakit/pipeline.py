@@ -553,7 +553,7 @@ class Pipeline:
         return attrs.evolve(self, training=training)
 
     def track(self, backend: str = "none", **options: Any) -> Pipeline:
-        """Send metrics to ``"wandb"`` (offline when no API key is set), ``"tensorboard"``, or ``"none"``.
+        """Send metrics to ``"wandb"`` (online if logged in, else offline), ``"tensorboard"``, or ``"none"``.
 
         The run directory always gets ``metrics.jsonl``. Options go to the backend (W&B: ``project``, ``name``,
         ``entity``, ``tags``); secrets are refused: put API keys in the environment.
