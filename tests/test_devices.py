@@ -267,3 +267,16 @@ def test_gpu_inference_generate_and_merge(adapter_dir):
     assert isinstance("".join(model.stream("Say hi.", max_new_tokens=4)), str)
     merged = model.merge(verify=True)
     assert merged.device == "cuda" and merged.merge_report.logits_match
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_gpu_smoke_script_exits_with_a_clear_message_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "gpu_smoke.py needs a CUDA GPU and none is available" in out.stderr
+    assert "Runtime > Change runtime type > T4 GPU" in out.stderr
