@@ -140,7 +140,7 @@ def run_inference_steps(args: argparse.Namespace, out: Path) -> None:
         )
 
     step("evaluate (perplexity, exact match)", evaluate)
-    step("load run on the GPU", load)
+    step("load the LoRA run (GPU when there is one)", load)
     step("generate (batched, single, stream, chat)", generate)
     step("merge(verify=True), save, reload", merge)
 
