@@ -91,12 +91,12 @@ def run_training_steps(args: argparse.Namespace, out: Path) -> None:
     qlora = pipeline(args, optim="auto").quantize_4bit()
     print(qlora.explain(), flush=True)
     step(
-        "QLoRA train (4-bit, paged 8-bit AdamW)",
+        "QLoRA train (4-bit, optim=auto)",
         lambda: train_speed(qlora.train(out / "qlora", overwrite=True)),
     )
     lora = pipeline(args)
     print(lora.explain(), flush=True)
-    step("LoRA train (16-bit)", lambda: train_speed(lora.train(out / "lora", overwrite=True)))
+    step("LoRA train (16-bit on a GPU)", lambda: train_speed(lora.train(out / "lora", overwrite=True)))
 
 
 def run_inference_steps(args: argparse.Namespace, out: Path) -> None:
