@@ -519,8 +519,9 @@ class Pipeline:
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
         precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
         epoch), save_steps=None (final adapter only), optim="adamw_torch" ("auto": paged_adamw_8bit for
-        QLoRA on a GPU, adamw_torch otherwise), group_by_length=True (batches of similar lengths, little padding), liger=None
-        (Liger kernels via TRL's use_liger_kernel when liger_kernel is installed on a GPU run).
+        QLoRA on a GPU, adamw_torch otherwise), group_by_length=True (batches of similar lengths, little
+        padding), liger=None (Liger kernels via TRL's use_liger_kernel when liger_kernel is installed on a GPU
+        run).
         ``trainer_options`` are more TRL ``SFTConfig`` fields (e.g. ``{"max_grad_norm": 0.3,
         "neftune_noise_alpha": 5}``): unknown fields are a ConfigError naming close matches, fields a lorakit
         setting owns too (it names that setting). See :class:`lorakit.config.TrainSpec`.
