@@ -37,7 +37,7 @@ from lorakit.configfile import check_remote_code, config_file_path
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
 from lorakit.models import current_device, load_model_config
-from lorakit.plan import decide_fast_paths, decide_grad_checkpointing
+from lorakit.plan import decide_grad_checkpointing, decide_liger
 from lorakit.templates import template_from_dict
 
 if TYPE_CHECKING:
@@ -341,9 +341,9 @@ def _version(package: str) -> str:
 
 
 def _pass_through(pipeline: Pipeline) -> dict[str, Any]:
-    """The ``SFTConfig`` keywords of the fast paths the plan chose and of ``trainer_options``."""
-    paths = decide_fast_paths(pipeline, current_device())
-    extra: dict[str, Any] = {"use_liger_kernel": True} if paths.liger else {}
+    """The ``SFTConfig`` keywords of the fast paths the plan chose (Liger kernels) and of ``trainer_options``."""
+    liger, _ = decide_liger(pipeline.training.liger, current_device())
+    extra: dict[str, Any] = {"use_liger_kernel": True} if liger else {}
     return {**extra, **pipeline.training.option_dict}
 
 
