@@ -239,7 +239,8 @@ def test_bf16_merge_is_checked_with_a_bf16_tolerance(adapter_dir):
     assert report.merged_dtype == "bfloat16" and report.logits_match
     # The fp32 bound would call a correct 16-bit merge broken: the tolerance has to follow the dtype.
     assert report.max_logit_diff > 1e-3
-    fp32 = lk.InferenceModel.load(adapter_dir, template="alpaca").merge(verify=True).merge_report
+    fp32_model = lk.InferenceModel.load(adapter_dir, template="alpaca")
+    fp32 = fp32_model.merge(verify=True, verify_prompts=["Say hi."]).merge_report
     assert fp32.merged_dtype == "float32" and fp32.logits_match and fp32.logit_tolerance < 0.01
 
 
