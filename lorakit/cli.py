@@ -232,7 +232,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from lorakit.serve import Limits, create_app, run_server
 
-    _quiet_libraries()
     app = create_app(
         _named_runs(args),
         api_key=args.api_key or os.environ.get("LORAKIT_API_KEY") or None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -16,6 +17,7 @@ import attrs
 from lorakit.errors import ConfigError
 
 __all__ = [
+    "HubDataset",
     "DataSpec",
     "ModelSpec",
     "QuantSpec",
@@ -26,6 +28,7 @@ __all__ = [
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = (
+    "auto",
     "adamw_torch",
     "adamw_torch_fused",
     "adafactor",
@@ -46,6 +49,7 @@ SCHEDULERS = (
     "warmup_stable_decay",
 )
 TRACKERS = ("none", "wandb", "tensorboard", "mlflow")
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 SECRET_OPTION_WORDS = ("key", "token", "secret", "password")
 
 
@@ -117,6 +121,22 @@ def _to_float(value: Any) -> Any:
     return value
 
 
+def _option_pairs(value: Any) -> tuple[tuple[str, Any], ...]:
+    """Converter for pass-through options: a dict becomes sorted ``(key, value)`` pairs (hashable, frozen)."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        value = value.items()
+    try:
+        pairs = tuple(sorted((key, item) for key, item in value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"options must be a dict of keyword arguments, got {value!r}.") from None
+    for key, _ in pairs:
+        if not isinstance(key, str):
+            raise ConfigError(f"option names must be strings, got {key!r}.")
+    return pairs
+
+
 # --- specs ------------------------------------------------------------------------------------------------
 
 
@@ -132,6 +152,15 @@ class ModelSpec:
     """Run modelling code shipped with the checkpoint (only for repositories you trust)."""
     revision: str | None = attrs.field(default=None)
     """A branch, tag or commit of a Hub repository."""
+    attention: str = attrs.field(default="auto", validator=one_of(ATTENTIONS))
+    """Attention kernel: ``"auto"`` = flash-attention 2 when installed on a GPU that runs it, else SDPA."""
+    options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_option_pairs)
+    """Extra ``from_pretrained`` keyword arguments (``from_model(model_options={...})``), checked by the builder."""
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        """``options`` as a dict."""
+        return dict(self.options)
 
     @name_or_path.validator
     def _check_name(self, attribute: attrs.Attribute, value: Any) -> None:
@@ -283,6 +312,29 @@ class DataSpec:
     """Processes for tokenization."""
     cache: bool = attrs.field(default=True, converter=bool)
     """Reuse tokenized data of an identical earlier run (``$LORAKIT_CACHE_DIR`` or the user cache)."""
+    config: str | None = attrs.field(default=None)
+    """Hub datasets: the configuration (subset) name passed to ``datasets.load_dataset``."""
+    split: str | None = attrs.field(default=None)
+    """Hub datasets: the split to train on (``"train"`` when None), e.g. ``"train[:10%]"``."""
+    streaming: bool = attrs.field(default=False, converter=bool)
+    """Hub datasets: stream rows instead of downloading the whole dataset; needs ``max_steps``."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.config is not None or self.split is not None or self.streaming:
+            if not isinstance(self.source, str) or Path(self.source).expanduser().exists():
+                raise ConfigError(
+                    f"with_dataset(config=/split=/streaming=) are for Hub dataset ids such as 'org/name'; "
+                    f"the source {self.source if isinstance(self.source, str) else type(self.source).__name__!r} "
+                    "is not one. Drop them, or pass the dataset id."
+                )
+            hub = HubDataset(
+                str(self.source),
+                config=self.config,
+                split=self.split,
+                streaming=self.streaming,
+                max_rows=getattr(self.source, "max_rows", None),
+            )
+            object.__setattr__(self, "source", hub)
 
     @source.validator
     def _check_source(self, attribute: attrs.Attribute, value: Any) -> None:
@@ -325,6 +377,34 @@ class DataSpec:
             "num_proc": self.num_proc,
             "cache": self.cache,
         }
+
+
+class HubDataset(str):
+    """A Hub dataset id (a ``str``) carrying ``load_dataset`` options: config, split, streaming, row limit."""
+
+    config: str | None
+    split: str | None
+    streaming: bool
+    max_rows: int | None
+
+    def __new__(
+        cls,
+        dataset_id: str,
+        *,
+        config: str | None = None,
+        split: str | None = None,
+        streaming: bool = False,
+        max_rows: int | None = None,
+    ) -> HubDataset:
+        hub = super().__new__(cls, dataset_id)
+        hub.config, hub.split, hub.streaming, hub.max_rows = config, split, streaming, max_rows
+        return hub
+
+    def with_max_rows(self, max_rows: int | None) -> HubDataset:
+        """The same dataset, reading at most ``max_rows`` rows (how many a streamed run consumes)."""
+        return HubDataset(
+            str(self), config=self.config, split=self.split, streaming=self.streaming, max_rows=max_rows
+        )
 
 
 @attrs.frozen
@@ -379,7 +459,9 @@ class TrainSpec:
     )
     """The optimizer (a transformers ``optim`` name); ``paged_*`` page optimizer state to the CPU on a GPU. The
     default, fused AdamW (one kernel over all adapter tensors, on CPU and CUDA), gives the updates of
-    ``"adamw_torch"`` (within 1e-8) and its step was 14x faster on SmolLM2's 420 LoRA tensors (bench note)."""
+    ``"adamw_torch"`` (within 1e-8) and its step was 14x faster on SmolLM2's 420 LoRA tensors (bench note).
+    ``"auto"`` = ``paged_adamw_8bit`` for QLoRA on a GPU, fused AdamW otherwise (decided when training starts,
+    and recorded as the optimizer it became)."""
 
     compile: bool | str = attrs.field(default=False)
     """``torch.compile`` the decoder layers (in place) before training: ``False`` (default, until the bench shows
@@ -388,10 +470,29 @@ class TrainSpec:
     fused_loss: bool = attrs.field(default=True)
     """Compute the training loss with lorakit's fused linear cross-entropy (only loss positions reach the LM head,
     no full-vocabulary logits, see :mod:`lorakit.fused`) where it applies; ``False`` uses TRL's loss."""
+    liger: bool | None = attrs.field(default=None)
+    """Liger kernels (TRL's ``use_liger_kernel``); None = on for GPU runs when ``liger_kernel`` is installed."""
+    options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_option_pairs)
+    """Extra ``SFTConfig`` fields (``with_training(trainer_options={...})``), checked by the builder."""
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        """``options`` as a dict."""
+        return dict(self.options)
 
     group_by_length: bool = attrs.field(default=True)
     """Batch examples of similar length together (seeded, random order of batches), so dynamic padding computes
     few pad tokens; ``False`` batches in random order. Ignored with ``packing=True`` (padding-free)."""
+
+    @liger.validator
+    def _check_liger(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not isinstance(value, bool):
+            _fail(
+                attribute,
+                value,
+                "True, False or None",
+                "None turns Liger kernels on when installed on a GPU.",
+            )
 
     @group_by_length.validator
     def _check_grouping(self, attribute: attrs.Attribute, value: Any) -> None:

@@ -36,8 +36,8 @@ from lorakit.config import ModelSpec, QuantSpec, TrainSpec
 from lorakit.configfile import check_remote_code, config_file_path
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.methods import LoraSpec, MethodSpec, method_from_dict
-from lorakit.models import load_model_config
-from lorakit.plan import decide_grad_checkpointing
+from lorakit.models import current_device, load_model_config
+from lorakit.plan import decide_grad_checkpointing, decide_liger
 from lorakit.rundir import CHECKPOINTS_DIR, list_checkpoints
 from lorakit.templates import template_from_dict
 
@@ -259,6 +259,95 @@ def _layer_classes(pipeline: Pipeline) -> list[str]:
     return list(getattr(model_class, "_no_split_modules", None) or [])
 
 
+_TRAINER_OPTIONS_OWNED = {
+    "output_dir": "train(output_dir)",
+    "use_cpu": "lorakit's device choice (the GPU when there is one)",
+    "bf16": "with_training(precision=...)",
+    "fp16": "with_training(precision=...)",
+    "gradient_checkpointing": "with_training(grad_checkpointing=...)",
+    "gradient_checkpointing_kwargs": "with_training(grad_checkpointing=...)",
+    "num_train_epochs": "with_training(epochs=...)",
+    "max_steps": "with_training(max_steps=...)",
+    "learning_rate": "with_training(lr=...)",
+    "per_device_train_batch_size": "with_training(batch_size=...)",
+    "per_device_eval_batch_size": "with_training(batch_size=...)",
+    "gradient_accumulation_steps": "with_training(grad_accum=...)",
+    "lr_scheduler_type": "with_training(scheduler=...)",
+    "optim": "with_training(optim=...)",
+    "warmup_steps": "with_training(warmup_ratio=...)",
+    "warmup_ratio": "with_training(warmup_ratio=...)",
+    "weight_decay": "with_training(weight_decay=...)",
+    "seed": "with_training(seed=...)",
+    "data_seed": "with_training(seed=...)",
+    "logging_steps": "with_training(logging_steps=...)",
+    "eval_strategy": "with_training(eval_steps=...) / with_eval(every=...)",
+    "eval_steps": "with_training(eval_steps=...) / with_eval(every=...)",
+    "save_strategy": "with_training(save_steps=...) / with_checkpoints(...)",
+    "save_steps": "with_training(save_steps=...) / with_checkpoints(...)",
+    "save_total_limit": "with_checkpoints(...)",
+    "metric_for_best_model": "with_checkpoints(best_metric=...)",
+    "greater_is_better": "with_checkpoints(best_metric=...)",
+    "load_best_model_at_end": "with_checkpoints(load_best=...)",
+    "report_to": "track(...)",
+    "max_length": "with_dataset(max_length=...)",
+    "packing": "with_dataset(packing=True)",
+    "padding_free": "with_dataset(packing=True)",
+    "dataset_kwargs": "lorakit's data preparation",
+    "remove_unused_columns": "lorakit's data preparation",
+    "dataloader_num_workers": "lorakit's data loading (rows are tokenized in memory; workers stay 0)",
+    "dataloader_pin_memory": "lorakit's device choice (pinned on a GPU)",
+    "disable_tqdm": "the LORAKIT_PROGRESS environment variable",
+    "group_by_length": "with_training(group_by_length=...)",
+    "use_liger_kernel": "with_training(liger=...)",
+    "fsdp": "distributed(strategy='fsdp')",
+    "fsdp_config": "distributed(strategy='fsdp')",
+    "deepspeed": "distributed(strategy='deepspeed')",
+    "ddp_find_unused_parameters": "distributed(...)",
+}
+"""SFTConfig fields lorakit sets from its own settings: ``trainer_options`` naming one is refused."""
+
+
+def check_trainer_options(options: Mapping[str, Any]) -> None:
+    """``with_training(trainer_options=)``: every key a field of the installed TRL ``SFTConfig``, none that a
+    lorakit setting owns (:data:`_TRAINER_OPTIONS_OWNED`).
+
+    Raises:
+        ConfigError: naming the key and close matches (difflib), or the lorakit setting to use instead.
+    """
+    import dataclasses
+    import difflib
+
+    from trl import SFTConfig
+
+    fields = {field.name for field in dataclasses.fields(SFTConfig) if field.init}
+    for key in options:
+        if key in _TRAINER_OPTIONS_OWNED:
+            raise ConfigError(
+                f"with_training(trainer_options={{{key!r}: ...}}): lorakit sets {key!r} itself; use "
+                f"{_TRAINER_OPTIONS_OWNED[key]} instead."
+            )
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            raise ConfigError(
+                f"with_training(trainer_options={{{key!r}: ...}}): {key!r} is not a field of TRL's SFTConfig "
+                f"(trl {_version('trl')})"
+                + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ".")
+            )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _pass_through(pipeline: Pipeline) -> dict[str, Any]:
+    """The ``SFTConfig`` keywords of the fast paths the plan chose (Liger kernels) and of ``trainer_options``."""
+    liger, _ = decide_liger(pipeline.training.liger, current_device())
+    extra: dict[str, Any] = {"use_liger_kernel": True} if liger else {}
+    return {**extra, **pipeline.training.option_dict}
+
+
 def training_arguments(
     pipeline: Pipeline, *, layer_classes: Sequence[str] | None = None, device: str = "cuda"
 ) -> dict[str, Any]:
@@ -273,7 +362,7 @@ def training_arguments(
     """
     spec = pipeline.distribution
     if spec is None:
-        return {"ddp_find_unused_parameters": False}
+        return {"ddp_find_unused_parameters": False, **_pass_through(pipeline)}
     check_spec_against(pipeline, spec)
     grad_ckpt = decide_grad_checkpointing(pipeline.training, pipeline.resolved_method, device, spec)
     kwargs: dict[str, Any] = {"ddp_find_unused_parameters": False}
@@ -288,7 +377,7 @@ def training_arguments(
             kwargs["gradient_checkpointing"] = False
     elif spec.strategy == "deepspeed":
         kwargs["deepspeed"] = _deepspeed_config(spec)
-    return kwargs
+    return {**kwargs, **_pass_through(pipeline)}
 
 
 def _fsdp_config(spec: DistributedSpec, classes: list[str]) -> dict[str, Any]:

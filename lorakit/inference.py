@@ -43,7 +43,8 @@ from lorakit.generation import (
 from lorakit.merging import MergeReport, compare, reference_outputs, verification_sequences
 from lorakit.modelcard import push_folder, write_model_card
 from lorakit.models import (
-    device_kind,
+    current_device,
+    inference_placement,
     load_base_model,
     load_tokenizer,
     resolve_model_path,
@@ -139,6 +140,8 @@ class InferenceModel:
         trust_remote_code: bool = False,
         trust_template_classes: bool = False,
         allow_pickle: bool = False,
+        device: str | None = None,
+        dtype: str | None = None,
     ) -> InferenceModel:
         """Load a lorakit run directory, a PEFT adapter directory, or a model saved by :meth:`save`.
 
@@ -162,6 +165,9 @@ class InferenceModel:
                 value is never used by itself.
             trust_template_classes: build a saved template whose class is not registered (imports it).
             allow_pickle: load weights saved as pickle (``*.bin``) when the directory has no safetensors.
+            device: ``"cuda"`` or ``"cpu"``; None = the GPU when there is one (``device_map="auto"``).
+            dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``; None = the GPU's 16-bit type (bf16 where it is native,
+                else fp16) on a GPU, fp32 on the CPU (:func:`lorakit.models.inference_placement`).
         """
         path = readable_run(Path(path).expanduser())  # a run still training: its last complete checkpoint
         run_dir = RunDir(path)
@@ -172,12 +178,15 @@ class InferenceModel:
                 trust_remote_code=trust_remote_code,
                 trust_template_classes=trust_template_classes,
                 allow_pickle=allow_pickle,
+                device=device,
+                dtype=dtype,
             )
         run = read_run(path)
         check_artifacts(run_dir, run)  # damaged or missing files: a CorruptArtifactError naming them
-        spec, quant, saved_template, precision = _from_record(
+        spec, quant, saved_template = _from_record(
             run_dir, run, template, trust_remote_code, trust_template_classes
         )
+        kind, precision = inference_placement(device, dtype, current_device())
         if base is not None:
             spec = ModelSpec(base, trust_remote_code=trust_remote_code)
         check_safe_weights(run_dir, allow_pickle=allow_pickle)
@@ -186,7 +195,7 @@ class InferenceModel:
         tokenizer = load_tokenizer(str(path) if run_dir.tokenizer_config.is_file() else base_path, spec)
         chosen = _chosen_template(path, template if template is not None else saved_template, tokenizer)
         model = _attach_adapter(
-            load_base_model(base_path, spec, dtype=torch_dtype(precision), quant=quant), path
+            load_base_model(base_path, spec, dtype=torch_dtype(precision), quant=quant, device=kind), path
         )
         return cls(
             model,
@@ -208,12 +217,15 @@ class InferenceModel:
         trust_remote_code: bool = False,
         trust_template_classes: bool = False,
         allow_pickle: bool = False,
+        device: str | None = None,
+        dtype: str | None = None,
     ) -> InferenceModel:
         """A base model without adapter (e.g. to measure it before fine-tuning) with the given template.
 
         ``trust_remote_code`` runs the Python code shipped with the model; ``trust_template_classes`` builds
         a template dict (given or saved next to the model) naming an unregistered class; ``allow_pickle``
-        loads ``pytorch_model.bin`` weights of a local directory without safetensors.
+        loads ``pytorch_model.bin`` weights of a local directory without safetensors. ``device`` / ``dtype``
+        as in :meth:`load` (the GPU in its 16-bit type when there is one).
         """
         spec = ModelSpec(name_or_path, trust_remote_code=trust_remote_code)
         return cls._load_plain(
@@ -222,6 +234,8 @@ class InferenceModel:
             spec=spec,
             trust_template_classes=trust_template_classes,
             allow_pickle=allow_pickle,
+            device=device,
+            dtype=dtype,
         )
 
     @classmethod
@@ -234,6 +248,8 @@ class InferenceModel:
         trust_remote_code: bool = False,
         trust_template_classes: bool = False,
         allow_pickle: bool = False,
+        device: str | None = None,
+        dtype: str | None = None,
     ) -> InferenceModel:
         """A whole model directory: a merged export, a full fine-tuning run, or a base model."""
         run_dir = RunDir(path)
@@ -254,8 +270,9 @@ class InferenceModel:
         if path.is_dir():
             check_safe_weights(run_dir, allow_pickle=allow_pickle)
         tokenizer = load_tokenizer(str(path), spec)
-        model = load_base_model(str(path), spec, dtype=torch_dtype("fp32")).eval()
-        return cls(model, tokenizer, template, base_spec=spec, base_path=str(path))
+        kind, precision = inference_placement(device, dtype, current_device())
+        model = load_base_model(str(path), spec, dtype=torch_dtype(precision), device=kind).eval()
+        return cls(model, tokenizer, template, base_spec=spec, base_path=str(path), dtype=precision)
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -599,6 +616,13 @@ class InferenceModel:
     # --- merge and export ---------------------------------------------------------------------------------
 
     @property
+    def device(self) -> str:
+        """``"cuda"`` or ``"cpu"``: where the model's weights are."""
+        if self.model is None:
+            return "cpu"
+        return next(self.model.parameters()).device.type
+
+    @property
     def is_merged(self) -> bool:
         """True when the model carries no adapter (merged, or loaded from a plain model directory)."""
         return not self._adapters
@@ -687,7 +711,9 @@ class InferenceModel:
             self.model = None
             gc.collect()
         assert self.base_spec is not None and self.base_path is not None
-        base = _base_to_merge_into(self.base_path, self.base_spec, torch_dtype(self.dtype), info.path)
+        base = _base_to_merge_into(
+            self.base_path, self.base_spec, torch_dtype(self.dtype), info.path, device=self.device
+        )
         return _attach_adapter(base, info.path).merge_and_unload(progressbar=progress_enabled())
 
     def _adopt(self, merged: Any, info: AdapterInfo, *, inplace: bool) -> InferenceModel:
@@ -833,11 +859,14 @@ def _loftq_quant(adapter_dir: Path) -> QuantSpec | None:
     return QuantSpec(**config["quant"])
 
 
-def _base_to_merge_into(base_path: str, spec: ModelSpec, dtype: Any, adapter_dir: Path) -> Any:
-    """The un-quantized base an adapter is merged into; for LoftQ the dequantized 4-bit base it fits."""
+def _base_to_merge_into(
+    base_path: str, spec: ModelSpec, dtype: Any, adapter_dir: Path, *, device: str = "cpu"
+) -> Any:
+    """The un-quantized base an adapter is merged into (on ``device``); for LoftQ the dequantized 4-bit base
+    it fits."""
     loftq_quant = _loftq_quant(adapter_dir)
     if loftq_quant is None:
-        return load_base_model(base_path, spec, dtype=dtype)
+        return load_base_model(base_path, spec, dtype=dtype, device=device)
     base = load_base_model(base_path, spec, dtype=dtype, quant=loftq_quant)
     return base.dequantize(dtype=dtype)
 
@@ -883,16 +912,16 @@ def _from_record(
     template: Any,
     trust_remote_code: bool,
     trust_template_classes: bool,
-) -> tuple[ModelSpec, QuantSpec | None, Any, str]:
-    """The base spec, quantization, saved template and precision of a run record (or of a plain PEFT
-    adapter's config), checked before anything is loaded. The spec carries the caller's
-    ``trust_remote_code``, never the record's."""
+) -> tuple[ModelSpec, QuantSpec | None, Any]:
+    """The base spec, quantization and saved template of a run record (or of a plain PEFT adapter's config),
+    checked before anything is loaded. The spec carries the caller's ``trust_remote_code``, never the
+    record's."""
     if run is None:
         adapter_config = read_json(run_dir.adapter_config) or {}
         spec = ModelSpec(
             adapter_config.get("base_model_name_or_path") or "", trust_remote_code=trust_remote_code
         )
-        return spec, None, None, "fp32"
+        return spec, None, None
     _check_remote_code(run_dir, run, trust_remote_code)
     config = run["pipeline"]
     spec = ModelSpec(**{**config["model"], "trust_remote_code": trust_remote_code})
@@ -900,5 +929,4 @@ def _from_record(
     saved_template = None
     if template is None:
         saved_template = template_from_dict(run["template"], trust_template_classes=trust_template_classes)
-    precision = run.get("precision", "fp32") if device_kind() == "cuda" else "fp32"
-    return spec, quant, saved_template, precision
+    return spec, quant, saved_template

@@ -24,7 +24,19 @@ from lorakit.metrics import perplexity_from_loss
 from lorakit.metrics.loss import token_nll
 from lorakit.rundir import read_run
 
-__all__ = ["DEFAULT_VERIFY_PROMPTS", "MergeReport", "compare", "reference_outputs", "verification_sequences"]
+__all__ = [
+    "DEFAULT_VERIFY_PROMPTS",
+    "MergeReport",
+    "compare",
+    "logit_tolerance",
+    "reference_outputs",
+    "verification_sequences",
+]
+
+_LOGIT_TOLERANCE = {"float32": (1e-3, 1e-5), "float16": (2e-2, 8e-3), "bfloat16": (5e-2, 6.25e-2)}
+"""(absolute, relative) tolerance of merged-vs-adapter logits per dtype of the merged weights. The relative
+part is ~8 units in the last place (fp16: 2**-10 * 8, bf16: 2**-7 * 8): a merge re-rounds every weight once
+and the rounding errors of a forward pass add up over the layers."""
 
 DEFAULT_VERIFY_PROMPTS = (
     "Explain in one sentence what a language model does.",
@@ -53,6 +65,13 @@ class MergeReport:
     """What the merged model was compared with, e.g. ``"adapter on the 4-bit base"``."""
     merged_dtype: str
     """dtype of the merged weights."""
+    logit_tolerance: float = 0.0
+    """The largest ``max_logit_diff`` a correct merge in ``merged_dtype`` shows (:func:`logit_tolerance`)."""
+
+    @property
+    def logits_match(self) -> bool:
+        """``max_logit_diff`` within :attr:`logit_tolerance`: the merge folded the adapter in correctly."""
+        return self.max_logit_diff <= self.logit_tolerance
 
     @property
     def perplexity_change(self) -> float:
@@ -143,6 +162,19 @@ def _nll(logits: Any, ids: list[int], scored: list[bool]) -> tuple[float, int]:
     return token_nll(logits, labels)
 
 
+def logit_tolerance(dtype: str, scale: float) -> float:
+    """The merged-vs-adapter logit difference a correct merge stays within, for merged weights in ``dtype``
+    (``"float32"``, ``"bfloat16"``, ``"float16"``) and logits of magnitude up to ``scale``: 1e-3 + 1e-5 * scale
+    in fp32, 0.02 + 0.008 * scale in fp16, 0.05 + 0.0625 * scale in bf16.
+
+    Example:
+        >>> logit_tolerance("float32", 10.0)
+        0.0011
+    """
+    absolute, relative = _LOGIT_TOLERANCE.get(dtype.replace("torch.", ""), _LOGIT_TOLERANCE["bfloat16"])
+    return round(absolute + relative * scale, 12)
+
+
 def reference_outputs(model: Any, sequences: list[tuple[list[int], list[bool]]]) -> list[Any]:
     """Logits of the adapter model on each sequence (kept on the CPU in fp32)."""
     return [_forward(model, ids) for ids, _ in sequences]
@@ -170,6 +202,8 @@ def compare(
         b, _ = _nll(logits, ids, scored)
         nll_ref, nll_merged, count = nll_ref + a, nll_merged + b, count + n
     count = max(count, 1)
+    merged_dtype = str(next(merged.parameters()).dtype).replace("torch.", "")
+    scale = max((float(ref.abs().max()) for ref in reference), default=0.0)
     report = MergeReport(
         max_logit_diff=max_diff,
         perplexity_adapter=perplexity_from_loss(nll_ref / count),
@@ -177,7 +211,8 @@ def compare(
         n_sequences=len(sequences),
         n_tokens=count,
         reference=reference_name,
-        merged_dtype=str(next(merged.parameters()).dtype).replace("torch.", ""),
+        merged_dtype=merged_dtype,
+        logit_tolerance=logit_tolerance(merged_dtype, scale),
     )
     if abs(report.perplexity_change) > tolerance:
         warnings.warn(

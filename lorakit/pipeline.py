@@ -34,7 +34,7 @@ from lorakit.config import (
 from lorakit.configfile import check_remote_code, config_file_path, read_config_file, write_config_file
 from lorakit.data import prepare_data, preview_examples
 from lorakit.data.load import SUFFIXES
-from lorakit.distributed import DistributedSpec, check_spec_against
+from lorakit.distributed import DistributedSpec, check_spec_against, check_trainer_options
 from lorakit.errors import ConfigError
 from lorakit.methods import (
     METHODS,
@@ -51,9 +51,9 @@ from lorakit.methods import (
     supports_grad_checkpointing,
 )
 from lorakit.metrics import metric_name
-from lorakit.models import load_tokenizer, resolve_model_path
+from lorakit.models import check_model_options, current_device, load_tokenizer, resolve_model_path
 from lorakit.noise import quiet
-from lorakit.plan import make_plan
+from lorakit.plan import make_plan, resolve_for_run
 from lorakit.templates import get_template, template_from_dict
 from lorakit.tracking.secrets import redact
 
@@ -225,6 +225,8 @@ class Pipeline:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         revision: str | None = None,
+        attention: str = "auto",
+        model_options: Mapping[str, Any] | None = None,
     ) -> Pipeline:
         """Start a pipeline from a base model.
 
@@ -234,10 +236,23 @@ class Pipeline:
             dtype: weight dtype when not quantized; ``"auto"`` follows the training precision.
             trust_remote_code: allow modelling code shipped with the checkpoint.
             revision: branch, tag or commit of a Hub repository.
+            attention: ``"auto"`` (flash-attention 2 when ``flash_attn`` is installed and the GPU supports it,
+                else transformers' default, SDPA), ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"``.
+            model_options: more ``from_pretrained`` keyword arguments (e.g. ``{"use_cache": False}``); keys
+                that are not keywords of the installed transformers or config attributes are a ConfigError
+                naming close matches, keys lorakit sets itself (dtype, quantization, device_map, ...) too.
         """
-        return cls(
-            model=ModelSpec(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+        spec = ModelSpec(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            attention=attention,
+            options=model_options,
         )
+        if spec.options:
+            check_model_options(spec.option_dict)  # keys lorakit owns; the rest once the config is read
+        return cls(model=spec)
 
     def with_lora(
         self,
@@ -431,7 +446,7 @@ class Pipeline:
         self,
         source: Any,
         *,
-        template: Any = "alpaca",
+        template: Any = "auto",
         val_split: float = 0.1,
         max_length: int = 1024,
         seed: int = 42,
@@ -448,6 +463,9 @@ class Pipeline:
         packing: bool = False,
         num_proc: int | None = None,
         cache: bool = True,
+        config: str | None = None,
+        split: str | None = None,
+        streaming: bool = False,
     ) -> Pipeline:
         """Set the training data.
 
@@ -457,9 +475,11 @@ class Pipeline:
                 ``datasets.Dataset`` / ``DatasetDict`` (its ``train`` split). Rows in alpaca
                 (instruction / input / output), prompt / completion, ``messages``, ShareGPT
                 (``conversations``) or ``text`` form.
-            template: a name from :mod:`lorakit.templates` (``"alpaca"``, ``"chatml"``, ``"llama2"``,
-                ``"llama3"``, ``"mistral"``, ``"zephyr"``, ``"gemma"``, ``"phi3"``, ``"vicuna"``, ``"model"``
-                for the tokenizer's own chat template), a Jinja chat template string, or a template object.
+            template: ``"auto"`` (the default: the tokenizer's own chat template when it has one, else
+                ``"alpaca"``; ``explain()`` shows which), a name from :mod:`lorakit.templates` (``"alpaca"``,
+                ``"chatml"``, ``"llama2"``, ``"llama3"``, ``"mistral"``, ``"zephyr"``, ``"gemma"``, ``"phi3"``,
+                ``"vicuna"``, ``"model"`` for the tokenizer's own chat template), a Jinja chat template string,
+                or a template object.
             val_split: fraction of rows held out for validation (0 for none).
             max_length: longest tokenized example (see ``on_overflow``).
             seed: seed of the split.
@@ -479,31 +499,15 @@ class Pipeline:
                 position ids, so packed examples never attend to each other.
             num_proc: processes for tokenization.
             cache: reuse the tokenized data of an identical earlier run.
+            config: Hub datasets: the configuration (subset) name for ``datasets.load_dataset``.
+            split: Hub datasets: the split to train on (default ``"train"``), e.g. ``"train[:5%]"``.
+            streaming: Hub datasets: stream instead of downloading; only the rows ``max_steps`` consumes are
+                read, so it needs ``with_training(max_steps=...)``.
         """
         _check_data_arguments(source, val, template)
-        return attrs.evolve(
-            self,
-            data=DataSpec(
-                source,
-                template=template,
-                val_split=val_split,
-                max_length=max_length,
-                seed=seed,
-                train_on_inputs=train_on_inputs,
-                val=val,
-                format=format,
-                columns=columns,
-                on_overflow=on_overflow,
-                on_bad_row=on_bad_row,
-                dedup=dedup,
-                min_chars=min_chars,
-                max_chars=max_chars,
-                text_unit=text_unit,
-                packing=packing,
-                num_proc=num_proc,
-                cache=cache,
-            ),
-        )
+        # Every argument is the DataSpec field of the same name.
+        options = {name: value for name, value in locals().items() if name not in ("self", "source")}
+        return attrs.evolve(self, data=DataSpec(source, **options))
 
     def with_training(
         self,
@@ -525,15 +529,22 @@ class Pipeline:
         optim: str = _UNSET,
         compile: bool | str = _UNSET,
         fused_loss: bool = _UNSET,
+        liger: bool | None = _UNSET,
+        trainer_options: Mapping[str, Any] | None = _UNSET,
     ) -> Pipeline:
         """Set optimisation hyper-parameters; arguments not passed keep their current value.
 
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
         precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
-        epoch), save_steps=None (final adapter only), optim="adamw_torch_fused", group_by_length=True (batches of
-        similar lengths, little padding), compile=False (``True`` / ``"auto"``: ``torch.compile`` the decoder
-        layers), fused_loss=True (the loss without full-vocabulary logits). See :class:`lorakit.config.TrainSpec`.
+        epoch), save_steps=None (final adapter only), optim="adamw_torch_fused" ("auto": paged_adamw_8bit for
+        QLoRA on a GPU, fused AdamW otherwise), group_by_length=True (batches of similar lengths, little
+        padding), compile=False (``True`` / ``"auto"``: ``torch.compile`` the decoder layers), fused_loss=True
+        (the loss without full-vocabulary logits), liger=None (Liger kernels via TRL's use_liger_kernel when
+        liger_kernel is installed on a GPU run).
+        ``trainer_options`` are more TRL ``SFTConfig`` fields (e.g. ``{"max_grad_norm": 0.3,
+        "neftune_noise_alpha": 5}``): unknown fields are a ConfigError naming close matches, fields a lorakit
+        setting owns too (it names that setting). See :class:`lorakit.config.TrainSpec`.
         """
         changes = _given(
             epochs=epochs,
@@ -554,16 +565,20 @@ class Pipeline:
             optim=optim,
             compile=compile,
             fused_loss=fused_loss,
+            liger=liger,
         )
         if "seed" in changes:
             _check_seed(changes["seed"])
+        if trainer_options is not _UNSET:
+            check_trainer_options(dict(trainer_options or {}))
+            changes["options"] = trainer_options
         training = attrs.evolve(self.training, **changes)
         if self.method is not None and changes.get("grad_checkpointing") is True:
             _check_grad_checkpointing(self.method, training, second="with_training(grad_checkpointing=True)")
         return attrs.evolve(self, training=training)
 
     def track(self, backend: str = "none", **options: Any) -> Pipeline:
-        """Send metrics to ``"wandb"`` (offline when no API key is set), ``"tensorboard"``, or ``"none"``.
+        """Send metrics to ``"wandb"`` (online if logged in, else offline), ``"tensorboard"``, or ``"none"``.
 
         The run directory always gets ``metrics.jsonl``. Options go to the backend (W&B: ``project``, ``name``,
         ``entity``, ``tags``); secrets are refused: put API keys in the environment.
@@ -760,7 +775,11 @@ class Pipeline:
         with quiet():  # importing PEFT imports bitsandbytes, whose notices lorakit reports in its own words
             from lorakit.training import run_training
 
-        return run_training(self, Path(output_dir), overwrite=overwrite, callbacks=callbacks, resume=resume)
+        self.require()
+        resolved = resolve_for_run(self, current_device())  # optim="auto", streamed row counts
+        return run_training(
+            resolved, Path(output_dir), overwrite=overwrite, callbacks=callbacks, resume=resume
+        )
 
     def prepare_data(self) -> PreparedData:
         """Tokenize the data exactly as ``train()`` would (loads the tokenizer only, no weights).
@@ -771,7 +790,7 @@ class Pipeline:
         tokenizer, template = self._tokenizer_and_template()
         assert self.data is not None
         return prepare_data(
-            self.data.source, tokenizer=tokenizer, template=template, **self.data.prepare_kwargs()
+            self._source(), tokenizer=tokenizer, template=template, **self.data.prepare_kwargs()
         )
 
     def preview(self, n: int = 3) -> Preview:
@@ -785,7 +804,7 @@ class Pipeline:
         tokenizer, template = self._tokenizer_and_template()
         assert self.data is not None
         options = {**self.data.prepare_kwargs(), "packing": False}
-        prepared = prepare_data(self.data.source, tokenizer=tokenizer, template=template, **options)
+        prepared = prepare_data(self._source(), tokenizer=tokenizer, template=template, **options)
         return preview_examples(
             prepared.train.select(range(min(n, len(prepared.train)))).to_list(), tokenizer
         )
@@ -797,6 +816,12 @@ class Pipeline:
         ``report.problems()`` lists fatal problems and warnings; ``train()`` stops on the fatal ones.
         """
         return self.prepare_data().report
+
+    def _source(self) -> Any:
+        """The data source as ``train()`` reads it (a streamed Hub dataset: the rows ``max_steps`` consumes)."""
+        data = resolve_for_run(self, current_device()).data
+        assert data is not None
+        return data.source
 
     def _tokenizer_and_template(self) -> tuple[Any, Any]:
         self.require()
@@ -838,7 +863,7 @@ class Pipeline:
             source = self.data.source
             if not isinstance(source, (str, list)):
                 source = source.to_list()  # datasets.Dataset
-            data["source"] = source
+            data["source"] = str(source) if isinstance(source, str) else source  # a HubDataset as its id
             template = self.data.template
             data["template"] = template if isinstance(template, str) else get_template(template).to_dict()
         extra = {"distributed": attrs.asdict(self.distribution)} if self.distribution is not None else {}

@@ -4,29 +4,44 @@ from __future__ import annotations
 
 import math
 import warnings
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from lorakit.config import DataSpec, TrainSpec
+from lorakit.config import DataSpec, HubDataset, QuantSpec, TrainSpec
 from lorakit.data import count_rows
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.methods import MethodSpec, supports_grad_checkpointing
-from lorakit.models import device_kind, load_model_config, resolve_precision
-from lorakit.templates import get_template
+from lorakit.models import (
+    DeviceInfo,
+    check_model_options,
+    current_device,
+    decide_attention,
+    decide_precision,
+    load_model_config,
+    load_tokenizer,
+    resolve_model_path,
+)
+from lorakit.templates import describe_template, get_template
 
 if TYPE_CHECKING:
     from lorakit.distributed import DistributedSpec
     from lorakit.pipeline import Pipeline
 
 __all__ = [
+    "FastPaths",
     "GradCheckpointing",
     "Plan",
     "check_context",
+    "decide_fast_paths",
     "decide_grad_checkpointing",
+    "decide_liger",
+    "decide_optimizer",
     "make_plan",
     "model_context",
+    "resolve_for_run",
     "save_bytes",
     "steps_for",
 ]
@@ -92,6 +107,107 @@ def decide_grad_checkpointing(
     return GradCheckpointing(wanted, f"{'on' if wanted else 'off'} ({why})")
 
 
+@attrs.frozen
+class FastPaths:
+    """The GPU fast paths a run uses, each with its reason (see :func:`decide_fast_paths`)."""
+
+    attention: str | None
+    """``attn_implementation`` passed to ``from_pretrained``; None keeps transformers' default (SDPA)."""
+    attention_reason: str
+    padding_free: str
+    """Whether batches are padding-free (packed, per-example ``position_ids``) and how."""
+    liger: bool
+    """TRL's ``use_liger_kernel``."""
+    liger_reason: str
+    optim: str
+    """The optimizer the Trainer gets."""
+    optim_reason: str
+
+    def lines(self) -> list[str]:
+        """The ``explain()`` lines."""
+        return [
+            f"  attention        {self.attention_reason}",
+            f"  padding-free     {self.padding_free}",
+            f"  liger kernels    {self.liger_reason}",
+            f"  optimizer        {self.optim_reason}",
+        ]
+
+
+def decide_optimizer(requested: str, quant: QuantSpec | None, device: DeviceInfo) -> tuple[str, str]:
+    """``optim="auto"``: paged 8-bit AdamW for QLoRA on a GPU (state paged to CPU memory at peaks), else
+    ``adamw_torch``; an explicit name is kept. Returns (optimizer, reason)."""
+    qlora_on_gpu = quant is not None and quant.bits == 4 and device.kind == "cuda"
+    if requested != "auto":
+        hint = "; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU" if qlora_on_gpu else ""
+        return requested, f"{requested}{hint if not requested.startswith('paged_') else ''}"
+    if qlora_on_gpu:
+        return "paged_adamw_8bit", "paged_adamw_8bit (auto: QLoRA on a GPU)"
+    return "adamw_torch", "adamw_torch (auto)"
+
+
+def decide_liger(requested: bool | None, device: DeviceInfo) -> tuple[bool, str]:
+    """Liger kernels (TRL's ``use_liger_kernel``): ``None`` = on for GPU runs with ``liger_kernel`` installed.
+
+    Raises:
+        ConfigError / MissingDependencyError: ``liger=True`` on a CPU, or without the package.
+    """
+    installed = find_spec("liger_kernel") is not None
+    if requested is None:
+        if device.kind == "cuda" and installed:
+            return True, "on (auto: liger_kernel installed, GPU run)"
+        return False, f"off (auto: {'liger_kernel not installed' if device.kind == 'cuda' else 'CPU run'})"
+    if requested and device.kind != "cuda":
+        raise ConfigError(
+            f"with_training(liger=True): Liger kernels are Triton GPU kernels; this run is on "
+            f"{device.describe()}. Use liger=None (auto) or False."
+        )
+    if requested and not installed:
+        raise MissingDependencyError("with_training(liger=True) needs liger-kernel: pip install liger-kernel")
+    return requested, f"{'on' if requested else 'off'} (requested)"
+
+
+def decide_fast_paths(pipeline: Pipeline, device: DeviceInfo) -> FastPaths:
+    """Attention kernel, padding-free batches, Liger kernels and optimizer of ``pipeline`` on ``device``."""
+    assert pipeline.model is not None
+    attention, attention_reason = decide_attention(pipeline.model.attention, device)
+    if pipeline.data is not None and pipeline.data.packing:
+        kernel = (
+            "flash-attention varlen kernels" if attention == "flash_attention_2" else "block-diagonal mask"
+        )
+        padding_free = f"on (packing=True: per-example position_ids, {kernel})"
+    else:
+        padding_free = "off (padded batches; with_dataset(packing=True) packs them padding-free)"
+    liger, liger_reason = decide_liger(pipeline.training.liger, device)
+    optim, optim_reason = decide_optimizer(pipeline.training.optim, pipeline.quant, device)
+    return FastPaths(attention, attention_reason, padding_free, liger, liger_reason, optim, optim_reason)
+
+
+def resolve_for_run(pipeline: Pipeline, device: DeviceInfo) -> Pipeline:
+    """``pipeline`` with what depends on the device made concrete: ``optim="auto"`` becomes the optimizer
+    :func:`decide_optimizer` picks, and a streamed Hub dataset reads only the rows ``max_steps`` consumes.
+
+    Raises:
+        ConfigError: a streamed dataset without ``max_steps`` (a stream has no length to count epochs in).
+    """
+    training = pipeline.training
+    if training.optim == "auto":
+        optim, _ = decide_optimizer(training.optim, pipeline.quant, device)
+        training = attrs.evolve(training, optim=optim)
+    data = pipeline.data
+    if data is not None and data.streaming:
+        if training.max_steps is None:
+            raise ConfigError(
+                "with_dataset(streaming=True) streams rows without counting them, so epochs cannot be "
+                "counted: set with_training(max_steps=...)."
+            )
+        source = data.source
+        assert isinstance(source, HubDataset)
+        consumed = training.max_steps * training.batch_size * training.grad_accum
+        wanted = math.ceil(consumed / (1.0 - data.val_split)) if data.val is None else consumed
+        data = attrs.evolve(data, source=source.with_max_rows(wanted))
+    return attrs.evolve(pipeline, training=training, data=data)
+
+
 # --- the plan -----------------------------------------------------------------------------------------------
 
 
@@ -119,6 +235,12 @@ class Plan:
     """The gradient checkpointing decision and its reason (:func:`decide_grad_checkpointing`)."""
     speed: str | None = None
     """The step's speed paths: optimizer, fused loss, compile (:func:`describe_speed`)."""
+    device_detail: str | None = None
+    """The device as ``explain()`` names it, e.g. ``"cuda (Tesla T4, compute capability 7.5, 15.8 GB)"``."""
+    precision_reason: str | None = None
+    """The precision and why (:func:`lorakit.models.decide_precision`)."""
+    fast_paths: FastPaths | None = None
+    """Attention kernel, padding-free batches, Liger kernels, optimizer (:func:`decide_fast_paths`)."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -138,7 +260,8 @@ class Plan:
             f"  target modules   {', '.join(self.target_modules)}",
             f"  parameters       {self.trainable_params:,} trainable / {self.total_params:,} total "
             f"({100 * self.trainable_fraction:.3f}%)",
-            f"  device           {self.device}, {self.precision}",
+            f"  device           {self.device_detail or self.device}",
+            f"  precision        {self.precision_reason or self.precision}",
             f"  template         {self.template}",
             f"  data             {rows}",
             f"  steps            {steps}",
@@ -147,6 +270,8 @@ class Plan:
             lines.append(f"  grad checkpoint  {self.grad_checkpointing.reason}")
         if self.speed is not None:
             lines.append(f"  step             {self.speed}")
+        if self.fast_paths is not None:
+            lines.extend(self.fast_paths.lines())
         if self.memory is not None:
             lines.append(f"  memory           {self.memory.render()}")
         return "\n".join(lines)
@@ -296,22 +421,37 @@ def _data_plan(pipeline: Pipeline) -> dict[str, Any]:
         "val_rows": val_rows,
         "steps_per_epoch": per_epoch,
         "total_steps": total_steps,
-        "template": getattr(get_template(spec.template), "name", type(spec.template).__name__),
+        "template": _template_text(pipeline),
     }
+
+
+def _template_text(pipeline: Pipeline) -> str:
+    """The template's name; ``"auto"`` with what it resolves to for this model's tokenizer."""
+    assert pipeline.data is not None and pipeline.model is not None
+    template = get_template(pipeline.data.template)
+    if getattr(template, "name", None) != "auto":
+        return getattr(template, "name", type(template).__name__)
+    tokenizer = load_tokenizer(resolve_model_path(pipeline.model), pipeline.model)
+    return describe_template(template, tokenizer)
 
 
 def make_plan(pipeline: Pipeline) -> Plan:
     """The :class:`Plan` of ``pipeline``: model config and the method on the meta device, no weights loaded."""
     pipeline.require(data=False)
     assert pipeline.model is not None
+    info = current_device()
+    fast_paths = decide_fast_paths(pipeline, info)  # before "auto" values are made concrete: says why
+    pipeline = resolve_for_run(pipeline, info)
     config = load_model_config(pipeline.model)
+    if pipeline.model.options:
+        check_model_options(pipeline.model.option_dict, config)
     peft_model, total = apply_method_on_meta(pipeline, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     method_spec = pipeline.resolved_method
     targets = method_spec.plan_targets(peft_model)
     base_model = method_spec.base_of(peft_model)
-    precision = resolve_precision(pipeline.training.precision)
-    device = device_kind()
+    decision = decide_precision(pipeline.training.precision, info)
+    precision, device = decision.precision, info.kind
     grad_ckpt = decide_grad_checkpointing(pipeline.training, method_spec, device, pipeline.distribution)
     memory = estimate_memory(
         pipeline, peft_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt.on
@@ -330,6 +470,9 @@ def make_plan(pipeline: Pipeline) -> Plan:
         memory=memory,
         grad_checkpointing=grad_ckpt,
         speed=describe_speed(pipeline.training, device),
+        device_detail=info.describe(),
+        precision_reason=_precision_text(decision, pipeline),
+        fast_paths=_with_default_attention(fast_paths, base_model),
     )
 
 
@@ -341,3 +484,22 @@ def describe_speed(train: Any, device: str) -> str:
     return (
         f"optim {train.optim}, {loss} (where the head allows), compile {'on' if compiled else 'off'} ({why})"
     )
+
+
+def _with_default_attention(paths: FastPaths, model: Any) -> FastPaths:
+    """Name the attention transformers' default picked for this model (SDPA, or eager where it has none)."""
+    chosen = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if paths.attention is not None or not chosen or paths.attention_reason.startswith(chosen):
+        return paths
+    return attrs.evolve(paths, attention_reason=chosen + paths.attention_reason[len("sdpa") :])
+
+
+def _precision_text(decision: Any, pipeline: Pipeline) -> str:
+    """The precision line: the decision's reason, the 4-bit compute dtype and the adapter dtype."""
+    text = decision.reason
+    quant = pipeline.quant
+    if quant is not None and quant.bits == 4:
+        text += f"; 4-bit compute dtype {quant.compute_dtype or decision.compute_dtype}"
+    if quant is not None:
+        text += f"; adapter {decision.adapter_dtype(quantized=True)}"
+    return text

@@ -467,8 +467,9 @@ def _build_trainer(
     if pipeline.training.group_by_length and not data_spec.packing:
         # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
         trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
-    if pipeline.quant is not None and run.precision == "fp32":
-        # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32.
+    if pipeline.quant is not None and run.precision != "bf16":
+        # TRL casts the adapter of a quantized model to bf16; on an fp32 run keep it (and the saved file) fp32,
+        # and on an fp16 run too (the gradient scaler needs fp32 master weights; bf16 would be emulated on a T4).
         adapted: Any = trainer.model
         for param in adapted.parameters():
             if param.requires_grad:

@@ -269,6 +269,7 @@ def test_decide_grad_checkpointing(requested, method, device, strategy, expected
 
 
 def test_explain_shows_the_grad_checkpointing_decision(tiny_model_dir, monkeypatch):
+    import lorakit.models
     import lorakit.plan
 
     pipeline = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=64)
@@ -279,8 +280,9 @@ def test_explain_shows_the_grad_checkpointing_decision(tiny_model_dir, monkeypat
     prefix = pipeline.with_prefix_tuning(num_virtual_tokens=4).plan()
     assert "  grad checkpoint  off: prefix_tuning cannot train with it" in prefix.render().splitlines()
     # On a GPU the default turns it on, and the memory estimate follows the same decision.
-    monkeypatch.setattr(lorakit.plan, "device_kind", lambda: "cuda")
-    monkeypatch.setattr(lorakit.plan, "resolve_precision", lambda precision: "fp32")
+    gpu = lorakit.models.DeviceInfo("cuda", "Tesla T4", capability=(7, 5))  # a simulated GPU, fp32 requested
+    monkeypatch.setattr(lorakit.plan, "current_device", lambda: gpu)
+    pipeline = pipeline.with_training(precision="fp32")
     on_gpu = pipeline.plan()
     assert on_gpu.grad_checkpointing.reason == "on (CUDA)"
     assert on_gpu.memory.activations < plan.memory.activations

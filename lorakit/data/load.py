@@ -9,7 +9,8 @@ Accepted sources (:func:`read_source`):
   folder of ``.txt`` / ``.md`` files, one document per file;
 - a ``datasets.Dataset`` / ``DatasetDict``, a list of dicts, a ``pandas.DataFrame``;
 - a Hub dataset id such as ``"tatsu-lab/alpaca"`` (needs network; any string that is not an existing path
-  and has no data-file extension).
+  and has no data-file extension), with ``with_dataset(config=, split=, streaming=)`` passed to
+  ``datasets.load_dataset``.
 
 JSON, CSV and text files are read with the standard library, so what you see in the file is exactly what
 gets trained on, and a bad line is named by its number.
@@ -18,6 +19,7 @@ gets trained on, and a bad line is named by its number.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -117,7 +119,7 @@ def read_source(source: Any, *, name: str | None = None, text_unit: str = "line"
         elif path.suffix.lower() in SUFFIXES or path.exists() or isinstance(source, Path):
             read = _read_file(path, label, text_unit)
         else:
-            read = _read_hub(str(source), label)
+            read = _read_hub(source, label)  # a HubDataset keeps its options
     elif _is_dataset(source):
         read = Source(source.to_list(), name or "the Dataset passed as source")
     elif _is_dataset_dict(source):
@@ -315,17 +317,32 @@ def _read_directory(path: Path, label: str) -> Source:
 
 
 def _read_hub(dataset_id: str, label: str) -> Source:
+    """A Hub dataset through ``datasets.load_dataset``. A :class:`lorakit.config.HubDataset` id carries the
+    config, split and streaming options of ``with_dataset``; a streamed one reads its first ``max_rows`` rows
+    (what ``max_steps`` consumes) and never the whole dataset."""
     from datasets import load_dataset
 
+    hub = dataset_id if hasattr(dataset_id, "streaming") else None  # a HubDataset (str.split is a method)
+    config, split = (hub.config, hub.split or "train") if hub is not None else (None, "train")
+    streaming, max_rows = (hub.streaming, hub.max_rows) if hub is not None else (False, None)
+    if streaming and max_rows is None:
+        raise DataError(
+            f"{label!r} is streamed: lorakit reads only the rows with_training(max_steps=...) consumes, so it "
+            "is read by train() / plan(), which count them. Set max_steps, or load without streaming."
+        )
     try:
-        loaded = load_dataset(dataset_id, split="train")
+        loaded = load_dataset(str(dataset_id), config, split=split, streaming=streaming)
+        rows = list(itertools.islice(loaded, max_rows)) if streaming else loaded.to_list()
     except Exception as error:  # datasets/huggingface_hub raise many types (offline, unknown id, gated, bad config): re-raised with context
         raise DataError(
             f"Cannot load {label!r}: it is not a local file or directory, and loading it as a Hugging Face "
-            f"Hub dataset failed ({type(error).__name__}: {str(error)[:300]}). Check the path, or the dataset "
-            "id and your network / HF_TOKEN."
+            f"Hub dataset failed ({type(error).__name__}: {str(error)[:300]}; config={config!r}, "
+            f"split={split!r}, streaming={streaming}). Check the path, or the dataset id, config and split, "
+            "and your network / HF_TOKEN."
         ) from error
-    return Source(loaded.to_list(), label)
+    if streaming:
+        label = f"{label} ({split}, streamed: first {len(rows)} rows)"
+    return Source(rows, label)
 
 
 # --- in-memory tables -------------------------------------------------------------------------------------

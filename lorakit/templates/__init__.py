@@ -8,6 +8,8 @@ A template is any object with ``name``, ``render()``, ``stop_strings()`` and ``t
 - ``"llama2"``: ``<s>[INST] <<SYS>> ... [/INST] reply </s>``.
 - ``"llama3"``, ``"mistral"``, ``"zephyr"``, ``"gemma"``, ``"phi3"``, ``"vicuna"``: those model families' formats.
 - ``"model"``: the tokenizer's own ``chat_template``.
+- ``"auto"`` (the default of ``with_dataset``): ``"model"`` when the tokenizer has a chat template, else
+  ``"alpaca"``; decided per tokenizer, so a run and its saved tokenizer always agree.
 
 A Jinja chat template string (anything containing ``{%`` or ``{{``) is used like ``"model"`` with that string
 in place of the tokenizer's template.
@@ -30,8 +32,10 @@ Example:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import attrs
 
 from lorakit.errors import ConfigError
 from lorakit.templates.base import Message, PromptTemplate, Segment
@@ -51,6 +55,8 @@ from lorakit.templates.format import Template
 from lorakit.templates.model import ModelTemplate
 
 __all__ = [
+    "AUTO",
+    "AutoTemplate",
     "TEMPLATES",
     "TEMPLATE_CLASSES",
     "AlpacaTemplate",
@@ -59,11 +65,60 @@ __all__ = [
     "PromptTemplate",
     "Segment",
     "Template",
+    "describe_template",
     "get_template",
     "register_template",
     "register_template_class",
     "template_from_dict",
 ]
+
+
+@attrs.frozen
+class AutoTemplate:
+    """``template="auto"``: the tokenizer's own chat template when it has one, else alpaca.
+
+    The choice is made from the tokenizer each call gets (:meth:`resolve`); training saves the tokenizer with
+    the run, so loading the run makes the same choice.
+    """
+
+    name: str = "auto"
+    """Shown in plans and saved with the run."""
+
+    def resolve(self, tokenizer: Any) -> PromptTemplate:
+        """``TEMPLATES["model"]`` when ``tokenizer.chat_template`` is set, else ``TEMPLATES["alpaca"]``."""
+        return TEMPLATES["model"] if getattr(tokenizer, "chat_template", None) else TEMPLATES["alpaca"]
+
+    def render(
+        self, messages: Sequence[Message], *, tokenizer: Any, add_generation_prompt: bool = False
+    ) -> list[Segment]:
+        """See :meth:`lorakit.templates.PromptTemplate.render`."""
+        return self.resolve(tokenizer).render(
+            messages, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt
+        )
+
+    def stop_strings(self, tokenizer: Any) -> list[str]:
+        """The stop strings of the resolved template."""
+        return self.resolve(tokenizer).stop_strings(tokenizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": "auto"}``."""
+        return {"name": self.name}
+
+
+AUTO = AutoTemplate()
+"""``template="auto"``, the default of ``with_dataset``: not in :data:`TEMPLATES` (it is not a format of its
+own, it picks one of them per tokenizer)."""
+
+
+def describe_template(template: PromptTemplate, tokenizer: Any) -> str:
+    """``"auto -> model (the tokenizer's chat template)"`` / ``"auto -> alpaca (no chat template)"``; other
+    templates by name."""
+    if not isinstance(template, AutoTemplate):
+        return template.name
+    if template.resolve(tokenizer) is TEMPLATES["model"]:
+        return "auto -> model (the tokenizer's own chat template)"
+    return "auto -> alpaca (the tokenizer has no chat template)"
+
 
 TEMPLATES: dict[str, PromptTemplate] = {
     "alpaca": ALPACA,
@@ -133,7 +188,7 @@ def register_template(name: str, template: PromptTemplate) -> None:
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"A template name must be a non-empty string, got {name!r}.")
-    if name in TEMPLATES:
+    if name in TEMPLATES or name == AUTO.name:
         raise ConfigError(
             f"A template named {name!r} is already registered; pick another name "
             f"(registered: {', '.join(sorted(TEMPLATES))})."
@@ -159,11 +214,12 @@ def get_template(
     if isinstance(name_or_template, str):
         if "{%" in name_or_template or "{{" in name_or_template:
             return ModelTemplate(name="jinja", chat_template=name_or_template)
-        template = TEMPLATES.get(name_or_template)
+        template = AUTO if name_or_template == AUTO.name else TEMPLATES.get(name_or_template)
         if template is None:
             raise ConfigError(
                 f"Unknown template {name_or_template!r}. Known templates: {', '.join(sorted(TEMPLATES))}. "
-                "Or pass a Template(...) of your own, or register one with register_template()."
+                "Or 'auto' (the tokenizer's chat template when it has one, else alpaca), pass a Template(...) "
+                "of your own, or register one with register_template()."
             )
         return template
     if isinstance(name_or_template, Mapping):
@@ -205,6 +261,8 @@ def template_from_dict(data: Mapping[str, Any], *, trust_template_classes: bool 
     if data.get("kind") == "format":
         return Template.from_dict(data)
     name = data.get("name")
+    if name == AUTO.name:
+        return AUTO
     if isinstance(name, str) and name in TEMPLATES:
         return TEMPLATES[name]
     raise ConfigError(

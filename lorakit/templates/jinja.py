@@ -117,6 +117,8 @@ def to_chat_template(template: PromptTemplate, tokenizer: Any) -> str:
     Raises:
         ConfigError: a template of another kind (a user class), which cannot be translated.
     """
+    if callable(getattr(template, "resolve", None)):  # template="auto": what it is for this tokenizer
+        template = template.resolve(tokenizer)
     if isinstance(template, AlpacaTemplate):
         body = _alpaca_template()
     elif isinstance(template, Template):

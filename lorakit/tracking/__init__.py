@@ -1,7 +1,8 @@
 """Where a run's numbers go: ``metrics.jsonl`` always, and TensorBoard or W&B when chosen.
 
-W&B needs no account: without ``WANDB_API_KEY`` it runs offline and writes ``<run>/wandb/offline-run-*``,
-which ``wandb sync <that directory>`` uploads later. At the end of training :func:`write_run_report` adds a
+W&B needs no account: logged in by any of W&B's own means (``wandb.login()`` / ``wandb login``, a netrc
+entry, ``WANDB_API_KEY``) it runs online; otherwise offline, writing ``<run>/wandb/offline-run-*``, which
+``wandb sync <that directory>`` uploads later. :func:`wandb_mode` decides and says so in one line. At the end of training :func:`write_run_report` adds a
 loss / metric curve (``curves.png``) and a short ``report.md`` to the run directory. Secrets (API keys,
 tokens) are never written: track() refuses secret-looking options, and every config written here goes
 through :func:`redact`.
@@ -26,6 +27,7 @@ __all__ = [
     "report_data",
     "secret_values",
     "summary_html",
+    "wandb_mode",
     "write_curves",
     "write_report_html",
     "write_run_report",
@@ -40,6 +42,25 @@ def _tracked_config(pipeline: Any) -> dict[str, Any]:
         if config["data"].get("val") is not None:
             config["data"]["val"] = _describe_source(pipeline.data.val)
     return config
+
+
+def wandb_mode(requested: str | None = None) -> tuple[str, str]:
+    """The W&B mode of a run and the line that says why: ``track("wandb", mode=...)`` when given, else
+    ``"online"`` when W&B finds credentials by its own means (``WANDB_API_KEY``, a netrc entry written by
+    ``wandb login``, an earlier ``wandb.login()`` in this process), else ``"offline"``.
+
+    Credentials are looked up with ``wandb.login(prompt=False, verify=False)``: no prompt, no network.
+    """
+    if requested:
+        return requested, f"lorakit: W&B {requested} (track('wandb', mode={requested!r}))"
+    import wandb
+
+    if os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False):
+        return "online", "lorakit: W&B online (logged in)"
+    return "offline", (
+        "lorakit: W&B offline (not logged in: `wandb login` or WANDB_API_KEY to upload; "
+        "`wandb sync <run>/wandb/offline-run-*` uploads this run later)"
+    )
 
 
 def _describe_source(source: Any) -> Any:
@@ -82,7 +103,8 @@ class Tracker:
             import wandb
             from transformers.integrations import WandbCallback
 
-            mode = options.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            mode, line = wandb_mode(options.pop("mode", None))
+            print(line, flush=True)
             run = wandb.init(
                 dir=str(output_dir),
                 mode=mode,  # type: ignore[arg-type]
