@@ -9,10 +9,12 @@ import attrs
 
 from lorakit.config import TrainSpec
 from lorakit.data import count_rows
+from lorakit.data.preference import count_preference_rows
 from lorakit.errors import ConfigError
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.methods import MethodSpec, supports_grad_checkpointing
 from lorakit.models import device_kind, load_model_config, resolve_precision
+from lorakit.preference import adjust_memory, plan_lines
 from lorakit.templates import get_template
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ class Plan:
     """Bytes of weights, adapter, gradients, optimizer state and activations (``lorakit.memory``)."""
     grad_checkpointing: GradCheckpointing | None = None
     """The gradient checkpointing decision and its reason (:func:`decide_grad_checkpointing`)."""
+    preference: tuple[str, ...] = ()
+    """The preference objective's lines (objective, beta, reference), empty for SFT."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -128,6 +132,7 @@ class Plan:
             f"  template         {self.template}",
             f"  data             {rows}",
             f"  steps            {steps}",
+            *self.preference,
         ]
         if self.grad_checkpointing is not None:
             lines.append(f"  grad checkpoint  {self.grad_checkpointing.reason}")
@@ -215,7 +220,12 @@ def _data_plan(pipeline: Pipeline) -> dict[str, Any]:
             "template": "-",
         }
     spec, t = pipeline.data, pipeline.training
-    train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())
+    if pipeline.preference is not None:
+        train_rows, val_rows = count_preference_rows(
+            spec.source, val_split=spec.val_split, seed=spec.seed, val_source=spec.val
+        )
+    else:
+        train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())
     per_epoch, total_steps = steps_for(
         train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps
     )
@@ -245,6 +255,10 @@ def make_plan(pipeline: Pipeline) -> Plan:
     memory = estimate_memory(
         pipeline, peft_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt.on
     )
+    preference = ()
+    if pipeline.preference is not None:
+        memory = adjust_memory(memory, pipeline.preference, pipeline.start)
+        preference = tuple(plan_lines(pipeline.preference, pipeline.start))
     return Plan(
         model=pipeline.model.name_or_path,
         architecture=type(base_model).__name__,
@@ -258,4 +272,5 @@ def make_plan(pipeline: Pipeline) -> Plan:
         **_data_plan(pipeline),
         memory=memory,
         grad_checkpointing=grad_ckpt,
+        preference=preference,
     )
