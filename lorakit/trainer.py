@@ -509,12 +509,16 @@ class LorakitTrainerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-        counted = token_counts(inputs)
+        counted = self._count_tokens(inputs)
         self._lorakit_counts = tuple(a + b for a, b in zip(self._lorakit_counts, counted, strict=True))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss).all()):
             self._raise_non_finite(loss)
         return loss
+
+    def _count_tokens(self, inputs: Any) -> tuple[int, int, int]:
+        """``(tokens, computed_tokens, loss_tokens)`` of one collated batch."""
+        return token_counts(inputs)
 
     def _raise_non_finite(self, loss: Any) -> None:
         step = self.state.global_step + 1
@@ -680,7 +684,33 @@ class LorakitTrainer(LorakitTrainerMixin, SFTTrainer):
 # --- preference trainers (lorakit.preference names them) --------------------------------------------------
 
 
-class LorakitDPOTrainer(LorakitTrainerMixin, DPOTrainer):
+def _preference_counts(inputs: dict[str, Any]) -> tuple[int, int, int]:
+    """Token counts of a preference batch: DPO / KTO batches carry ``input_ids`` and a ``completion_mask`` (the
+    scored tokens); ORPO / CPO batches ``chosen_*`` / ``rejected_*`` sequences with labels."""
+    if "input_ids" in inputs:
+        tokens, computed, _ = token_counts(inputs)
+        return tokens, computed, int(inputs["completion_mask"].sum())
+    counts = [
+        token_counts(
+            {
+                "input_ids": inputs[f"{side}_input_ids"],
+                "attention_mask": inputs[f"{side}_attention_mask"],
+                "labels": inputs[f"{side}_labels"],
+            }
+        )
+        for side in ("chosen", "rejected")
+    ]
+    return tuple(a + b for a, b in zip(*counts, strict=True))  # type: ignore[return-value]
+
+
+class _PreferenceCounts:
+    """Token counts of preference batches (listed before :class:`LorakitTrainerMixin` in the bases)."""
+
+    def _count_tokens(self, inputs: Any) -> tuple[int, int, int]:
+        return _preference_counts(inputs)
+
+
+class LorakitDPOTrainer(_PreferenceCounts, LorakitTrainerMixin, DPOTrainer):
     """TRL's DPOTrainer with :class:`LorakitTrainerMixin`. lorakit tokenizes the rows itself
     (:mod:`lorakit.data.preference`: ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` rendered with the run's
     template exactly as SFT renders them), so TRL's own tokenization is skipped for such a dataset."""
@@ -691,7 +721,7 @@ class LorakitDPOTrainer(LorakitTrainerMixin, DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
 
-class LorakitKTOTrainer(LorakitTrainerMixin, KTOTrainer):
+class LorakitKTOTrainer(_PreferenceCounts, LorakitTrainerMixin, KTOTrainer):
     """TRL's KTOTrainer with :class:`LorakitTrainerMixin`, on lorakit's tokenized unpaired rows
     (``prompt_ids`` / ``completion_ids`` / ``label``)."""
 
@@ -722,7 +752,7 @@ def _orpo_features(feature: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class LorakitORPOTrainer(LorakitTrainerMixin, ORPOTrainer):
+class LorakitORPOTrainer(_PreferenceCounts, LorakitTrainerMixin, ORPOTrainer):
     """TRL's (experimental) ORPOTrainer with :class:`LorakitTrainerMixin`, on lorakit's tokenized paired rows."""
 
     def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
@@ -731,7 +761,7 @@ class LorakitORPOTrainer(LorakitTrainerMixin, ORPOTrainer):
         return super().tokenize_row(feature, model)
 
 
-class LorakitCPOTrainer(LorakitTrainerMixin, CPOTrainer):
+class LorakitCPOTrainer(_PreferenceCounts, LorakitTrainerMixin, CPOTrainer):
     """TRL's (experimental) CPOTrainer (CPO, SimPO) with :class:`LorakitTrainerMixin`, on lorakit's tokenized
     paired rows."""
 
