@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping, Sequence
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -27,7 +29,7 @@ from lorakit.data.encode import IGNORE_INDEX, Encoder, encode_prompt
 from lorakit.data.formats import rename_columns
 from lorakit.data.load import read_source
 from lorakit.data.prepare import PreparedData, split_indices
-from lorakit.errors import DataError
+from lorakit.errors import ConfigError, DataError
 from lorakit.templates import get_template
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "UNPAIRED_COLUMNS",
     "PreferenceReport",
     "count_preference_rows",
+    "preference_sample_path",
     "prepare_preference_data",
     "preview_rows",
 ]
@@ -153,6 +156,14 @@ def prepare_preference_data(
         longest=max(len(row["prompt_ids"]) + max(len(row[n]) for n in completions) for row in train_rows),
     )
     return PreparedData(train=_dataset(train_rows, names), val=_dataset(val_rows, names), report=report)  # type: ignore[arg-type]
+
+
+def preference_sample_path(split: str) -> Path:
+    """Path of the bundled preference sample (``"train"``: 240 rows, ``"test"``: 90 held-out rows): support
+    tickets, polite correct routing (chosen) vs curt or wrong (rejected); see scripts/make_preference_data.py."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"preference_sample_path(split) takes 'train' or 'test', got {split!r}.")
+    return Path(str(files("lorakit") / "samples" / f"support_prefs_{split}.jsonl"))
 
 
 def count_preference_rows(
