@@ -66,6 +66,8 @@ class Objective:
     """The keys the trainer logs (``eval_`` prefixed in evaluation)."""
     summary: str
     """One line for ``explain()``."""
+    refuses: tuple[str, ...] = ()
+    """Adapter methods this objective cannot train (see :data:`_OBJECTIVE_REFUSALS`)."""
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -98,6 +100,7 @@ OBJECTIVES: dict[str, Objective] = {
         options=("max_completion_length",),
         metrics=(*_REWARDS, "rewards/accuracies", *_LOGS, "nll_loss", "log_odds_ratio"),
         summary="ORPO (odds-ratio preference loss added to the SFT loss; TRL experimental)",
+        refuses=("prompt_tuning", "ptuning"),
     ),
     "cpo": Objective(
         "cpo",
@@ -108,6 +111,7 @@ OBJECTIVES: dict[str, Objective] = {
         options=("loss_type", "label_smoothing", "cpo_alpha", "simpo_gamma", "alpha"),
         metrics=(*_REWARDS, "rewards/accuracies", *_LOGS, "nll_loss"),
         summary="CPO (contrastive preference optimisation; loss_type='simpo' for SimPO; TRL experimental)",
+        refuses=("prompt_tuning", "ptuning"),
     ),
 }
 """Objective name -> :class:`Objective`: every objective ``with_preference()`` accepts."""
@@ -123,6 +127,13 @@ _UNSUPPORTED_METHODS = {
     ),
 }
 """Methods refused with a preference objective, and why."""
+
+
+_OBJECTIVE_REFUSALS = (
+    "TRL's ORPO / CPO loss compares logits with labels position by position and does not skip the virtual "
+    "tokens PEFT prepends to the logits"
+)
+"""Why an objective refuses the methods in :attr:`Objective.refuses` (found by training each on a tiny model)."""
 
 
 def _check_objective(instance: Any, attribute: Any, value: Any) -> None:
@@ -184,10 +195,12 @@ def check_method(spec: PreferenceSpec | None, method: Any) -> None:
     if spec is None or method is None:
         return
     why = _UNSUPPORTED_METHODS.get(method.name)
+    if why is None and method.name in spec.info.refuses:
+        why = _OBJECTIVE_REFUSALS
     if why is not None:
         raise ConfigError(
             f"with_preference({spec.objective!r}) cannot train with {method.builder_call()}: {why}. Use "
-            "with_lora() (or another adapter method: ia3, prompt_tuning, ptuning, prefix_tuning)."
+            "with_lora() (or another adapter method: ia3, prefix_tuning, prompt_tuning / ptuning with dpo or kto)."
         )
 
 

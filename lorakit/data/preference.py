@@ -1,7 +1,7 @@
 """Preference rows, checked and tokenized with the run's template exactly as SFT renders them.
 
 Paired rows (DPO, ORPO, CPO): ``prompt``, ``chosen``, ``rejected``; unpaired rows (KTO): ``prompt``,
-``completion``, ``label`` (true: desirable). Each text is a string, or a message list in the conversational
+``completion``, ``label`` (true: desirable), or paired rows, each unpaired into two (chosen desirable). Each text is a string, or a message list in the conversational
 form (``prompt``: user / system / assistant turns ending with a user turn; a completion: one assistant turn).
 Every source :func:`lorakit.data.read_source` reads works; ``columns=`` maps other column names.
 
@@ -217,7 +217,7 @@ def _read(
     kept = []
     for index, row in enumerate(rows):
         try:
-            kept.append(_paired(row, tokenizer) if paired else _unpaired(row, tokenizer))
+            kept.extend([_paired(row, tokenizer)] if paired else _unpaired(row, tokenizer))
         except _BadRow as problem:
             error = DataError(f"{read.where(index)}: {problem}")
             if on_bad_row == "error":
@@ -239,7 +239,22 @@ def _paired(row: Mapping[str, Any], tokenizer: _Tokenizer) -> dict[str, Any]:
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
 
 
-def _unpaired(row: Mapping[str, Any], tokenizer: _Tokenizer) -> dict[str, Any]:
+def _unpaired(row: Mapping[str, Any], tokenizer: _Tokenizer) -> list[dict[str, Any]]:
+    """One KTO row, or two from a paired row (chosen desirable, rejected not), as TRL unpairs them."""
+    if "completion" not in row and "chosen" in row and "rejected" in row:
+        pair = _paired(row, tokenizer)
+        return [
+            {
+                "prompt_ids": pair["prompt_ids"],
+                "completion_ids": pair[f"{side}_ids"],
+                "label": side == "chosen",
+            }
+            for side in ("chosen", "rejected")
+        ]
+    return [_unpaired_row(row, tokenizer)]
+
+
+def _unpaired_row(row: Mapping[str, Any], tokenizer: _Tokenizer) -> dict[str, Any]:
     _check_columns(row, ("prompt", "completion", "label"), "unpaired rows (KTO)")
     label = row["label"]
     if not isinstance(label, bool):
