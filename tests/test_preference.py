@@ -160,6 +160,14 @@ def test_bad_unpaired_row(tiny_tokenizer):
         )
 
 
+def test_kto_unpairs_paired_rows(tiny_tokenizer):
+    options = dict(tokenizer=tiny_tokenizer, template="chatml", val_split=0.0)
+    pairs = prepare_preference_data(PAIRS[:2], paired=True, **options).train
+    unpaired = prepare_preference_data(PAIRS[:2], paired=False, **options).train
+    assert unpaired["label"] == [True, False, True, False]
+    assert unpaired["completion_ids"][:2] == [pairs["chosen_ids"][0], pairs["rejected_ids"][0]]
+
+
 def test_bundled_preference_data_prepares_offline(tiny_tokenizer):
     train = prepare_preference_data(
         preference_sample_path("train"),
@@ -203,6 +211,9 @@ def test_unknown_objectives_options_and_methods_are_refused_at_the_call(tiny_mod
         base.with_adalora().with_preference("dpo")
     with pytest.raises(ConfigError, match=r"with_eval\(\) measures the SFT loss"):
         base.with_preference("dpo").with_eval()
+    with pytest.raises(ConfigError, match=r"cannot train with with_prompt_tuning\(\): TRL's ORPO / CPO loss"):
+        base.with_prompt_tuning().with_preference("orpo")
+    base.with_prompt_tuning().with_preference("dpo")  # DPO skips the virtual tokens: allowed
 
 
 def test_from_run_keeps_the_runs_adapter_and_template(sft_run, tiny_model_dir):
@@ -308,7 +319,7 @@ def test_sft_then_sft_from_run(sft_run, tmp_path):
     assert any(not torch.equal(_adapter(tmp_path / "again")[n], parent[n]) for n in parent)
 
 
-@pytest.mark.parametrize(("objective", "rows"), [("orpo", PAIRS), ("kto", UNPAIRED), ("cpo", PAIRS)])
+@pytest.mark.parametrize(("objective", "rows"), [("orpo", PAIRS), ("kto", UNPAIRED)])
 def test_other_objectives_train_the_adapter_only(tiny_model_dir, tmp_path, objective, rows):
     watch = Watch()
     result = (
