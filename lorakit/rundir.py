@@ -298,8 +298,9 @@ def write_provenance(
         "base_model_path": base_path,
         "revision": spec.revision,
         "config_fingerprint": base_fingerprint(base_path, spec),
-        "parent_run": parent,
     }
+    if parent is not None:
+        record["parent_run"] = parent
     write_json_atomic(Path(output_dir) / PROVENANCE_FILE, record)
     return record
 

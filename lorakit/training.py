@@ -524,8 +524,9 @@ def _save(
         "precision": run.precision,
         "data_report": prepared.report.to_dict(),
         "versions": _versions(),
-        "parent_run": pipeline.start.path if pipeline.start is not None else None,
     }
+    if pipeline.start is not None:  # Pipeline.from_run: the run this one continued
+        record["parent_run"] = pipeline.start.path
     run.rundir.write_run(record)
     run.rundir.write_metrics(metrics)
     run.rundir.write_provenance(

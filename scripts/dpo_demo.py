@@ -72,6 +72,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--out", default="runs/dpo-demo")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=None, help="held-out pairs measured (default: all 90)")
+    parser.add_argument(
+        "--trl-eval", action="store_true", help="also run TRL's evaluation on the held-out pairs"
+    )
     args = parser.parse_args()
 
     import torch
@@ -88,7 +93,7 @@ def main() -> None:
         paired=True,
         max_length=MAX_LENGTH,
         val_split=0.0,
-    ).train.to_list()
+    ).train.to_list()[: args.pairs]
 
     started = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -101,15 +106,16 @@ def main() -> None:
         .with_dataset(
             str(preference_sample_path("train")),
             template="chatml",
-            val=str(preference_sample_path("test")),
+            val=str(preference_sample_path("test")) if args.trl_eval else None,
+            val_split=0.0,
             max_length=MAX_LENGTH,
         )
         .with_preference("dpo", beta=BETA)
         .with_training(
             max_steps=args.steps,
             lr=args.lr,
-            batch_size=4,
-            logging_steps=10,
+            batch_size=args.batch_size,
+            logging_steps=4,
             eval_steps=10_000,
             warmup_ratio=0.1,
         )
@@ -125,6 +131,7 @@ def main() -> None:
         "train_pairs": 240,
         "held_out_pairs": len(test),
         "steps": args.steps,
+        "batch_size": args.batch_size,
         "lr": args.lr,
         "beta": BETA,
         "before": summary(before, before),
