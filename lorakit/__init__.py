@@ -22,6 +22,7 @@ __all__ = [
     "TrainResult",
     "__version__",
     "evaluate",
+    "preference_sample_path",
 ]
 
 _LAZY = {
@@ -29,9 +30,11 @@ _LAZY = {
     "InferenceModel": "lorakit.inference",
     "TrainResult": "lorakit.training",
     "evaluate": "lorakit.evaluation",
+    "preference_sample_path": "lorakit.data.preference",
 }
 
 if TYPE_CHECKING:
+    from lorakit.data.preference import preference_sample_path
     from lorakit.evaluation import evaluate
     from lorakit.inference import InferenceModel
     from lorakit.pipeline import Pipeline

@@ -663,3 +663,21 @@ class EarlyStopSpec:
 def eval_key(metric: str) -> str:
     """``"rougeL"`` -> ``"eval_rougeL"``: the name an evaluation metric is logged under."""
     return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
+@attrs.frozen
+class StartSpec:
+    """The earlier run a pipeline starts from (set by :meth:`lorakit.Pipeline.from_run`)."""
+
+    path: str
+    """The earlier run's directory."""
+    adapter: bool = True
+    """The run saved an adapter, which keeps training; False: it saved a whole model, which is the new base."""
+    template: Any = attrs.field(default=None, eq=False, repr=False)
+    """The earlier run's prompt template (``with_dataset()``'s default); not part of the config."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "adapter": self.adapter}
+
+
+__all__ += ["StartSpec"]

@@ -28,12 +28,14 @@ from lorakit.config import (
     ModelSpec,
     QuantSpec,
     SampleSpec,
+    StartSpec,
     TrackSpec,
     TrainSpec,
 )
 from lorakit.configfile import check_remote_code, config_file_path, read_config_file, write_config_file
 from lorakit.data import prepare_data, preview_examples
 from lorakit.data.load import SUFFIXES
+from lorakit.data.preference import prepare_preference_data, preview_rows
 from lorakit.distributed import DistributedSpec, check_spec_against, check_trainer_options
 from lorakit.errors import ConfigError
 from lorakit.methods import (
@@ -54,6 +56,8 @@ from lorakit.metrics import metric_name
 from lorakit.models import check_model_options, current_device, load_tokenizer, resolve_model_path
 from lorakit.noise import quiet
 from lorakit.plan import make_plan, resolve_for_run
+from lorakit.preference import PreferenceSpec, check_method
+from lorakit.rundir import RunDir, read_run
 from lorakit.templates import get_template, template_from_dict
 from lorakit.tracking.secrets import redact
 
@@ -79,6 +83,8 @@ _EXTRA_SECTIONS: dict[str, Any] = {
     "samples": SampleSpec,
     "checkpoints": CheckpointSpec,
     "early_stop": EarlyStopSpec,
+    "preference": PreferenceSpec,
+    "start": StartSpec,
 }
 """Optional config sections: Pipeline field -> spec class."""
 
@@ -214,6 +220,10 @@ class Pipeline:
     """Atomic checkpoints, best + latest kept (set by :meth:`with_checkpoints`)."""
     early_stop: EarlyStopSpec | None = None
     """Early stopping on an evaluation metric (set by :meth:`early_stopping`)."""
+    preference: PreferenceSpec | None = None
+    """A preference objective instead of SFT (set by :meth:`with_preference`)."""
+    start: StartSpec | None = None
+    """The earlier run this one continues from (set by :meth:`from_run`)."""
 
     # --- building -----------------------------------------------------------------------------------------
 
@@ -446,7 +456,7 @@ class Pipeline:
         self,
         source: Any,
         *,
-        template: Any = "auto",
+        template: Any = _UNSET,
         val_split: float = 0.1,
         max_length: int = 1024,
         seed: int = 42,
@@ -504,6 +514,8 @@ class Pipeline:
             streaming: Hub datasets: stream instead of downloading; only the rows ``max_steps`` consumes are
                 read, so it needs ``with_training(max_steps=...)``.
         """
+        if template is _UNSET:  # the earlier run's template after from_run(), else "auto"
+            template = self.start.template if self.start is not None and self.start.template else "auto"
         _check_data_arguments(source, val, template)
         # Every argument is the DataSpec field of the same name.
         options = {name: value for name, value in locals().items() if name not in ("self", "source")}
@@ -680,7 +692,67 @@ class Pipeline:
         spec = EarlyStopSpec(patience=patience, metric=metric, mode=mode, min_delta=min_delta)
         return attrs.evolve(self, early_stop=spec)
 
+    # --- preference tuning and continuing an earlier run (issue 18) -----------------------------------------
+
+    def with_preference(self, objective: str = "dpo", *, beta: float = 0.1, **options: Any) -> Pipeline:
+        """Train a preference objective on ``prompt`` / ``chosen`` / ``rejected`` rows (``"dpo"``, ``"orpo"``,
+        ``"cpo"``) or unpaired ``prompt`` / ``completion`` / ``label`` rows (``"kto"``) instead of SFT.
+
+        TRL's trainer of that objective runs the loop; the rows are rendered with the run's template exactly as
+        SFT renders them. ``beta`` is the objective's temperature; ``options`` are more fields of TRL's config
+        (e.g. ``loss_type="ipo"``, see :data:`lorakit.preference.OBJECTIVES`). The reference model of DPO / KTO
+        is the policy with its adapter disabled, or after :meth:`from_run` the starting adapter kept frozen:
+        never a second copy of the base. See docs/preference.md.
+        """
+        spec = PreferenceSpec(objective, beta=beta, options=options)
+        return attrs.evolve(self, preference=spec)
+
+    @classmethod
+    def from_run(
+        cls, run_dir: str | Path, *, trust_remote_code: bool = False, trust_template_classes: bool = False
+    ) -> Pipeline:
+        """Start from an earlier run: its base model, quantization and template, and its adapter as the starting
+        point that keeps training (SFT -> DPO, or SFT -> SFT on new data). A run that saved a whole model (full
+        fine-tuning) becomes the base model of the new run. The new run records this one as its parent.
+
+        Reading the run runs no code by surprise, as :meth:`lorakit.InferenceModel.load`: a record with
+        ``trust_remote_code: true`` needs ``trust_remote_code=True``, a template with an unregistered class
+        ``trust_template_classes=True``.
+        """
+        rundir = RunDir(Path(run_dir).expanduser())
+        record = read_run(rundir.path)
+        if record is None:
+            raise ConfigError(
+                f"{rundir.path} is a plain PEFT adapter without a lorakit run record; from_run() needs a run "
+                "lorakit trained. Start from Pipeline.from_model(base) instead."
+            )
+        check_remote_code(
+            record.get("pipeline") or {},
+            source=f"Run record {rundir.run_file}",
+            trust_remote_code=trust_remote_code,
+        )
+        parent = cls.from_config(
+            record["pipeline"],
+            trust_remote_code=trust_remote_code,
+            trust_template_classes=trust_template_classes,
+        )
+        template = record.get("template")
+        if isinstance(template, Mapping):
+            template = template_from_dict(template, trust_template_classes=trust_template_classes)
+        assert parent.model is not None
+        if rundir.is_adapter():
+            start = StartSpec(str(rundir.path), adapter=True, template=template)
+            return cls(model=parent.model, method=parent.method, quant=parent.quant, start=start)
+        model = attrs.evolve(parent.model, name_or_path=str(rundir.path), revision=None)
+        return cls(model=model, start=StartSpec(str(rundir.path), adapter=False, template=template))
+
     def _with_method(self, spec: MethodSpec) -> Pipeline:
+        if self.start is not None and self.start.adapter and spec != self.method:
+            raise ConfigError(
+                f"{spec.builder_call()} after from_run({self.start.path!r}): that run's adapter "
+                f"({self.resolved_method.builder_call()}) keeps training, so the method and its settings are "
+                "the earlier run's. To train a new adapter, start from Pipeline.from_model(...)."
+            )
         if self.method is not None and self.method.name != spec.name:
             hint = ""
             if "full" in (spec.name, self.method.name):
@@ -708,6 +780,13 @@ class Pipeline:
         # (and when a config file is read).
         method, quant = self.method, self.quant
         _check_quantization(method, quant, final=False)
+        check_method(self.preference, method)
+        if self.preference is not None and self.evaluation is not None:
+            raise ConfigError(
+                "with_eval() measures the SFT loss and generations; a preference run evaluates its own objective "
+                "(eval_loss, eval_rewards/accuracies, eval_rewards/margins, ...) on the validation split. Remove "
+                "with_eval(); early_stopping() and with_checkpoints(best_metric=...) take those keys."
+            )
         if method is not None:
             method.check_schedule(
                 self.training.max_steps, self.data.source if self.data is not None else None
@@ -789,6 +868,8 @@ class Pipeline:
         """
         tokenizer, template = self._tokenizer_and_template()
         assert self.data is not None
+        if self.preference is not None:
+            return self._preference_data(tokenizer, template)
         return prepare_data(
             self._source(), tokenizer=tokenizer, template=template, **self.data.prepare_kwargs()
         )
@@ -803,6 +884,9 @@ class Pipeline:
             raise ConfigError(f"preview(n) needs a positive integer, got {n!r}.")
         tokenizer, template = self._tokenizer_and_template()
         assert self.data is not None
+        if self.preference is not None:  # chosen, then rejected, completion tokens marked
+            rows = preview_rows(self._preference_data(tokenizer, template).train, n)
+            return preview_examples(rows, tokenizer)
         options = {**self.data.prepare_kwargs(), "packing": False}
         prepared = prepare_data(self._source(), tokenizer=tokenizer, template=template, **options)
         return preview_examples(
@@ -822,6 +906,21 @@ class Pipeline:
         data = resolve_for_run(self, current_device()).data
         assert data is not None
         return data.source
+
+    def _preference_data(self, tokenizer: Any, template: Any) -> PreparedData:
+        """The preference rows tokenized exactly as ``train()`` would."""
+        assert self.data is not None and self.preference is not None
+        options = self.data.prepare_kwargs()
+        return prepare_preference_data(
+            self.data.source,
+            tokenizer=tokenizer,
+            template=template,
+            paired=self.preference.info.paired,
+            **{
+                name: options[name]
+                for name in ("max_length", "val_split", "seed", "val_source", "columns", "on_bad_row")
+            },
+        )
 
     def _tokenizer_and_template(self) -> tuple[Any, Any]:
         self.require()
@@ -893,6 +992,10 @@ class Pipeline:
             spec = getattr(self, name)
             if spec is not None:
                 extras[name] = attrs.asdict(spec)
+        for name in ("preference", "start"):
+            spec = getattr(self, name)
+            if spec is not None:
+                extras[name] = spec.to_dict()
         return extras
 
     @classmethod

@@ -11,6 +11,7 @@ import attrs
 
 from lorakit.config import DataSpec, HubDataset, QuantSpec, TrainSpec
 from lorakit.data import count_rows
+from lorakit.data.preference import count_preference_rows
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.methods import MethodSpec, supports_grad_checkpointing
@@ -24,6 +25,7 @@ from lorakit.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from lorakit.preference import adjust_memory, plan_lines
 from lorakit.templates import describe_template, get_template
 
 if TYPE_CHECKING:
@@ -241,6 +243,8 @@ class Plan:
     """The precision and why (:func:`lorakit.models.decide_precision`)."""
     fast_paths: FastPaths | None = None
     """Attention kernel, padding-free batches, Liger kernels, optimizer (:func:`decide_fast_paths`)."""
+    preference: tuple[str, ...] = ()
+    """The preference objective's lines (objective, beta, reference), empty for SFT."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -265,6 +269,7 @@ class Plan:
             f"  template         {self.template}",
             f"  data             {rows}",
             f"  steps            {steps}",
+            *self.preference,
         ]
         if self.grad_checkpointing is not None:
             lines.append(f"  grad checkpoint  {self.grad_checkpointing.reason}")
@@ -411,7 +416,12 @@ def _data_plan(pipeline: Pipeline) -> dict[str, Any]:
             "template": "-",
         }
     spec, t = pipeline.data, pipeline.training
-    train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())
+    if pipeline.preference is not None:
+        train_rows, val_rows = count_preference_rows(
+            spec.source, val_split=spec.val_split, seed=spec.seed, val_source=spec.val
+        )
+    else:
+        train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())
     per_epoch, total_steps = steps_for(
         train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps
     )
@@ -456,6 +466,10 @@ def make_plan(pipeline: Pipeline) -> Plan:
     memory = estimate_memory(
         pipeline, peft_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt.on
     )
+    preference = ()
+    if pipeline.preference is not None:
+        memory = adjust_memory(memory, pipeline.preference, pipeline.start)
+        preference = tuple(plan_lines(pipeline.preference, pipeline.start))
     return Plan(
         model=pipeline.model.name_or_path,
         architecture=type(base_model).__name__,
@@ -473,6 +487,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
         device_detail=info.describe(),
         precision_reason=_precision_text(decision, pipeline),
         fast_paths=_with_default_attention(fast_paths, base_model),
+        preference=preference,
     )
 
 

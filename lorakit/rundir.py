@@ -338,14 +338,19 @@ def base_fingerprint(base_path: str, spec: Any) -> str:
     return config_fingerprint(load_model_config(spec))
 
 
-def write_provenance(output_dir: Path, spec: Any, base_path: str) -> dict[str, Any]:
-    """Record the base model id, its resolved path and its config fingerprint in the run directory."""
+def write_provenance(
+    output_dir: Path, spec: Any, base_path: str, *, parent: str | None = None
+) -> dict[str, Any]:
+    """Record the base model id, its resolved path and its config fingerprint in the run directory, and the
+    run it started from (``Pipeline.from_run``), if any."""
     record = {
         "base_model": spec.name_or_path,
         "base_model_path": base_path,
         "revision": spec.revision,
         "config_fingerprint": base_fingerprint(base_path, spec),
     }
+    if parent is not None:
+        record["parent_run"] = parent
     write_json_atomic(Path(output_dir) / PROVENANCE_FILE, record)
     return record
 
@@ -862,8 +867,8 @@ class RunDir:
         """The stored template's dict (``lorakit.templates.template_from_dict`` rebuilds it), or None."""
         return read_json(self.template_file)
 
-    def write_provenance(self, spec: Any, base_path: str) -> dict[str, Any]:
-        return write_provenance(self.path, spec, base_path)
+    def write_provenance(self, spec: Any, base_path: str, *, parent: str | None = None) -> dict[str, Any]:
+        return write_provenance(self.path, spec, base_path, parent=parent)
 
     def read_provenance(self) -> dict[str, Any] | None:
         return read_provenance(self.path)

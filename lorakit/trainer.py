@@ -35,13 +35,16 @@ from packaging.version import Version
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import rotate_checkpoints
-from trl import SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
+from trl.experimental.cpo import CPOTrainer
+from trl.experimental.orpo import ORPOTrainer
 
 from lorakit import checkpoints as ckpt
 from lorakit import rundir as rd
 from lorakit.batching import GroupedSampler, token_counts
 from lorakit.config import eval_key
 from lorakit.data.encode import IGNORE_INDEX
+from lorakit.data.preference import PAIRED_COLUMNS, UNPAIRED_COLUMNS
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.fused import fused_linear_cross_entropy, fused_loss_applies
 from lorakit.rng import forked_rng
@@ -49,7 +52,12 @@ from lorakit.rng import forked_rng
 __all__ = [
     "PRIVATE_NAMES",
     "EarlyStopper",
+    "LorakitCPOTrainer",
+    "LorakitDPOTrainer",
+    "LorakitKTOTrainer",
+    "LorakitORPOTrainer",
     "LorakitTrainer",
+    "LorakitTrainerMixin",
     "PrivateName",
     "private_name_problems",
 ]
@@ -144,6 +152,41 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
         "trainer.py: rotate_checkpoints finds the checkpoints named rundir.checkpoint_name(step) by it",
         value=rd.CHECKPOINT_PREFIX.removesuffix("-"),
         checked=_TF,
+    ),
+    # lorakit/trainer.py: the preference trainers (lorakit tokenizes the rows; TRL's tokenization is skipped)
+    *(
+        PrivateName(
+            "trl",
+            f"trl.{name}._prepare_dataset",
+            "trainer.py: overridden (lorakit's tokenized rows pass through)",
+            ("dataset", "processing_class", "args", "dataset_name"),
+            checked=_TRL,
+        )
+        for name in ("DPOTrainer", "KTOTrainer")
+    ),
+    PrivateName(
+        "trl",
+        "trl.KTOTrainer.calculate_KL",
+        "trainer.py: read (the KL completions of lorakit's unpaired rows)",
+        set_in="trl.trainer.kto_trainer.KTOTrainer.__init__",
+        checked=_TRL,
+    ),
+    PrivateName(
+        "trl",
+        "trl.DPOTrainer._save_checkpoint",
+        "trainer.py: overridden by the mixin (atomic checkpoints)",
+        ("model", "trial"),
+        checked=_TRL,
+    ),
+    *(
+        PrivateName(
+            "trl",
+            f"trl.experimental.{module}.{name}.tokenize_row",
+            "trainer.py: overridden (lorakit's tokenized rows pass through)",
+            ("feature", "model"),
+            checked=_TRL,
+        )
+        for module, name in (("orpo", "ORPOTrainer"), ("cpo", "CPOTrainer"))
     ),
     # lorakit/methods/lora.py: apply_loftq
     PrivateName(
@@ -393,7 +436,7 @@ class MethodStateRestore(TrainerCallback):
     """On a resumed run, hands the checkpoint's method resume state to the method once the weights are loaded
     (``on_train_begin`` runs after the Trainer loaded the checkpoint, FSDP and DeepSpeed included)."""
 
-    def __init__(self, trainer: LorakitTrainer) -> None:
+    def __init__(self, trainer: LorakitTrainerMixin) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -408,10 +451,11 @@ class MethodStateRestore(TrainerCallback):
 # --- the trainer ----------------------------------------------------------------------------------------
 
 
-class LorakitTrainer(SFTTrainer):
-    """TRL's SFTTrainer with lorakit's checkpoints, token counts, guards, evaluation and method hooks.
+class LorakitTrainerMixin:
+    """lorakit's checkpoints, token counts, guards, evaluation and method hooks, for any TRL trainer: listed first
+    in the bases (``class LorakitTrainer(LorakitTrainerMixin, SFTTrainer)``), so its ``super()`` is the TRL trainer.
 
-    Keyword arguments besides SFTTrainer's: ``method`` (the method spec whose hooks run), ``evaluator`` (called
+    Keyword arguments besides the TRL trainer's: ``method`` (the method spec whose hooks run), ``evaluator`` (called
     with the model and the eval loss after each evaluation, returns more ``eval_*`` numbers), ``early_stop``
     (an :class:`EarlyStopper`), ``resume_meta`` (recorded in every checkpoint) and ``keep`` (checkpoints kept).
     """
@@ -468,80 +512,16 @@ class LorakitTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-        counted = token_counts(inputs)
+        counted = self._count_tokens(inputs)
         self._lorakit_counts = tuple(a + b for a, b in zip(self._lorakit_counts, counted, strict=True))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss).all()):
             self._raise_non_finite(loss)
         return loss
 
-    def compute_loss(
-        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Any:
-        """SFTTrainer's loss plus the method's extra loss term (``extra_loss`` hook): SFTTrainer computes the
-        loss from the logits and never reads a term a PEFT model adds to ``outputs.loss``."""
-        if not model.training:
-            return self._lorakit_eval_loss(model, inputs, return_outputs)
-        if self._lorakit_fused and not return_outputs:
-            result = self._lorakit_fused_loss(model, inputs, num_items_in_batch)
-        else:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.lorakit_method is None:
-            return result
-        extra = self.lorakit_method.extra_loss(self.accelerator.unwrap_model(model))
-        if extra is None:
-            return result
-        # With num_items_in_batch the loss of a micro-batch is a share of the accumulated step's loss.
-        if num_items_in_batch is not None:
-            extra = extra / self.current_gradient_accumulation_steps
-        if return_outputs:
-            loss, outputs = result
-            return loss + extra, outputs
-        return result + extra
-
-    def use_fused_loss(self, on: bool = True) -> bool:
-        """Train with :func:`lorakit.fused.fused_linear_cross_entropy` where it applies (a plain linear LM head,
-        one process: the backbone is called past the DDP wrapper); returns whether it does. The training log then
-        has no ``entropy`` / ``mean_token_accuracy`` (TRL computes them from the full logits)."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        self._lorakit_fused = on and self.accelerator.num_processes == 1 and fused_loss_applies(unwrapped)
-        return self._lorakit_fused
-
-    def _lorakit_fused_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
-        """The training loss as TRL's (summed NLL over ``num_items_in_batch``, else this batch's loss tokens),
-        from the backbone's hidden states and the LM head's weight, without the logits."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache")}
-        with self.accelerator.autocast():
-            hidden = base.base_model(**kwargs, use_cache=False).last_hidden_state
-            total, count = fused_linear_cross_entropy(
-                hidden, base.get_output_embeddings().weight, inputs["labels"]
-            )
-        return total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
-
-    def _lorakit_eval_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
-        """An evaluation batch's loss (this batch's mean over its label tokens), also added to the running sums
-        that make ``eval_loss`` lorakit's one loss: a token-weighted mean over the whole evaluation set
-        (:mod:`lorakit.metrics.loss`), not the Trainer's mean of per-batch means."""
-        result = super().compute_loss(model, inputs, return_outputs, None)  # None: this batch's own mean
-        loss = result[0] if return_outputs else result
-        count = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum()) if "labels" in inputs else 0
-        self._lorakit_eval_nll[0] += float(loss.detach().float()) * count
-        self._lorakit_eval_nll[1] += count
-        return result
-
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        self._lorakit_eval_nll = [0.0, 0.0]
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        sums = torch.tensor(self._lorakit_eval_nll, dtype=torch.float64, device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            sums = self.accelerator.reduce(sums, reduction="sum")
-        total, count = (float(value) for value in sums.tolist())
-        if count > 0 and f"{prefix}_loss" in output.metrics:
-            output.metrics[f"{prefix}_loss"] = total / count
-        return output
+    def _count_tokens(self, inputs: Any) -> tuple[int, int, int]:
+        """``(tokens, computed_tokens, loss_tokens)`` of one collated batch."""
+        return token_counts(inputs)
 
     def _raise_non_finite(self, loss: Any) -> None:
         step = self.state.global_step + 1
@@ -661,3 +641,166 @@ class LorakitTrainer(SFTTrainer):
             record["early_stop"] = self.lorakit_early_stop.state()
         ckpt.write_resume_record(staged, record)
         rd.seal_checkpoint(staged)
+
+
+class LorakitTrainer(LorakitTrainerMixin, SFTTrainer):
+    """The one SFT trainer: TRL's SFTTrainer with :class:`LorakitTrainerMixin`, the method's extra loss term and
+    lorakit's token-weighted ``eval_loss``."""
+
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """SFTTrainer's loss plus the method's extra loss term (``extra_loss`` hook): SFTTrainer computes the
+        loss from the logits and never reads a term a PEFT model adds to ``outputs.loss``."""
+        if not model.training:
+            return self._lorakit_eval_loss(model, inputs, return_outputs)
+        if self._lorakit_fused and not return_outputs:
+            result = self._lorakit_fused_loss(model, inputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.lorakit_method is None:
+            return result
+        extra = self.lorakit_method.extra_loss(self.accelerator.unwrap_model(model))
+        if extra is None:
+            return result
+        # With num_items_in_batch the loss of a micro-batch is a share of the accumulated step's loss.
+        if num_items_in_batch is not None:
+            extra = extra / self.current_gradient_accumulation_steps
+        if return_outputs:
+            loss, outputs = result
+            return loss + extra, outputs
+        return result + extra
+
+    def use_fused_loss(self, on: bool = True) -> bool:
+        """Train with :func:`lorakit.fused.fused_linear_cross_entropy` where it applies (a plain linear LM head,
+        one process: the backbone is called past the DDP wrapper); returns whether it does. The training log then
+        has no ``entropy`` / ``mean_token_accuracy`` (TRL computes them from the full logits)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._lorakit_fused = on and self.accelerator.num_processes == 1 and fused_loss_applies(unwrapped)
+        return self._lorakit_fused
+
+    def _lorakit_fused_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
+        """The training loss as TRL's (summed NLL over ``num_items_in_batch``, else this batch's loss tokens),
+        from the backbone's hidden states and the LM head's weight, without the logits."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache")}
+        with self.accelerator.autocast():
+            hidden = base.base_model(**kwargs, use_cache=False).last_hidden_state
+            total, count = fused_linear_cross_entropy(
+                hidden, base.get_output_embeddings().weight, inputs["labels"]
+            )
+        return total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+
+    def _lorakit_eval_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
+        """An evaluation batch's loss (this batch's mean over its label tokens), also added to the running sums
+        that make ``eval_loss`` lorakit's one loss: a token-weighted mean over the whole evaluation set
+        (:mod:`lorakit.metrics.loss`), not the Trainer's mean of per-batch means."""
+        result = super().compute_loss(model, inputs, return_outputs, None)  # None: this batch's own mean
+        loss = result[0] if return_outputs else result
+        count = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum()) if "labels" in inputs else 0
+        self._lorakit_eval_nll[0] += float(loss.detach().float()) * count
+        self._lorakit_eval_nll[1] += count
+        return result
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        self._lorakit_eval_nll = [0.0, 0.0]
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        sums = torch.tensor(self._lorakit_eval_nll, dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        total, count = (float(value) for value in sums.tolist())
+        if count > 0 and f"{prefix}_loss" in output.metrics:
+            output.metrics[f"{prefix}_loss"] = total / count
+        return output
+
+
+# --- preference trainers (lorakit.preference names them) --------------------------------------------------
+
+
+def _preference_counts(inputs: dict[str, Any]) -> tuple[int, int, int]:
+    """Token counts of a preference batch: DPO / KTO batches carry ``input_ids`` and a ``completion_mask`` (the
+    scored tokens); ORPO / CPO batches ``chosen_*`` / ``rejected_*`` sequences with labels."""
+    if "input_ids" in inputs:
+        tokens, computed, _ = token_counts(inputs)
+        return tokens, computed, int(inputs["completion_mask"].sum())
+    counts = [
+        token_counts(
+            {
+                "input_ids": inputs[f"{side}_input_ids"],
+                "attention_mask": inputs[f"{side}_attention_mask"],
+                "labels": inputs[f"{side}_labels"],
+            }
+        )
+        for side in ("chosen", "rejected")
+    ]
+    return tuple(a + b for a, b in zip(*counts, strict=True))  # type: ignore[return-value]
+
+
+class _PreferenceCounts:
+    """Token counts of preference batches (listed before :class:`LorakitTrainerMixin` in the bases)."""
+
+    def _count_tokens(self, inputs: Any) -> tuple[int, int, int]:
+        return _preference_counts(inputs)
+
+
+class LorakitDPOTrainer(_PreferenceCounts, LorakitTrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer with :class:`LorakitTrainerMixin`. lorakit tokenizes the rows itself
+    (:mod:`lorakit.data.preference`: ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` rendered with the run's
+    template exactly as SFT renders them), so TRL's own tokenization is skipped for such a dataset."""
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        if PAIRED_COLUMNS[0] in dataset.column_names:
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+
+class LorakitKTOTrainer(_PreferenceCounts, LorakitTrainerMixin, KTOTrainer):
+    """TRL's KTOTrainer with :class:`LorakitTrainerMixin`, on lorakit's tokenized unpaired rows
+    (``prompt_ids`` / ``completion_ids`` / ``label``)."""
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        if UNPAIRED_COLUMNS[1] not in dataset.column_names:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if not self.calculate_KL:
+            return dataset
+
+        # TRL's KL estimate: each batch's completions rotated by one, paired with the other prompts.
+        def rotate(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            completions = batch["completion_ids"]
+            batch["KL_completion_ids"] = [completions[-1], *completions[:-1]]
+            return batch
+
+        return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+
+def _orpo_features(feature: dict[str, Any]) -> dict[str, Any]:
+    """ORPO / CPO's tokenized row (``prompt_input_ids``, ``chosen_labels``, ...) from lorakit's paired ids."""
+    prompt = list(feature["prompt_ids"])
+    out: dict[str, Any] = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for side in ("chosen", "rejected"):
+        ids = prompt + list(feature[f"{side}_ids"])
+        out[f"{side}_input_ids"] = ids
+        out[f"{side}_attention_mask"] = [1] * len(ids)
+        out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + list(feature[f"{side}_ids"])
+    return out
+
+
+class LorakitORPOTrainer(_PreferenceCounts, LorakitTrainerMixin, ORPOTrainer):
+    """TRL's (experimental) ORPOTrainer with :class:`LorakitTrainerMixin`, on lorakit's tokenized paired rows."""
+
+    def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
+        if PAIRED_COLUMNS[0] in feature:
+            return _orpo_features(feature)
+        return super().tokenize_row(feature, model)
+
+
+class LorakitCPOTrainer(_PreferenceCounts, LorakitTrainerMixin, CPOTrainer):
+    """TRL's (experimental) CPOTrainer (CPO, SimPO) with :class:`LorakitTrainerMixin`, on lorakit's tokenized
+    paired rows."""
+
+    def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
+        if PAIRED_COLUMNS[0] in feature:
+            return _orpo_features(feature)
+        return super().tokenize_row(feature, model)

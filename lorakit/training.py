@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from lorakit import __version__, noise
 from lorakit import checkpoints as ckpt
+from lorakit import trainer as trainers
 from lorakit.collate import PadCollator, PaddingFreeCollator
 from lorakit.config import eval_key
 from lorakit.console import (
@@ -33,6 +34,7 @@ from lorakit.console import (
     remove_default_printers,
 )
 from lorakit.data import prepare_data
+from lorakit.data.preference import prepare_preference_data
 from lorakit.distributed import (
     check_launch,
     is_main_process,
@@ -57,6 +59,7 @@ from lorakit.models import (
     torch_dtype,
 )
 from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, save_bytes, steps_for
+from lorakit.preference import REFERENCE_ADAPTER, eval_keys
 from lorakit.rundir import (
     RUN_FILE,
     RunDir,
@@ -277,9 +280,7 @@ def _tokenizer_kwargs(spec: Any) -> dict[str, Any]:
 def _prepare(run: _Run) -> tuple[Any, Any]:
     """The tokenizer and the tokenized rows; fatal data problems stop here, before any weights load."""
     tokenizer = load_tokenizer(run.context.base_path, run.model_spec)
-    prepared = prepare_data(
-        run.data_spec.source, tokenizer=tokenizer, template=run.template, **run.data_spec.prepare_kwargs()
-    )
+    prepared = _prepare_rows(run, tokenizer)
     report = prepared.report
     print("lorakit data: " + report.summary().replace("\n", "\n              "), flush=True)
     # The audit: fatal problems (nothing trained, end-of-turn never trained) stop here.
@@ -291,6 +292,25 @@ def _prepare(run: _Run) -> tuple[Any, Any]:
             stacklevel=4,
         )
     return tokenizer, prepared
+
+
+def _prepare_rows(run: _Run, tokenizer: Any) -> Any:
+    """SFT rows (:func:`lorakit.data.prepare_data`), or with a preference objective its rows
+    (:func:`lorakit.data.preference.prepare_preference_data`), rendered by the same template code."""
+    spec, options = run.data_spec, run.data_spec.prepare_kwargs()
+    preference = run.pipeline.preference
+    if preference is None:
+        return prepare_data(spec.source, tokenizer=tokenizer, template=run.template, **options)
+    return prepare_preference_data(
+        spec.source,
+        tokenizer=tokenizer,
+        template=run.template,
+        paired=preference.info.paired,
+        **{
+            name: options[name]
+            for name in ("max_length", "val_split", "seed", "val_source", "columns", "on_bad_row")
+        },
+    )
 
 
 def _with_data(run: _Run, prepared: Any) -> _Run:
@@ -349,7 +369,17 @@ def _load(run: _Run) -> Any:
     )
     if pipeline.quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_ckpt)
-    return run.method.prepare_model(model)
+    return _start_adapter(run, run.method.prepare_model(model))
+
+
+def _start_adapter(run: _Run, model: Any) -> Any:
+    """With ``Pipeline.from_run``: the earlier run's adapter on the base, trainable (it keeps training)."""
+    start = run.pipeline.start
+    if start is None or not start.adapter:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, start.path, is_trainable=True)
 
 
 # --- 4. trainer -----------------------------------------------------------------------------------------
@@ -366,12 +396,24 @@ def _warmup_steps(warmup_ratio: float) -> float:
     return float(warmup_ratio)
 
 
+def _objective_config(run: _Run) -> tuple[Any, dict[str, Any]]:
+    """The TRL config class of the run's objective and its own arguments (SFT: lorakit's tokenized rows)."""
+    import importlib
+
+    preference = run.pipeline.preference
+    if preference is None:
+        from trl import SFTConfig
+
+        return SFTConfig, {"dataset_kwargs": {"skip_prepare_dataset": True}}
+    module, name = preference.info.config.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name), preference.config_kwargs()
+
+
 def _training_args(run: _Run) -> Any:
     """The SFTConfig: optimisation settings, then evaluation / checkpoint / best-model settings."""
-    from trl import SFTConfig
-
     train_spec, data_spec, device = run.pipeline.training, run.data_spec, run.device
-    args = SFTConfig(
+    config_class, objective_args = _objective_config(run)
+    args = config_class(
         output_dir=str(run.rundir.checkpoints_dir),
         use_cpu=device == "cpu",
         bf16=run.precision == "bf16",
@@ -396,11 +438,11 @@ def _training_args(run: _Run) -> Any:
         save_steps=train_spec.save_steps or 500,
         report_to="none",
         max_length=data_spec.max_length,
-        dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=os.environ.get("LORAKIT_PROGRESS", "1") == "0",
+        **objective_args,
         **run.distributed_args,
     )
     # Creating the arguments joined the process group of a distributed launch; refuse unsynchronised copies.
@@ -410,7 +452,8 @@ def _training_args(run: _Run) -> Any:
 
 def _speed_paths(trainer: LorakitTrainer, train_spec: Any, device: str) -> None:
     """The fused loss (where it applies) and ``torch.compile`` of the decoder layers (see lorakit.fused)."""
-    trainer.use_fused_loss(train_spec.fused_loss)
+    if isinstance(trainer, LorakitTrainer):  # SFT; a preference objective computes its own loss
+        trainer.use_fused_loss(train_spec.fused_loss)
     if train_spec.compile is True or (train_spec.compile == "auto" and device == "cuda"):
         compile_blocks(trainer.model)
 
@@ -440,15 +483,15 @@ def _build_trainer(
     if run.resumed is not None and extras.stopper is not None:
         extras.stopper.load(run.resumed.get("early_stop"))
     set_seed(pipeline.training.seed)
-    collator_class = PaddingFreeCollator if data_spec.packing else PadCollator
-    trainer = LorakitTrainer(
+    trainer_class, trainer_kwargs = _trainer_class(run, tokenizer)
+    trainer = trainer_class(
         model=model,
         args=args,
-        data_collator=collator_class(pad_token_id=tokenizer.pad_token_id),
+        **trainer_kwargs,
         train_dataset=prepared.train,
         eval_dataset=val,
         processing_class=tokenizer,
-        peft_config=run.method.peft_config(run.context),
+        peft_config=run.method.peft_config(run.context) if _new_adapter(run) else None,
         callbacks=[
             *run.method.callbacks(),
             MetricsLog(run.rundir),
@@ -464,7 +507,7 @@ def _build_trainer(
     )
     remove_default_printers(trainer)  # lorakit's console (in `callbacks`) shows progress; no raw log dicts
     _speed_paths(trainer, pipeline.training, run.device)
-    if pipeline.training.group_by_length and not data_spec.packing:
+    if pipeline.training.group_by_length and not data_spec.packing and pipeline.preference is None:
         # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
         trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
     if pipeline.quant is not None and run.precision != "bf16":
@@ -503,6 +546,22 @@ def _console(run: _Run, prepared: Any) -> TrainingConsole:
     return console
 
 
+def _trainer_class(run: _Run, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """The trainer class of the run's objective and its data arguments: SFT pads lorakit's rows with lorakit's
+    collators; a preference trainer uses TRL's own collator on lorakit's tokenized rows."""
+    preference = run.pipeline.preference
+    if preference is not None:
+        return getattr(trainers, preference.info.trainer), {}
+    collator_class = PaddingFreeCollator if run.data_spec.packing else PadCollator
+    return LorakitTrainer, {"data_collator": collator_class(pad_token_id=tokenizer.pad_token_id)}
+
+
+def _new_adapter(run: _Run) -> bool:
+    """False when the model already carries the adapter that trains (``Pipeline.from_run``)."""
+    start = run.pipeline.start
+    return start is None or not start.adapter
+
+
 class MetricsLog(TrainerCallback):
     """Append every log event to the run directory's metrics log (always on, whatever the tracker)."""
 
@@ -539,7 +598,8 @@ def _fit(run: _Run, trainer: LorakitTrainer, extras: TrainingExtras) -> dict[str
     if run.has_val:
         eval_metrics = trainer.evaluate()
         metrics["eval_loss"] = float(eval_metrics["eval_loss"])
-        metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))
+        if run.pipeline.preference is None:  # a preference loss is not a language-model loss
+            metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))
         metrics.update(extras.final_metrics(eval_metrics))
     return metrics
 
@@ -557,8 +617,12 @@ def _save(
 ) -> None:
     """The adapter (or model), tokenizer, run record, metrics, provenance and report."""
     pipeline, output_dir = run.pipeline, run.output_dir
+    # TRL's frozen reference copy of a starting adapter is not part of the result.
+    frozen_ref = REFERENCE_ADAPTER in (getattr(trainer.model, "peft_config", None) or {})
     with run.method.saving(trainer.model, checkpoint=False):
-        trainer.model.save_pretrained(str(output_dir))
+        trainer.model.save_pretrained(
+            str(output_dir), **({"selected_adapters": ["default"]} if frozen_ref else {})
+        )
     tokenizer.save_pretrained(str(output_dir))
     config = pipeline.to_config()
     config["data"]["source"] = redact(run.rundir.source_for_config(run.data_spec.source))
@@ -572,9 +636,15 @@ def _save(
         "report_data": report_data(prepared, tokenizer, run.data_spec.max_length),
     }
     record["checksums"] = checksums(output_dir)  # checked when the run loads
+    if pipeline.start is not None:  # Pipeline.from_run: the run this one continued
+        record["parent_run"] = pipeline.start.path
     run.rundir.write_run(record)
     run.rundir.write_metrics(metrics)
-    run.rundir.write_provenance(pipeline.model, run.context.base_path)
+    run.rundir.write_provenance(
+        pipeline.model,
+        run.context.base_path,
+        parent=pipeline.start.path if pipeline.start is not None else None,
+    )
     write_run_report(
         output_dir,
         pipeline=pipeline,
@@ -623,6 +693,8 @@ _BOOKKEEPING = ("runtime", "per_second", "num_tokens", "entropy", "epoch")
 
 def known_eval_keys(pipeline: Any) -> set[str] | None:
     """The ``eval_*`` keys an evaluation will produce, or None when a custom metric makes them unknowable."""
+    if pipeline.preference is not None:
+        return eval_keys(pipeline.preference)
     keys = set(_TRAINER_EVAL_KEYS)
     specs = pipeline.evaluation.metrics if pipeline.evaluation is not None else ()
     for spec in specs:

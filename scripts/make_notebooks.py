@@ -134,6 +134,29 @@ print("answer:", answers[0], "| expected:", test_rows[0]["output"])"""),
 The run directory holds the adapter (PEFT format), the tokenizer, `lorakit_run.json` (config, template, data
 report, versions) and the metrics. `lk.InferenceModel.load(OUT)` serves it anywhere.
 """),
+        md("""
+## Then: preference tuning (DPO) from this run
+
+SFT taught the queue names; preference tuning teaches which of two answers is better. The bundled preference
+pairs prefer a polite reply naming the right queue over a curt or wrong one. `Pipeline.from_run(OUT)` starts
+from this run: the same base, template and adapter, which keeps training. The DPO reference is that adapter,
+kept frozen on the same base (no second copy of the model). See docs/preference.md.
+"""),
+        code("""
+DPO_STEPS = 4 if SMALL else 60
+dpo = (
+    lk.Pipeline.from_run(OUT)
+    .with_dataset(str(lk.preference_sample_path("train")), val_split=0.1, max_length=256)
+    .with_preference("dpo", beta=0.1)
+    .with_training(max_steps=DPO_STEPS, lr=1e-4, batch_size=4, logging_steps=2)
+)
+print(dpo.explain())
+print(dpo.preview(1))   # chosen, then rejected: the scored tokens between [[ and ]]"""),
+        code("""
+dpo_result = dpo.train(OUT + "-dpo", overwrite=True)
+print({key: round(value, 3) for key, value in dpo_result.metrics.items() if key.startswith("eval_rewards/")})
+aligned = lk.InferenceModel.load(OUT + "-dpo")
+print(aligned.chat([{"role": "user", "content": "Route this ticket: my parcel never arrived."}], max_new_tokens=32))"""),
     ],
     "02_data_and_templates": [
         md("""

@@ -36,6 +36,7 @@ def test_public_api():
         "TrainResult",
         "__version__",
         "evaluate",
+        "preference_sample_path",
     }
     assert issubclass(lk.ConfigError, ValueError) and issubclass(lk.ConfigError, LorakitError)
     assert issubclass(lk.MissingDependencyError, ImportError)

@@ -60,16 +60,26 @@ def test_the_checker_detects_a_missing_name_and_a_changed_signature():
     ]
 
 
-def test_overridden_private_trainer_methods_are_listed():
-    """Every private method LorakitTrainer defines that SFTTrainer (or a base) also has is an override of a
-    third-party private name: it must be in PRIVATE_NAMES."""
-    from trl import SFTTrainer
+@pytest.mark.parametrize(
+    "trainer_name",
+    ["LorakitTrainer", "LorakitDPOTrainer", "LorakitKTOTrainer", "LorakitORPOTrainer", "LorakitCPOTrainer"],
+)
+def test_overridden_private_trainer_methods_are_listed(trainer_name):
+    """Every private method a lorakit trainer class (or LorakitTrainerMixin) defines that its TRL trainer (or a
+    base) also has is an override of a third-party private name: it must be in PRIVATE_NAMES."""
+    from lorakit import trainer as trainers
 
-    from lorakit.trainer import LorakitTrainer
-
-    own = {name for name in vars(LorakitTrainer) if name.startswith("_") and not name.startswith("__")}
-    overridden = {name for name in own if hasattr(SFTTrainer, name)}
-    assert overridden, "LorakitTrainer overrides no private name? the check found nothing to check"
+    cls = getattr(trainers, trainer_name)
+    third_party = next(base for base in cls.__mro__ if not base.__module__.startswith("lorakit"))
+    lorakit_classes = [base for base in cls.__mro__ if base.__module__.startswith("lorakit")]
+    own = {
+        name
+        for base in lorakit_classes
+        for name in vars(base)
+        if name.startswith("_") and not name.startswith("__")
+    }
+    overridden = {name for name in own if hasattr(third_party, name)}
+    assert overridden, f"{trainer_name} overrides no private name? the check found nothing to check"
     listed = {entry.path.rsplit(".", 1)[1] for entry in PRIVATE_NAMES}
     assert overridden <= listed, overridden - listed
 
