@@ -137,14 +137,14 @@ class FastPaths:
 
 def decide_optimizer(requested: str, quant: QuantSpec | None, device: DeviceInfo) -> tuple[str, str]:
     """``optim="auto"``: paged 8-bit AdamW for QLoRA on a GPU (state paged to CPU memory at peaks), else
-    ``adamw_torch``; an explicit name is kept. Returns (optimizer, reason)."""
+    ``adamw_torch_fused`` (the default); an explicit name is kept. Returns (optimizer, reason)."""
     qlora_on_gpu = quant is not None and quant.bits == 4 and device.kind == "cuda"
     if requested != "auto":
         hint = "; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU" if qlora_on_gpu else ""
         return requested, f"{requested}{hint if not requested.startswith('paged_') else ''}"
     if qlora_on_gpu:
         return "paged_adamw_8bit", "paged_adamw_8bit (auto: QLoRA on a GPU)"
-    return "adamw_torch", "adamw_torch (auto)"
+    return "adamw_torch_fused", "adamw_torch_fused (auto)"
 
 
 def decide_liger(requested: bool | None, device: DeviceInfo) -> tuple[bool, str]:

@@ -120,7 +120,7 @@ def test_explain_on_a_simulated_t4_names_gpu_precision_and_fast_paths(monkeypatc
         .with_dataset(ROWS, template="alpaca", val_split=0.0, max_length=64)
     )
     default = pipeline.explain().splitlines()
-    assert "  optimizer        adamw_torch; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU" in default
+    assert "  optimizer        adamw_torch_fused; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU" in default
     lines = pipeline.with_training(optim="auto").explain().splitlines()
     assert "  device           cuda (Tesla T4, compute capability 7.5, 15.8 GB)" in lines
     assert (
@@ -138,7 +138,7 @@ def test_explain_on_the_cpu_keeps_fp32(tiny_model_dir, monkeypatch):
     plan = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=64).plan()
     assert (plan.device, plan.precision) == ("cpu", "fp32")
     assert "  precision        fp32 (CPU; its native bf16 is opt-in: precision='bf16')" in plan.render()
-    assert "  optimizer        adamw_torch" in plan.render().splitlines()
+    assert "  optimizer        adamw_torch_fused" in plan.render().splitlines()
 
 
 # --- fast paths -------------------------------------------------------------------------------------------
@@ -168,8 +168,8 @@ def test_optimizer_and_liger_choice(monkeypatch):
         "paged_adamw_8bit",
         "paged_adamw_8bit (auto: QLoRA on a GPU)",
     )
-    assert decide_optimizer("auto", four_bit, CPU)[0] == "adamw_torch"
-    assert decide_optimizer("auto", None, A100)[0] == "adamw_torch"
+    assert decide_optimizer("auto", four_bit, CPU)[0] == "adamw_torch_fused"
+    assert decide_optimizer("auto", None, A100)[0] == "adamw_torch_fused"
     assert decide_optimizer("adafactor", four_bit, T4)[0] == "adafactor"
     assert decide_optimizer("paged_adamw_32bit", four_bit, T4) == ("paged_adamw_32bit", "paged_adamw_32bit")
     monkeypatch.setattr(lorakit.plan, "find_spec", lambda name: object() if name == "liger_kernel" else None)

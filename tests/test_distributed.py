@@ -110,7 +110,8 @@ def test_ddp_two_cpu_processes_match_one_process_and_only_rank_0_writes(
     writes = {p.name.rsplit("-", 1)[1]: p.read_text().splitlines() for p in tmp_path.glob("writes-*")}
     assert writes.get("0"), "rank 0 wrote nothing"
     assert "1" not in writes, f"rank 1 wrote to the run directory: {writes.get('1')}"
-    assert any(line.endswith("metrics.json") for line in writes["0"])
+    # metrics.json is written aside and renamed into place (the audit event names the temporary file).
+    assert any(line.startswith("os.rename") and ".metrics.json." in line for line in writes["0"])
     ddp_metrics = json.loads((out / "metrics.json").read_text())
     assert ddp_metrics["train_steps"] == 3
     assert ddp_metrics["train_tokens"] == single.metrics["train_tokens"]  # summed over both processes

@@ -121,6 +121,6 @@ def test_a_run_trains_with_the_passed_options(tiny_model_dir, tmp_path):
         .train(tmp_path / "run", callbacks=[seen])
     )
     assert (seen.args.max_grad_norm, seen.args.neftune_noise_alpha) == (0.25, 3.0)
-    assert seen.args.optim == "adamw_torch"  # optim="auto" on the CPU
+    assert seen.args.optim == "adamw_torch_fused"  # optim="auto" on the CPU
     assert seen.attention == "eager"
     assert result.metrics["train_loss"] > 0

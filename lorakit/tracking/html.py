@@ -45,22 +45,14 @@ def _fmt(value: Any) -> str:
 
 def report_data(prepared: Any, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
     """The token-length histogram and three examples (text pieces, trained or not) for the report."""
+    columns = prepared.train.column_names
+    if "input_ids" not in columns:  # preference rows: prompt + reply ids, no SFT labels to highlight
+        return _preference_report_data(prepared, columns, max_length)
     lengths = [len(ids) for ids in prepared.train["input_ids"]]
-    top = max(max(lengths, default=1), max_length or 0, 1)
-    width = max(1, -(-top // _BINS))
-    counts = [0] * (top // width + 1)
-    for length in lengths:
-        counts[length // width] += 1
     rows = [prepared.train[index] for index in range(min(3, len(prepared.train)))]
     examples = preview_examples(rows, tokenizer).examples if rows else ()
     return {
-        "lengths": {
-            "bin_width": width,
-            "counts": counts,
-            "max_length": max_length,
-            "truncated": int(prepared.report.truncated),
-            "rows": len(lengths),
-        },
+        "lengths": _histogram(lengths, max_length, int(getattr(prepared.report, "truncated", 0))),
         "examples": [
             {
                 "pieces": [[text, trained] for text, trained in ex.pieces],
@@ -70,6 +62,33 @@ def report_data(prepared: Any, tokenizer: Any, max_length: int | None) -> dict[s
             for ex in examples
         ],
     }
+
+
+def _histogram(lengths: list[int], max_length: int | None, truncated: int) -> dict[str, Any]:
+    """Token lengths in about ``_BINS`` bins, with the ``max_length`` cut."""
+    top = max(max(lengths, default=1), max_length or 0, 1)
+    width = max(1, -(-top // _BINS))
+    counts = [0] * (top // width + 1)
+    for length in lengths:
+        counts[length // width] += 1
+    return {
+        "bin_width": width,
+        "counts": counts,
+        "max_length": max_length,
+        "truncated": truncated,
+        "rows": len(lengths),
+    }
+
+
+def _preference_report_data(prepared: Any, columns: list[str], max_length: int | None) -> dict[str, Any]:
+    """Preference rows: the length of prompt + chosen (paired) or prompt + completion (KTO); no examples (the
+    run's ``preview()`` shows chosen and rejected with the scored tokens)."""
+    reply = "chosen_ids" if "chosen_ids" in columns else "completion_ids"
+    lengths = [
+        len(prompt) + len(answer)
+        for prompt, answer in zip(prepared.train["prompt_ids"], prepared.train[reply], strict=True)
+    ]
+    return {"lengths": _histogram(lengths, max_length, 0), "examples": []}
 
 
 # --- SVG charts ---------------------------------------------------------------------------------------------
