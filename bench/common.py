@@ -69,29 +69,9 @@ def tiny_model_dir(root: Path) -> str:
     if (path / "config.json").is_file():
         return str(path)
     sys.path.insert(0, str(ROOT))
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import build_tiny_model
 
-    from tests.conftest import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return build_tiny_model(path, max_position_embeddings=1024)
 
 
 def smollm2_dir() -> str:

@@ -313,28 +313,9 @@ def trial(
 
 def tiny_model(where: Path) -> str:
     sys.path.insert(0, str(ROOT / "tests"))
-    import torch
-    from conftest import build_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import build_tiny_model
 
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(where)
-    tokenizer.save_pretrained(where)
-    return str(where)
+    return build_tiny_model(where)
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -53,29 +53,10 @@ PID_HOOK = textwrap.dedent(
 
 def make_tiny_model(path: Path) -> Path:
     """The tests' 2-layer Llama (hidden 64) and locally trained tokenizer, saved to ``path``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import build_tiny_tokenizer
+    from tests.conftest import build_tiny_model
 
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    build_tiny_model(path)
     return path
 
 

@@ -13,6 +13,8 @@ if "LORAKIT_CACHE_DIR" not in os.environ:  # keep the token cache of test runs o
 
     os.environ["LORAKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-test-cache-")
 
+from typing import Any
+
 import pytest
 
 CORPUS = [
@@ -68,30 +70,34 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A 2-layer Llama (hidden 64) with the tiny tokenizer, saved as a local model directory."""
+def build_tiny_model(path: Any, tokenizer: Any = None, *, max_position_embeddings: int = 512) -> str:
+    """A 2-layer Llama (hidden 64) with the tiny tokenizer, saved to ``path`` (also used by bench/ and scripts/)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
         # A frozen head with the default std (0.02) caps logits near 1 after RMSNorm, so LoRA could not make
         # any token likely; a wider init lets the tiny model over-fit a handful of rows in a few steps.
         initializer_range=0.3,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer Llama (hidden 64) with the tiny tokenizer, saved as a local model directory."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)

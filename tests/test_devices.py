@@ -120,7 +120,10 @@ def test_explain_on_a_simulated_t4_names_gpu_precision_and_fast_paths(monkeypatc
         .with_dataset(ROWS, template="alpaca", val_split=0.0, max_length=64)
     )
     default = pipeline.explain().splitlines()
-    assert "  optimizer        adamw_torch_fused; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU" in default
+    assert (
+        "  optimizer        adamw_torch_fused; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU"
+        in default
+    )
     lines = pipeline.with_training(optim="auto").explain().splitlines()
     assert "  device           cuda (Tesla T4, compute capability 7.5, 15.8 GB)" in lines
     assert (
