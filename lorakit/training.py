@@ -60,6 +60,7 @@ from lorakit.models import (
 )
 from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, save_bytes, steps_for
 from lorakit.preference import REFERENCE_ADAPTER, eval_keys
+from lorakit.progress import progress_enabled
 from lorakit.rundir import (
     RUN_FILE,
     RunDir,
@@ -441,7 +442,7 @@ def _training_args(run: _Run) -> Any:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
-        disable_tqdm=os.environ.get("LORAKIT_PROGRESS", "1") == "0",
+        disable_tqdm=not progress_enabled(),
         **objective_args,
         **run.distributed_args,
     )
