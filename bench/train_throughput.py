@@ -11,13 +11,14 @@ the same rows; each run in its own process, the order alternating between repeat
 - ``b_trl``: TRL ``SFTTrainer`` with its defaults (prompt/completion rows, so completion-only loss; gradient
   checkpointing on, as TRL defaults) and the same hyper-parameters; ``bf16=False`` on CPU;
 - ``b_trl_nogc``: the same without gradient checkpointing;
-- ``c_lorakit``: lorakit's default (length-grouped batches, dynamic padding);
-- ``c_packed``: lorakit with ``packing=True`` (padding-free, per-example position ids);
-- ``c_bf16``: lorakit's default with ``precision="bf16"`` (bf16 autocast over fp32 weights on CPU).
+- ``c_lorakit``: lorakit's default (length-grouped batches, dynamic padding, fused loss, fused AdamW,
+  ``precision="auto"``: bf16 autocast over fp32 weights on a CPU with native bf16, fp32 otherwise);
+- ``c_packed``: lorakit's default with ``packing=True`` (padding-free, per-example position ids);
+- ``c_fp32``: lorakit's default with ``precision="fp32"`` (the CPU default before bf16 became "auto").
 
 Reported per run: real (non-padding) tokens/s, loss-bearing tokens/s, the non-padding fraction of computed
 tokens, peak RSS of the process, training FLOP/s against the machine's best matmul rate measured in the same
-invocation (fp32 and bf16 2048^2 matmuls; fp32 runs against the fp32 rate, ``c_bf16`` against the bf16 rate);
+invocation (fp32 and bf16 2048^2 matmuls; each run against the rate of the precision it trained in);
 per model, medians over the repeats, the ratios of c to a and b, and the losses of all configurations on the
 same 8 examples.
 
@@ -39,6 +40,7 @@ Results: ``bench/results/train_throughput-<UTC>.json`` (and ``-latest.json``).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -59,7 +61,7 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 
-CONFIGS = ("a_seeds", "b_trl", "b_trl_nogc", "c_lorakit", "c_packed", "c_bf16")
+CONFIGS = ("a_seeds", "b_trl", "b_trl_nogc", "c_lorakit", "c_packed", "c_fp32")
 SETTINGS = {
     # rows per timed epoch and batch size per model: SmolLM2 runs a few steps only, to finish in minutes.
     "tiny": {"rows": 256, "batch_size": 8},
@@ -254,7 +256,7 @@ def lorakit_pipeline(path: str, rows: list[dict[str, str]], batch_size: int, con
             warmup_ratio=0.0,
             logging_steps=10_000,
             seed=0,
-            precision="bf16" if config == "c_bf16" else "auto",
+            precision="fp32" if config == "c_fp32" else "auto",
         )
     )
 
@@ -315,6 +317,7 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
             metrics["train_loss_tokens"],
         )
         runtime, train_loss, steps = metrics["train_runtime"], metrics["train_loss"], metrics["train_steps"]
+        precision = json.loads((result.output_dir / "lorakit_run.json").read_text())["precision"]
         from transformers import AutoModelForCausalLM
 
         params = matmul_params(AutoModelForCausalLM.from_pretrained(path))
@@ -337,6 +340,7 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
         counts = trainer.token_totals()
         tokens, computed, loss_tokens = counts["tokens"], counts["computed_tokens"], counts["loss_tokens"]
         train_loss, steps = float(output.training_loss), int(output.global_step)
+        precision = "fp32"  # the seeds' and TRL's runs set bf16=False on CPU
     layers, hidden = shape_of(path)
     lora = lora_param_count(path)
     mean_length = computed / max(1, steps * batch_size)
@@ -345,6 +349,7 @@ def train_worker(model_name: str, config: str, scratch: Path) -> dict[str, Any]:
     return {
         "model": model_name,
         "config": config,
+        "precision": precision,
         "rows": len(rows),
         "batch_size": batch_size,
         "steps": steps,
@@ -454,7 +459,7 @@ def summarize(runs: list[dict[str, Any]], peak: dict[str, float] | None = None) 
             "pct_of_matmul_peak": round(
                 100
                 * statistics.median(r["model_gflops_per_s"] for r in items)
-                / (peak or {}).get("bf16" if config == "c_bf16" else "fp32", float("inf")),
+                / (peak or {}).get(items[0].get("precision", "fp32"), float("inf")),
                 1,
             ),
             "train_loss": items[0]["train_loss"],
@@ -462,7 +467,7 @@ def summarize(runs: list[dict[str, Any]], peak: dict[str, float] | None = None) 
     ratios = {}
     if "c_lorakit" in summary:
         # Ratios per repeat (same round of runs), then the median: the load of a shared machine drifts.
-        for other in ("a_seeds", "b_trl", "b_trl_nogc", "c_packed", "c_bf16"):
+        for other in ("a_seeds", "b_trl", "b_trl_nogc", "c_packed", "c_fp32"):
             if other not in by_config:
                 continue
             per_repeat = [
@@ -483,15 +488,6 @@ def summarize(runs: list[dict[str, Any]], peak: dict[str, float] | None = None) 
                     "median": round(statistics.median(per_cpu), 2),
                     "all": [round(x, 2) for x in per_cpu],
                 }
-    if "c_bf16" in by_config and "c_lorakit" in by_config:
-        per_repeat = [
-            b["tokens_per_s"] / c["tokens_per_s"]
-            for b, c in zip(by_config["c_bf16"], by_config["c_lorakit"], strict=False)
-        ]
-        ratios["c_bf16/c_lorakit"] = {
-            "median": round(statistics.median(per_repeat), 2),
-            "all": [round(x, 2) for x in per_repeat],
-        }
     return {"configs": summary, "ratios": ratios}
 
 

@@ -440,7 +440,7 @@ class TrainSpec:
     grad_checkpointing: bool | None = attrs.field(default=None)
     """Recompute activations in the backward pass; ``None`` = on for GPU runs, off on CPU (where it costs ~30%)."""
     precision: str = attrs.field(default="auto", validator=one_of(PRECISIONS))
-    """``"auto"`` = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    """``"auto"`` = bf16 on GPUs with native bf16, fp16 on older GPUs; on CPU bf16 autocast where native, else fp32."""
     seed: int = attrs.field(default=42)
     """Seed of initialisation, dropout and data order."""
     logging_steps: int = attrs.field(default=10, validator=positive_int())

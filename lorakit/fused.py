@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lorakit.data.encode import IGNORE_INDEX
+from lorakit.memory import FUSED_CHUNK_TOKENS
 
 __all__ = [
     "CHUNK_TOKENS",
@@ -30,7 +31,7 @@ __all__ = [
     "fused_loss_applies",
 ]
 
-CHUNK_TOKENS = 1024
+CHUNK_TOKENS = FUSED_CHUNK_TOKENS
 """Loss positions projected at once: 1024 x a 49k vocabulary is 200 MB of fp32 logits per chunk."""
 
 

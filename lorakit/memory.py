@@ -42,6 +42,8 @@ LAYER_PER_KV = 2.0
 # fp32 values per token and vocabulary entry: the logits (held by the model output) and the log-softmax the
 # cross-entropy saves (measured: exactly one saved vocabulary-sized tensor).
 LOGITS_FACTOR = 2.0
+# Loss positions the fused loss projects at once (lorakit.fused.CHUNK_TOKENS is this value).
+FUSED_CHUNK_TOKENS = 1024
 # 4-bit blocks (bitsandbytes ``Params4bit`` default) and the second-level blocks of double quantization.
 BLOCKSIZE_4BIT = 64
 BLOCKSIZE_NESTED = 256
@@ -271,13 +273,15 @@ def activation_bytes(
     vocab: int,
     grad_checkpointing: bool,
     element_bytes: int = 4,
+    fused_loss: bool = False,
 ) -> int:
     """Bytes held for the backward pass of ``tokens`` tokens (batch x sequence length).
 
     Without checkpointing every layer keeps ``LAYER_PER_HIDDEN * hidden + LAYER_PER_INTERMEDIATE *
     intermediate + LAYER_PER_KV * kv`` values per token; with it each layer keeps only its input and one layer at
     a time is recomputed during the backward pass. The loss keeps ``LOGITS_FACTOR`` fp32 values per token and
-    vocabulary entry.
+    vocabulary entry; the fused loss (:mod:`lorakit.fused`) only one chunk of :data:`FUSED_CHUNK_TOKENS`
+    tokens' logits at a time plus the fp32 gradient of the hidden states it saves for the backward pass.
     """
     per_token = LAYER_PER_HIDDEN * hidden + LAYER_PER_INTERMEDIATE * intermediate + LAYER_PER_KV * kv
     per_layer = per_token * tokens * element_bytes
@@ -285,6 +289,10 @@ def activation_bytes(
         layer_part = layers * tokens * hidden * element_bytes + per_layer
     else:
         layer_part = layers * per_layer
+    if fused_loss:
+        return int(
+            layer_part + LOGITS_FACTOR * min(tokens, FUSED_CHUNK_TOKENS) * vocab * 4 + tokens * hidden * 4
+        )
     return int(layer_part + LOGITS_FACTOR * tokens * vocab * 4)
 
 
@@ -405,14 +413,23 @@ def _activation_part(
     seq_len = pipeline.data.max_length if pipeline.data is not None else default_length
     if pipeline.data is None:
         notes.append(f"sequence length {seq_len} (DataSpec default) until with_dataset(max_length=...)")
+    # The fused loss trains SFT runs of methods without virtual tokens (multi-process runs fall back to TRL's).
+    fused = (
+        pipeline.training.fused_loss
+        and pipeline.preference is None
+        and not pipeline.resolved_method.virtual_tokens
+        and pipeline.distribution is None
+    )
     activations = activation_bytes(
         tokens=pipeline.training.batch_size * seq_len,
         **activation_shape(config),
         grad_checkpointing=grad_checkpointing,
         element_bytes=4 if precision == "fp32" else 2,
+        fused_loss=fused,
     )
     notes.append(
         f"activations for full-length sequences, gradient checkpointing {'on' if grad_checkpointing else 'off'}, "
-        "factor calibrated on CPU in fp32"
+        + ("fused loss (one logits chunk), " if fused else "")
+        + "factor calibrated on CPU in fp32"
     )
     return seq_len, activations

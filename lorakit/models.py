@@ -33,6 +33,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_model_path",
     "resolve_precision",
+    "hidden_size_of",
     "torch_dtype",
 ]
 
@@ -128,12 +129,26 @@ def _decision(precision: str, reason: str, device: DeviceInfo) -> PrecisionDecis
     return PrecisionDecision(precision, reason, compute_dtype=compute)
 
 
-def decide_precision(requested: str, device: DeviceInfo) -> PrecisionDecision:
+def hidden_size_of(config: Any) -> int | None:
+    """The hidden size of a model config (its text part for multimodal configs), None when it has none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "hidden_size", None)
+
+
+CPU_BF16_MIN_HIDDEN = 256
+"""The smallest hidden size at which ``"auto"`` picks bf16 autocast on a native-bf16 CPU. Measured by
+``bench/precision_crossover.py`` (a LoRA step, 4 x 256 tokens): bf16 is 0.96-1.03x fp32 at hidden 64, 1.07-1.10x at
+128, 1.14-1.15x at 256, 1.57x at 576 (SmolLM2-135M); below 256 the casts eat most of the gain."""
+
+
+def decide_precision(requested: str, device: DeviceInfo, hidden_size: int | None = None) -> PrecisionDecision:
     """The one precision decision: ``requested`` (``"auto"``, ``"bf16"``, ``"fp16"``, ``"fp32"``) on ``device``.
 
     ``"auto"`` is bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with a gradient scaler on
-    older GPUs (a T4 is 7.5: it only emulates bf16), and fp32 on a CPU, also one with native bf16 (the CPU
-    default is fp32 until benchmarks say otherwise; ``precision="bf16"`` opts in there).
+    older GPUs (a T4 is 7.5: it only emulates bf16); on a CPU it is bf16 autocast over fp32 weights where the
+    CPU has native bf16 matmuls (AVX512-BF16 or AMX) and the model's ``hidden_size`` is at least
+    :data:`CPU_BF16_MIN_HIDDEN` (SmolLM2-135M: 576; test-sized models gain nothing), fp32 otherwise
+    (emulated bf16 would be slower than fp32).
 
     Example:
         >>> decide_precision("auto", DeviceInfo("cuda", "Tesla T4", capability=(7, 5))).precision
@@ -145,8 +160,16 @@ def decide_precision(requested: str, device: DeviceInfo) -> PrecisionDecision:
     gpu = device.describe()
     if device.kind != "cuda":
         if requested == "auto":
-            why = "CPU; its native bf16 is opt-in: precision='bf16'" if device.native_bf16 else "CPU"
-            return _decision("fp32", f"fp32 ({why})", device)
+            if not device.native_bf16:
+                return _decision("fp32", "fp32 (CPU without native bf16)", device)
+            if hidden_size is not None and hidden_size < CPU_BF16_MIN_HIDDEN:
+                return _decision(
+                    "fp32",
+                    f"fp32 (CPU with native bf16, but hidden size {hidden_size} < {CPU_BF16_MIN_HIDDEN}: "
+                    "bf16 would gain little over its casts)",
+                    device,
+                )
+            return _decision("bf16", "bf16 (CPU with native bf16: bf16 autocast over fp32 weights)", device)
         if requested == "bf16" and device.native_bf16:
             return _decision(
                 "bf16", "bf16 (requested; fp32 weights, bf16 autocast on a native-bf16 CPU)", device
@@ -159,7 +182,7 @@ def decide_precision(requested: str, device: DeviceInfo) -> PrecisionDecision:
                     if requested == "bf16"
                     else ""
                 )
-                + " and none is available. Use precision='auto' (fp32 on CPU)."
+                + " and none is available. Use precision='auto' (on this CPU: fp32)."
             )
         return _decision("fp32", "fp32 (requested)", device)
     if requested == "auto":
@@ -180,9 +203,11 @@ def decide_precision(requested: str, device: DeviceInfo) -> PrecisionDecision:
     return _decision(requested, f"{requested} (requested)", device)
 
 
-def resolve_precision(precision: str, device: DeviceInfo | None = None) -> str:
+def resolve_precision(
+    precision: str, device: DeviceInfo | None = None, hidden_size: int | None = None
+) -> str:
     """``precision`` resolved on ``device`` (default: this machine), see :func:`decide_precision`."""
-    return decide_precision(precision, device or current_device()).precision
+    return decide_precision(precision, device or current_device(), hidden_size).precision
 
 
 def inference_placement(device: str | None, dtype: str | None, info: DeviceInfo) -> tuple[str, str]:

@@ -548,7 +548,7 @@ class Pipeline:
 
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
-        precision="auto" (bf16/fp16 on a GPU, fp32 on CPU), seed=42, logging_steps=10, eval_steps=None (each
+        precision="auto" (bf16/fp16 on a GPU; on CPU bf16 autocast where native, else fp32), seed=42, logging_steps=10, eval_steps=None (each
         epoch), save_steps=None (final adapter only), optim="adamw_torch_fused" ("auto": paged_adamw_8bit for
         QLoRA on a GPU, fused AdamW otherwise), group_by_length=True (batches of similar lengths, little
         padding), compile=False (``True`` / ``"auto"``: ``torch.compile`` the decoder layers), fused_loss=True

@@ -21,6 +21,7 @@ from lorakit.models import (
     current_device,
     decide_attention,
     decide_precision,
+    hidden_size_of,
     load_model_config,
     load_tokenizer,
     resolve_model_path,
@@ -460,7 +461,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
     method_spec = pipeline.resolved_method
     targets = method_spec.plan_targets(peft_model)
     base_model = method_spec.base_of(peft_model)
-    decision = decide_precision(pipeline.training.precision, info)
+    decision = decide_precision(pipeline.training.precision, info, hidden_size_of(config))
     precision, device = decision.precision, info.kind
     grad_ckpt = decide_grad_checkpointing(pipeline.training, method_spec, device, pipeline.distribution)
     memory = estimate_memory(

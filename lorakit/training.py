@@ -51,6 +51,7 @@ from lorakit.metrics import get_metric, missing_packages
 from lorakit.modelcard import write_run_card
 from lorakit.models import (
     device_kind,
+    hidden_size_of,
     load_base_model,
     load_model_config,
     load_tokenizer,
@@ -187,7 +188,9 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
     if resume_from is None:
         rundir.check(overwrite=overwrite)
     _check_environment(pipeline)
-    precision, device = resolve_precision(pipeline.training.precision), device_kind()
+    config = load_model_config(pipeline.model)
+    precision = resolve_precision(pipeline.training.precision, hidden_size=hidden_size_of(config))
+    device = device_kind()
     _check_optimizer(pipeline.training.optim, device)
     preflight(pipeline, cuda=device == "cuda")
     distributed_args = training_arguments(pipeline)
@@ -204,7 +207,6 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
     )
     method.check_run(context)  # what the method cannot do with this base fails before any load
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
-    config = load_model_config(pipeline.model)
     meta_model, total = apply_method_on_meta(pipeline, config)
     trainable = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
     memory = estimate_memory(

@@ -14,6 +14,7 @@ import lorakit.plan
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.merging import logit_tolerance
 from lorakit.models import (
+    CPU_BF16_MIN_HIDDEN,
     DeviceInfo,
     current_device,
     decide_attention,
@@ -55,8 +56,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
             False,
             "bf16 (cuda (NVIDIA A100-SXM4-40GB, compute capability 8.0, 42.5 GB) has native bf16)",
         ),
-        (CPU, "fp32", "fp32", False, "fp32 (CPU)"),
-        (CPU_BF16, "fp32", "fp32", False, "fp32 (CPU; its native bf16 is opt-in: precision='bf16')"),
+        (CPU, "fp32", "fp32", False, "fp32 (CPU without native bf16)"),
+        # bf16 autocast over fp32 weights: the compute dtype of weights (and 4-bit matmuls) stays fp32.
+        (CPU_BF16, "bf16", "fp32", False, "bf16 (CPU with native bf16: bf16 autocast over fp32 weights)"),
     ],
     ids=["T4", "A100", "cpu", "cpu-native-bf16"],
 )
@@ -136,12 +138,31 @@ def test_explain_on_a_simulated_t4_names_gpu_precision_and_fast_paths(monkeypatc
     assert "  grad checkpoint  on (CUDA)" in lines
 
 
-def test_explain_on_the_cpu_keeps_fp32(tiny_model_dir, monkeypatch):
+def test_auto_precision_on_a_native_bf16_cpu_follows_the_model_size():
+    # Below CPU_BF16_MIN_HIDDEN bf16 gains little over its casts (bench/precision_crossover.py).
+    small = decide_precision("auto", CPU_BF16, hidden_size=CPU_BF16_MIN_HIDDEN - 1)
+    assert (small.precision, small.reason) == (
+        "fp32",
+        f"fp32 (CPU with native bf16, but hidden size {CPU_BF16_MIN_HIDDEN - 1} < {CPU_BF16_MIN_HIDDEN}: "
+        "bf16 would gain little over its casts)",
+    )
+    assert decide_precision("auto", CPU_BF16, hidden_size=576).precision == "bf16"  # SmolLM2-135M
+    assert decide_precision("auto", CPU, hidden_size=4096).precision == "fp32"  # no native bf16: never slower
+    assert decide_precision("auto", A100, hidden_size=64).precision == "bf16"  # the size rule is CPU-only
+
+
+def test_explain_on_the_cpu_names_precision_and_why(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(lorakit.plan, "current_device", lambda: CPU_BF16)
     plan = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=64).plan()
-    assert (plan.device, plan.precision) == ("cpu", "fp32")
-    assert "  precision        fp32 (CPU; its native bf16 is opt-in: precision='bf16')" in plan.render()
+    assert (plan.device, plan.precision) == ("cpu", "fp32")  # the tiny model's hidden size is 64
+    assert (
+        "  precision        fp32 (CPU with native bf16, but hidden size 64 < 256: bf16 would gain little over "
+        "its casts)"
+    ) in plan.render().splitlines()
     assert "  optimizer        adamw_torch_fused" in plan.render().splitlines()
+    monkeypatch.setattr(lorakit.plan, "current_device", lambda: CPU)
+    plan = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=64).plan()
+    assert "  precision        fp32 (CPU without native bf16)" in plan.render().splitlines()
 
 
 # --- fast paths -------------------------------------------------------------------------------------------

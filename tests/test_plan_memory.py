@@ -163,6 +163,48 @@ def test_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
     assert abs(estimate / held - 1) < 0.15
 
 
+def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
+    # With the fused loss no logits are held for the backward pass: only the body's activations and the fp32
+    # gradient of the hidden states (the one logits chunk is transient, counted on top as a peak).
+    from peft import get_peft_model
+
+    from lorakit.fused import fused_linear_cross_entropy
+    from lorakit.memory import FUSED_CHUNK_TOKENS, LOGITS_FACTOR
+
+    pipeline = lk.Pipeline.from_model(tiny_model_dir)
+    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
+    batch, seq = 4, 256
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    base = model.get_base_model()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = base.model(input_ids=ids).last_hidden_state
+        fused_linear_cross_entropy(hidden, base.lm_head.weight, ids)
+    shape = activation_shape(model.config)
+    estimate = activation_bytes(tokens=batch * seq, **shape, grad_checkpointing=False, fused_loss=True)
+    transient = LOGITS_FACTOR * min(batch * seq, FUSED_CHUNK_TOKENS) * shape["vocab"] * 4
+    assert abs((estimate - transient) / sum(saved.values()) - 1) < 0.15
+    unfused = activation_bytes(tokens=batch * seq, **shape, grad_checkpointing=False)
+    assert unfused - estimate == LOGITS_FACTOR * batch * seq * shape[
+        "vocab"
+    ] * 4 - transient - batch * seq * (shape["hidden"] * 4)
+    # The plan uses it for SFT runs with the fused loss on (the default), not with fused_loss=False.
+    plan_pipeline = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=256)
+    on = plan_pipeline.plan().memory
+    off = plan_pipeline.with_training(fused_loss=False).plan().memory
+    assert off.activations - on.activations == LOGITS_FACTOR * 4 * 256 * shape["vocab"] * 4 - transient - (
+        4 * 256 * shape["hidden"] * 4
+    )
+
+
 def test_activations_scale_with_batch_and_checkpointing(tiny_model_dir):
     pipeline = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=256)
     one = pipeline.with_training(batch_size=1, grad_checkpointing=False).plan().memory

@@ -51,6 +51,8 @@ class MethodBase:
     """True when the PEFT config needs the run's number of optimizer steps before training (AdaLoRA)."""
     supports_grad_checkpointing: ClassVar[bool] = True
     """False for methods that cannot train with gradient checkpointing (prefix methods)."""
+    virtual_tokens: ClassVar[bool] = False
+    """True for prompt-learning methods, which prepend learned virtual tokens: the fused loss does not apply."""
 
     def to_peft_config(self) -> Any:  # pragma: no cover - every method defines it
         raise NotImplementedError

@@ -49,6 +49,7 @@ class PrefixTuningSpec(MethodBase):
     name: ClassVar[str] = "prefix_tuning"
     mergeable: ClassVar[bool] = False
     supports_grad_checkpointing: ClassVar[bool] = False
+    virtual_tokens: ClassVar[bool] = True
 
     num_virtual_tokens: int = attrs.field(default=20, validator=positive_int("Typical values are 8-100."))
     """How many key/value prefix positions are learned per layer."""
@@ -97,6 +98,7 @@ class PtuningV2Spec(MethodBase):
     name: ClassVar[str] = "ptuning_v2"
     mergeable: ClassVar[bool] = False
     supports_grad_checkpointing: ClassVar[bool] = False
+    virtual_tokens: ClassVar[bool] = True
 
     num_virtual_tokens: int = attrs.field(default=20, validator=positive_int("Typical values are 8-100."))
     """How many key/value prefix positions are learned per layer."""

@@ -30,6 +30,7 @@ class PromptTuningSpec(MethodBase):
 
     name: ClassVar[str] = "prompt_tuning"
     mergeable: ClassVar[bool] = False
+    virtual_tokens: ClassVar[bool] = True
 
     num_virtual_tokens: int = attrs.field(default=20, validator=positive_int("Typical values are 8-100."))
     """How many virtual tokens are learned and prepended."""

@@ -29,6 +29,7 @@ class PtuningSpec(MethodBase):
 
     name: ClassVar[str] = "ptuning"
     mergeable: ClassVar[bool] = False
+    virtual_tokens: ClassVar[bool] = True
 
     num_virtual_tokens: int = attrs.field(default=20, validator=positive_int("Typical values are 8-100."))
     """How many virtual tokens are learned and prepended."""
