@@ -14,7 +14,8 @@ Parts:
   from the cache (the cache hit and its speed-up);
 - ``train``: lorakit's default training (fresh process per setting), ``--steps`` steps at batch 4: tokens/s at
   max length 128/512/1024 (1k rows) and at 1k vs 10k rows (512), each with the process's peak RSS and
-  ``Pipeline.plan()``'s memory total (ratio RSS / estimate; RSS also holds Python, torch and the data).
+  ``Pipeline.plan()``'s memory total: the ratio of the peak RSS to the estimate (RSS also holds Python, torch
+  and the data) and of the training's own part (peak RSS minus the RSS just before ``train()``) to it.
 
 Results: ``bench/results/scaling-*.json``.
 """
@@ -22,6 +23,7 @@ Results: ``bench/results/scaling-*.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -123,7 +125,9 @@ def data_part(model_name: str, sizes: list[int]) -> dict[str, Any]:
     return out
 
 
-def train_worker(model_name: str, rows_n: int, max_length: int, steps: int) -> dict[str, Any]:
+def train_worker(
+    model_name: str, rows_n: int, max_length: int, steps: int, precision: str = "auto"
+) -> dict[str, Any]:
     import lorakit as lk
 
     scratch = Path(tempfile.gettempdir()) / "lorakit-bench"
@@ -135,9 +139,12 @@ def train_worker(model_name: str, rows_n: int, max_length: int, steps: int) -> d
         .with_dataset(
             bench_rows(rows_n, path), template="alpaca", val_split=0, max_length=max_length, cache=False
         )
-        .with_training(max_steps=steps, batch_size=4, warmup_ratio=0.0, logging_steps=1, seed=0)
+        .with_training(
+            max_steps=steps, batch_size=4, warmup_ratio=0.0, logging_steps=1, seed=0, precision=precision
+        )
     )
     estimate = pipeline.plan().memory
+    baseline = current_rss_mb()  # Python, torch, transformers and the rows: what the plan does not count
     started = time.perf_counter()
     result = pipeline.train(Path(tempfile.mkdtemp(prefix="scaling-")) / "run")
     metrics = result.metrics
@@ -151,14 +158,29 @@ def train_worker(model_name: str, rows_n: int, max_length: int, steps: int) -> d
         "peak_rss_mb": rss,
         "plan_estimate_mb": round(estimate.total / 2**20, 1) if estimate else None,
         "rss_over_estimate": round(rss / (estimate.total / 2**20), 2) if estimate else None,
+        "rss_before_train_mb": baseline,
+        "training_rss_mb": round(rss - baseline, 1),
+        "training_rss_over_estimate": round((rss - baseline) / (estimate.total / 2**20), 2)
+        if estimate
+        else None,
+        "precision": json.loads((result.output_dir / "lorakit_run.json").read_text())["precision"],
     }
 
 
-def train_part(model_name: str, steps: int) -> list[dict[str, Any]]:
+def current_rss_mb() -> float:
+    """The process's resident set now (``VmRSS``), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def train_part(model_name: str, steps: int, precision: str) -> list[dict[str, Any]]:
     out = []
     for rows_n, max_length in ((1000, 128), (1000, 512), (1000, 1024), (10000, 512)):
         result = run_worker(
-            Path(__file__).resolve(), ["train", model_name, str(rows_n), str(max_length), str(steps)]
+            Path(__file__).resolve(),
+            ["train", model_name, str(rows_n), str(max_length), str(steps), precision],
         )
         out.append(result)
         print(f"train {result}", flush=True)
@@ -172,11 +194,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--scan-max", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--precisions", default="auto", help="e.g. auto,fp32: the train part once per precision"
+    )
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        _, model_name, rows_n, max_length, steps = args.worker
-        emit(train_worker(model_name, int(rows_n), int(max_length), int(steps)))
+        _, model_name, rows_n, max_length, steps, precision = args.worker
+        emit(train_worker(model_name, int(rows_n), int(max_length), int(steps), precision))
         return
     os.environ.setdefault("LORAKIT_PROGRESS", "0")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -187,7 +212,11 @@ def main() -> None:
     if "data" in parts:
         payload["data"] = data_part(args.model, [s for s in sizes if s <= 10000])
     if "train" in parts:
-        payload["train"] = train_part(args.model, args.steps)
+        payload["train"] = [
+            row
+            for precision in args.precisions.split(",")
+            for row in train_part(args.model, args.steps, precision)
+        ]
     payload["machine_after"] = machine()
     print(f"wrote {write_result('scaling', payload)}")
 

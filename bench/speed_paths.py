@@ -11,8 +11,10 @@ Variants (lorakit's pipeline, LoRA r=16 all-linear, the bench rows; each changes
 - ``optim_fused`` / ``optim_foreach``: ``adamw_torch_fused`` / AdamW with ``foreach=True``;
 - ``dropout0``: LoRA dropout 0 (PEFT then uses ``nn.Identity``);
 - ``compile``: ``torch.compile`` of the decoder layers;
-- ``bf16``: bf16 autocast (a data point; the CPU default stays fp32);
-- ``all``: fused_loss + optim_fused + compile.
+- ``bf16``: bf16 autocast over fp32 weights;
+- ``defaults``: lorakit's defaults since issue 16: fused_loss + optim_fused + ``precision="auto"`` (bf16
+  autocast on a CPU with native bf16 for models of hidden size >= 256);
+- ``all``: the defaults + compile (the compile decision: does it win over the defaults, compile time included?).
 
 Per run: the time of the first step (compile time shows here), the median of the later steps, the wall time of
 ``train()`` and the final loss. Ratios are base / variant per repeat (same round), then the median: the machine
@@ -33,7 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_rows, emit, machine, model_dir, run_worker, write_result  # noqa: E402
 
-VARIANTS = ("base", "fused_loss", "optim_fused", "optim_foreach", "dropout0", "compile", "bf16", "all")
+VARIANTS = (
+    "base",
+    "fused_loss",
+    "optim_fused",
+    "optim_foreach",
+    "dropout0",
+    "compile",
+    "bf16",
+    "defaults",
+    "all",
+)
 
 
 def step_clock() -> Any:
@@ -61,7 +73,8 @@ def worker(model_name: str, variant: str, steps: int, batch_size: int, max_lengt
     scratch.mkdir(exist_ok=True)
     path = model_dir(model_name, scratch)
     rows = bench_rows(steps * batch_size, path)
-    on = {variant} if variant != "all" else {"fused_loss", "optim_fused", "compile"}
+    defaults = {"fused_loss", "optim_fused", "auto"}  # lorakit's defaults since issue 16
+    on = {"defaults": defaults, "all": defaults | {"compile"}}.get(variant, {variant})
     if variant == "optim_foreach":
         torch.optim.AdamW.__init__.__kwdefaults__["foreach"] = True  # the bench only: AdamW(foreach=True)
     pipeline = (
@@ -75,7 +88,7 @@ def worker(model_name: str, variant: str, steps: int, batch_size: int, max_lengt
             warmup_ratio=0.0,
             logging_steps=1,
             seed=0,
-            precision="bf16" if "bf16" in on else "auto",
+            precision="bf16" if "bf16" in on else "auto" if "auto" in on else "fp32",
             fused_loss="fused_loss" in on,
             optim="adamw_torch_fused" if "optim_fused" in on else "adamw_torch",
             compile="compile" in on,

@@ -10,7 +10,9 @@ fragmentation, FSDP/ZeRO sharding, temporary buffers of kernels.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -258,6 +260,31 @@ def optimizer_state_bytes(optim: str, shapes: list[tuple[int, ...]], param_bytes
     if optim == "sgd":
         return 0, "SGD without momentum: no state"
     raise ValueError(f"no memory model for optim={optim!r}")
+
+
+# --- the CPU allocator ---------------------------------------------------------------------------------------
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def pin_mmap_threshold() -> bool:
+    """Make glibc serve every block of 128 KiB or more with its own ``mmap``, returned to the OS when freed.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB); after the first training
+    step most activation tensors (a few MB each) then come from the heap, whose freed pieces stay resident as the
+    next batches, of other lengths, allocate around them. On SmolLM2-135M (LoRA, batch 4 x 512, fp32) that kept
+    the peak RSS at 7.4-7.6 GB instead of 5.4 GB, at the same speed (``bench/scaling.py``). Pinning the threshold
+    at glibc's own starting value switches the raising off. Called by ``train()`` on the CPU; process-wide and
+    harmless for the rest of the process. Returns False where there is no glibc (macOS, Windows, musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc: nothing to pin
+        return False
 
 
 # --- activations --------------------------------------------------------------------------------------------
