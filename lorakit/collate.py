@@ -5,7 +5,8 @@
 - :class:`PaddingFreeCollator`: concatenates the batch into one row with per-example ``position_ids``
   (restarting at 0 for every example, from a packed row's ``seq_lengths``) and no attention mask.
   transformers turns position resets into a block-diagonal causal mask (sdpa / eager, on CPU too) or
-  variable-length kernels (flash attention), so examples never attend to each other.
+  variable-length kernels (flash attention), so examples never attend to each other. It serves packed rows
+  (``with_dataset(packing=True)``) and unpacked ones (``with_training(padding_free=True)``) alike.
 
 Example:
     >>> PaddingFreeCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7],
@@ -57,8 +58,9 @@ class PaddingFreeCollator:
     """Concatenate a batch into one ``(1, total)`` row with ``position_ids`` that restart per example.
 
     A row may hold several packed examples (``seq_lengths``, see :func:`lorakit.data.pack`); a row without
-    ``seq_lengths`` is one example. Labels are taken as they are: :func:`lorakit.data.pack` already made the
-    first label of every example ``-100``, so no token is predicted from another example.
+    ``seq_lengths`` is one example. The first label of every example becomes ``-100`` (padded, it is shifted
+    out of the loss; concatenated, it would be predicted from the previous example's last token), so the loss
+    is the padded batch's loss exactly; :func:`lorakit.data.pack` already did it inside packed rows.
     """
 
     pad_token_id: int
@@ -79,10 +81,14 @@ class PaddingFreeCollator:
                     f"seq_lengths {lengths} do not add up to the row's {len(ids)} tokens; rebuild the data "
                     "with lorakit.data.prepare_data(..., packing=True)."
                 )
+            start = len(labels)
             input_ids.extend(ids)
             labels.extend(example["labels"])
             for length in lengths:
+                if length:  # nothing predicts an example's first token from another example
+                    labels[start] = IGNORE_INDEX
                 positions.extend(range(length))
+                start += length
         return {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),

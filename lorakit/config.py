@@ -454,14 +454,14 @@ class TrainSpec:
     )
     """Write a checkpoint every N steps; ``None`` saves only the final adapter."""
     optim: str = attrs.field(
-        default="adamw_torch_fused",
+        default="auto",
         validator=one_of(OPTIMIZERS, "adamw_8bit / paged_* use bitsandbytes; paged_* need a CUDA GPU."),
     )
     """The optimizer (a transformers ``optim`` name); ``paged_*`` page optimizer state to the CPU on a GPU. The
-    default, fused AdamW (one kernel over all adapter tensors, on CPU and CUDA), gives the updates of
-    ``"adamw_torch"`` (within 1e-8) and its step was 14x faster on SmolLM2's 420 LoRA tensors (bench note).
-    ``"auto"`` = ``paged_adamw_8bit`` for QLoRA on a GPU, fused AdamW otherwise (decided when training starts,
-    and recorded as the optimizer it became)."""
+    default ``"auto"`` = ``paged_adamw_8bit`` for QLoRA on a GPU, else fused AdamW (one kernel over all adapter
+    tensors, on CPU and CUDA: the updates of ``"adamw_torch"`` within 1e-8, its step 14x faster on SmolLM2's 420
+    LoRA tensors, bench note); decided by :func:`lorakit.plan.decide_optimizer` when training starts. The
+    recorded config keeps ``"auto"``; the run record's ``optimizer`` is what it became."""
 
     compile: bool | str = attrs.field(default=False)
     """``torch.compile`` the decoder layers (in place) before training: ``False`` (default, until the bench shows
@@ -483,6 +483,21 @@ class TrainSpec:
     group_by_length: bool = attrs.field(default=True)
     """Batch examples of similar length together (seeded, random order of batches), so dynamic padding computes
     few pad tokens; ``False`` batches in random order. Ignored with ``packing=True`` (padding-free)."""
+    padding_free: bool | str = attrs.field(default="auto")
+    """Concatenate each batch into one row with per-example ``position_ids`` instead of padding it (no pad token
+    computed, no cross-example attention): ``"auto"`` = on with flash-attention 2, off with SDPA / eager (then a
+    block-diagonal mask over the whole batch costs more than padding); ``True`` forces it. See
+    :func:`lorakit.plan.decide_padding_free`."""
+
+    @padding_free.validator
+    def _check_padding_free(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value != "auto" and not isinstance(value, bool):
+            _fail(
+                attribute,
+                value,
+                'True, False or "auto"',
+                '"auto" concatenates batches where the attention kernel makes it pay (flash-attention 2).',
+            )
 
     @liger.validator
     def _check_liger(self, attribute: attrs.Attribute, value: Any) -> None:

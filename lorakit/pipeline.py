@@ -543,17 +543,20 @@ class Pipeline:
         fused_loss: bool = _UNSET,
         liger: bool | None = _UNSET,
         trainer_options: Mapping[str, Any] | None = _UNSET,
+        padding_free: bool | str = _UNSET,
     ) -> Pipeline:
         """Set optimisation hyper-parameters; arguments not passed keep their current value.
 
         Defaults: epochs=3, max_steps=None, lr=2e-4, batch_size=4, grad_accum=1, scheduler="cosine",
         warmup_ratio=0.03, weight_decay=0.0, grad_checkpointing=None (on for GPU, off on CPU),
-        precision="auto" (bf16/fp16 on a GPU; on CPU bf16 autocast where native, else fp32), seed=42, logging_steps=10, eval_steps=None (each
-        epoch), save_steps=None (final adapter only), optim="adamw_torch_fused" ("auto": paged_adamw_8bit for
-        QLoRA on a GPU, fused AdamW otherwise), group_by_length=True (batches of similar lengths, little
+        precision="auto" (bf16/fp16 on a GPU; on CPU bf16 autocast where native, else fp32), seed=42,
+        logging_steps=10, eval_steps=None (each epoch), save_steps=None (final adapter only), optim="auto"
+        (paged_adamw_8bit for QLoRA on a GPU, adamw_torch_fused otherwise; the run record's ``optimizer`` says
+        which), group_by_length=True (batches of similar lengths, little
         padding), compile=False (``True`` / ``"auto"``: ``torch.compile`` the decoder layers), fused_loss=True
         (the loss without full-vocabulary logits), liger=None (Liger kernels via TRL's use_liger_kernel when
-        liger_kernel is installed on a GPU run).
+        liger_kernel is installed on a GPU run), padding_free="auto" (each batch concatenated into one row with
+        per-example position_ids: on with flash-attention 2, off with SDPA / eager unless ``True``).
         ``trainer_options`` are more TRL ``SFTConfig`` fields (e.g. ``{"max_grad_norm": 0.3,
         "neftune_noise_alpha": 5}``): unknown fields are a ConfigError naming close matches, fields a lorakit
         setting owns too (it names that setting). See :class:`lorakit.config.TrainSpec`.
@@ -578,6 +581,7 @@ class Pipeline:
             compile=compile,
             fused_loss=fused_loss,
             liger=liger,
+            padding_free=padding_free,
         )
         if "seed" in changes:
             _check_seed(changes["seed"])
@@ -855,7 +859,7 @@ class Pipeline:
             from lorakit.training import run_training
 
         self.require()
-        resolved = resolve_for_run(self, current_device())  # optim="auto", streamed row counts
+        resolved = resolve_for_run(self, current_device())  # streamed row counts
         return run_training(
             resolved, Path(output_dir), overwrite=overwrite, callbacks=callbacks, resume=resume
         )

@@ -38,15 +38,19 @@ __all__ = [
     "GradCheckpointing",
     "Plan",
     "check_context",
+    "check_stream",
     "decide_fast_paths",
     "decide_grad_checkpointing",
     "decide_liger",
     "decide_optimizer",
+    "decide_padding_free",
     "make_plan",
     "model_context",
     "resolve_for_run",
     "save_bytes",
     "steps_for",
+    "stream_rows",
+    "with_optimizer",
 ]
 
 _DEFAULT_MAX_LENGTH = attrs.fields(DataSpec).max_length.default
@@ -137,15 +141,77 @@ class FastPaths:
 
 
 def decide_optimizer(requested: str, quant: QuantSpec | None, device: DeviceInfo) -> tuple[str, str]:
-    """``optim="auto"``: paged 8-bit AdamW for QLoRA on a GPU (state paged to CPU memory at peaks), else
-    ``adamw_torch_fused`` (the default); an explicit name is kept. Returns (optimizer, reason)."""
+    """The one optimizer decision. ``optim="auto"`` (the default): paged 8-bit AdamW for QLoRA on a GPU (state
+    paged to CPU memory at peaks), else ``adamw_torch_fused``; an explicit name is kept. Returns (optimizer,
+    reason). The recorded pipeline config keeps ``"auto"``; the run record's ``optimizer`` says what it became.
+
+    Example:
+        >>> decide_optimizer("auto", None, DeviceInfo("cpu", "CPU"))
+        ('adamw_torch_fused', 'adamw_torch_fused (auto: fused AdamW; paged 8-bit AdamW is for QLoRA on a GPU)')
+    """
     qlora_on_gpu = quant is not None and quant.bits == 4 and device.kind == "cuda"
     if requested != "auto":
         hint = "; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU" if qlora_on_gpu else ""
         return requested, f"{requested}{hint if not requested.startswith('paged_') else ''}"
     if qlora_on_gpu:
         return "paged_adamw_8bit", "paged_adamw_8bit (auto: QLoRA on a GPU)"
-    return "adamw_torch_fused", "adamw_torch_fused (auto)"
+    return (
+        "adamw_torch_fused",
+        "adamw_torch_fused (auto: fused AdamW; paged 8-bit AdamW is for QLoRA on a GPU)",
+    )
+
+
+def with_optimizer(pipeline: Pipeline, device: DeviceInfo) -> Pipeline:
+    """``pipeline`` with ``optim="auto"`` made concrete by :func:`decide_optimizer`, for what sizes the run
+    (memory and checkpoint estimates, the step line of ``explain()``); never recorded (the config keeps "auto")."""
+    optim, _ = decide_optimizer(pipeline.training.optim, pipeline.quant, device)
+    return attrs.evolve(pipeline, training=attrs.evolve(pipeline.training, optim=optim))
+
+
+def decide_padding_free(
+    requested: bool | str, *, packing: bool, attention: str | None, preference: bool = False
+) -> tuple[bool, str]:
+    """The one padding-free decision: whether each batch is concatenated into one row with per-example
+    ``position_ids`` (:class:`lorakit.collate.PaddingFreeCollator`), and why. ``attention`` is the
+    ``attn_implementation`` the model loads with (None: transformers' default, SDPA).
+
+    ``"auto"``: on with flash-attention 2 (variable-length kernels: no mask, no padding computed); off with SDPA /
+    eager, which then need a block-diagonal mask over the whole concatenated batch (quadratic in the batch's
+    total tokens), so padded length-grouped batches cost less. ``True`` forces it (exact: examples never attend
+    to each other). Packed rows (``packing=True``) are always padding-free.
+
+    Raises:
+        ConfigError: ``padding_free=False`` with ``packing=True``, or ``True`` with a preference objective.
+
+    Example:
+        >>> decide_padding_free(True, packing=False, attention=None)[0]
+        True
+    """
+    kernel = "flash-attention varlen kernels" if attention == "flash_attention_2" else "block-diagonal mask"
+    if packing:
+        if requested is False:
+            raise ConfigError(
+                "with_training(padding_free=False) contradicts with_dataset(packing=True): packed rows are "
+                "always padding-free. Drop padding_free=False, or use packing=False."
+            )
+        return True, f"on (packing=True: per-example position_ids, {kernel})"
+    if preference:
+        if requested is True:
+            raise ConfigError(
+                "with_training(padding_free=True): preference objectives batch chosen / rejected pairs with "
+                "TRL's collator, which lorakit does not concatenate. Use padding_free='auto' or False."
+            )
+        return False, "off (preference objectives batch with TRL's collator)"
+    if requested is True:
+        return True, f"on (padding_free=True: each batch is one row with per-example position_ids, {kernel})"
+    if requested is False:
+        return False, "off (padding_free=False: padded batches)"
+    if attention == "flash_attention_2":
+        return True, "on (auto: flash_attention_2 runs the concatenated batch as variable-length sequences)"
+    return False, (
+        f"off (auto: {attention or 'sdpa'} would need a block-diagonal mask over the concatenated batch; "
+        "padded length-grouped batches cost less; padding_free=True forces it)"
+    )
 
 
 def decide_liger(requested: bool | None, device: DeviceInfo) -> tuple[bool, str]:
@@ -173,42 +239,74 @@ def decide_fast_paths(pipeline: Pipeline, device: DeviceInfo) -> FastPaths:
     """Attention kernel, padding-free batches, Liger kernels and optimizer of ``pipeline`` on ``device``."""
     assert pipeline.model is not None
     attention, attention_reason = decide_attention(pipeline.model.attention, device)
-    if pipeline.data is not None and pipeline.data.packing:
-        kernel = (
-            "flash-attention varlen kernels" if attention == "flash_attention_2" else "block-diagonal mask"
-        )
-        padding_free = f"on (packing=True: per-example position_ids, {kernel})"
-    else:
-        padding_free = "off (padded batches; with_dataset(packing=True) packs them padding-free)"
+    packing = pipeline.data is not None and pipeline.data.packing
+    _, padding_free = decide_padding_free(
+        pipeline.training.padding_free,
+        packing=packing,
+        attention=attention,
+        preference=pipeline.preference is not None,
+    )
     liger, liger_reason = decide_liger(pipeline.training.liger, device)
     optim, optim_reason = decide_optimizer(pipeline.training.optim, pipeline.quant, device)
     return FastPaths(attention, attention_reason, padding_free, liger, liger_reason, optim, optim_reason)
 
 
 def resolve_for_run(pipeline: Pipeline, device: DeviceInfo) -> Pipeline:
-    """``pipeline`` with what depends on the device made concrete: ``optim="auto"`` becomes the optimizer
-    :func:`decide_optimizer` picks, and a streamed Hub dataset reads only the rows ``max_steps`` consumes.
+    """``pipeline`` as a run reads it: a streamed Hub dataset reads only the rows ``max_steps`` consumes
+    (:func:`stream_rows`). ``optim="auto"`` stays "auto" (the recorded config keeps it; see
+    :func:`with_optimizer`).
 
     Raises:
-        ConfigError: a streamed dataset without ``max_steps`` (a stream has no length to count epochs in).
+        ConfigError: a streamed dataset without ``max_steps`` (a stream has no length to count epochs in), or
+            with what a stream cannot do (packing, checkpoints; see :func:`check_stream`).
     """
     training = pipeline.training
-    if training.optim == "auto":
-        optim, _ = decide_optimizer(training.optim, pipeline.quant, device)
-        training = attrs.evolve(training, optim=optim)
     data = pipeline.data
     if data is not None and data.streaming:
-        if training.max_steps is None:
-            raise ConfigError(
-                "with_dataset(streaming=True) streams rows without counting them, so epochs cannot be "
-                "counted: set with_training(max_steps=...)."
-            )
+        check_stream(pipeline)
         source = data.source
-        assert isinstance(source, HubDataset)
-        consumed = training.max_steps * training.batch_size * training.grad_accum
-        wanted = math.ceil(consumed / (1.0 - data.val_split)) if data.val is None else consumed
-        data = attrs.evolve(data, source=source.with_max_rows(wanted))
+        assert isinstance(source, HubDataset) and training.max_steps is not None
+        consumed, held_out = stream_rows(training, data)
+        data = attrs.evolve(data, source=source.with_max_rows(consumed + held_out))
     return attrs.evolve(pipeline, training=training, data=data)
+
+
+def stream_rows(training: TrainSpec, data: DataSpec) -> tuple[int, int]:
+    """(training examples ``max_steps`` consumes, validation rows held out at the head of a stream): with
+    ``val_split`` the head holds the split's share of both (``val=...`` or ``val_split=0``: none)."""
+    assert training.max_steps is not None
+    consumed = training.max_steps * training.batch_size * training.grad_accum
+    if data.val is not None or data.val_split == 0:
+        return consumed, 0
+    return consumed, math.ceil(consumed / (1.0 - data.val_split)) - consumed
+
+
+def check_stream(pipeline: Pipeline) -> None:
+    """What a streamed dataset needs (``max_steps``) and cannot do yet (packing, checkpoints / resume).
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    training, data = pipeline.training, pipeline.data
+    assert data is not None
+    if training.max_steps is None:
+        raise ConfigError(
+            "with_dataset(streaming=True) streams rows without counting them, so epochs cannot be "
+            "counted: set with_training(max_steps=...)."
+        )
+    if pipeline.preference is not None:
+        return  # preference rows are read (the rows max_steps consumes) and prepared in memory
+    if data.packing:
+        raise ConfigError(
+            "with_dataset(streaming=True, packing=True): streamed rows are encoded as they are read and are "
+            "not packed. Drop packing=True (with_training(padding_free=True) also avoids padding)."
+        )
+    if training.save_steps is not None or pipeline.checkpoints is not None:
+        raise ConfigError(
+            "with_dataset(streaming=True) with checkpoints (save_steps / with_checkpoints): resuming a stream "
+            "needs its read position, which lorakit does not record yet. Drop the checkpoints, or stream "
+            "without them."
+        )
 
 
 # --- the plan -----------------------------------------------------------------------------------------------
@@ -417,7 +515,11 @@ def _data_plan(pipeline: Pipeline) -> dict[str, Any]:
             "template": "-",
         }
     spec, t = pipeline.data, pipeline.training
-    if pipeline.preference is not None:
+    if spec.streaming and pipeline.preference is None:  # counted, not read: a stream is read while training
+        train_rows, val_rows = stream_rows(t, spec)
+        if spec.val is not None:
+            val_rows = count_rows(spec.val, val_split=0.0, seed=spec.seed)[0]
+    elif pipeline.preference is not None:
         train_rows, val_rows = count_preference_rows(
             spec.source, val_split=spec.val_split, seed=spec.seed, val_source=spec.val
         )
@@ -452,7 +554,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
     assert pipeline.model is not None
     info = current_device()
     fast_paths = decide_fast_paths(pipeline, info)  # before "auto" values are made concrete: says why
-    pipeline = resolve_for_run(pipeline, info)
+    pipeline = with_optimizer(resolve_for_run(pipeline, info), info)  # sizes the optimizer it becomes
     config = load_model_config(pipeline.model)
     if pipeline.model.options:
         check_model_options(pipeline.model.option_dict, config)

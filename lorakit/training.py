@@ -35,6 +35,7 @@ from lorakit.console import (
 )
 from lorakit.data import prepare_data
 from lorakit.data.preference import prepare_preference_data
+from lorakit.data.stream import StreamedData, prepare_stream
 from lorakit.distributed import (
     check_launch,
     is_main_process,
@@ -50,6 +51,8 @@ from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric, missing_packages
 from lorakit.modelcard import write_run_card
 from lorakit.models import (
+    current_device,
+    decide_attention,
     device_kind,
     hidden_size_of,
     load_base_model,
@@ -59,7 +62,15 @@ from lorakit.models import (
     resolve_precision,
     torch_dtype,
 )
-from lorakit.plan import apply_method_on_meta, decide_grad_checkpointing, save_bytes, steps_for
+from lorakit.plan import (
+    apply_method_on_meta,
+    decide_grad_checkpointing,
+    decide_padding_free,
+    save_bytes,
+    steps_for,
+    stream_rows,
+    with_optimizer,
+)
 from lorakit.preference import REFERENCE_ADAPTER, eval_keys
 from lorakit.progress import progress_enabled
 from lorakit.rundir import (
@@ -173,6 +184,11 @@ class _Run:
     """Trainable and total parameters, and the memory estimate, from the meta-device model."""
     save_bytes: tuple[int, int] = (0, 0)
     """Bytes of the final save and of one checkpoint (:func:`lorakit.plan.save_bytes`), for the space check."""
+    optim: str = "adamw_torch_fused"
+    """The optimizer ``with_training(optim=...)`` became (:func:`lorakit.plan.decide_optimizer`), recorded apart
+    from the pipeline config (which keeps ``"auto"``)."""
+    padding_free: bool = False
+    """Batches are concatenated into one row (:func:`lorakit.plan.decide_padding_free`)."""
 
     @property
     def output_dir(self) -> Path:
@@ -209,10 +225,11 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
     # Target modules that match nothing fail here, on the meta device, naming the modules that exist.
     meta_model, total = apply_method_on_meta(pipeline, config)
     trainable = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
+    sized = with_optimizer(pipeline, current_device())  # optim="auto" made concrete; the config keeps "auto"
     memory = estimate_memory(
-        pipeline, meta_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt
+        sized, meta_model, config, precision=precision, device=device, grad_checkpointing=grad_ckpt
     )
-    sizes = save_bytes(pipeline, meta_model, config, precision=precision, device=device)
+    sizes = save_bytes(sized, meta_model, config, precision=precision, device=device)
     return _Run(
         pipeline=pipeline,
         model_spec=pipeline.model,
@@ -228,7 +245,23 @@ def _resolve(pipeline: Pipeline, output_dir: Path, *, overwrite: bool, resume: b
         context=context,
         sizes=(trainable, total, format_bytes(memory.total)),
         save_bytes=sizes,
+        optim=sized.training.optim,
+        padding_free=_padding_free(pipeline),
     )
+
+
+def _padding_free(pipeline: Pipeline) -> bool:
+    """Whether SFT batches are concatenated into one row: :func:`lorakit.plan.decide_padding_free` for the
+    attention the model loads with."""
+    assert pipeline.model is not None and pipeline.data is not None
+    attention, _ = decide_attention(pipeline.model.attention, current_device())
+    on, _ = decide_padding_free(
+        pipeline.training.padding_free,
+        packing=pipeline.data.packing,
+        attention=attention,
+        preference=pipeline.preference is not None,
+    )
+    return on
 
 
 def _check_environment(pipeline: Pipeline) -> None:
@@ -302,6 +335,8 @@ def _prepare_rows(run: _Run, tokenizer: Any) -> Any:
     (:func:`lorakit.data.preference.prepare_preference_data`), rendered by the same template code."""
     spec, options = run.data_spec, run.data_spec.prepare_kwargs()
     preference = run.pipeline.preference
+    if preference is None and spec.streaming:
+        return _prepare_stream(run, tokenizer)
     if preference is None:
         return prepare_data(spec.source, tokenizer=tokenizer, template=run.template, **options)
     return prepare_preference_data(
@@ -316,12 +351,28 @@ def _prepare_rows(run: _Run, tokenizer: Any) -> Any:
     )
 
 
+def _prepare_stream(run: _Run, tokenizer: Any) -> StreamedData:
+    """A streamed SFT dataset: rows encoded as the trainer draws them (:mod:`lorakit.data.stream`); the first
+    step's examples are read now for the audit."""
+    train_spec, spec = run.pipeline.training, run.data_spec
+    consumed, held_out = stream_rows(train_spec, spec)
+    return prepare_stream(
+        spec.source,
+        tokenizer=tokenizer,
+        template=run.template,
+        val_rows=held_out,
+        planned_rows=consumed,
+        probe_examples=train_spec.batch_size * train_spec.grad_accum,
+        **spec.prepare_kwargs(),
+    )
+
+
 def _with_data(run: _Run, prepared: Any) -> _Run:
     """The decisions that need the tokenized rows: the step count, resume checks, evaluation settings."""
     pipeline, train_spec = run.pipeline, run.pipeline.training
     # Counted from the tokenized rows the way the Trainer counts them (a method's schedule may need it).
     _, total_steps = steps_for(
-        len(prepared.train),
+        prepared.planned_rows if isinstance(prepared, StreamedData) else len(prepared.train),
         batch_size=train_spec.batch_size,
         grad_accum=train_spec.grad_accum,
         epochs=train_spec.epochs,
@@ -431,7 +482,7 @@ def _training_args(run: _Run) -> Any:
         per_device_eval_batch_size=train_spec.batch_size,
         gradient_accumulation_steps=train_spec.grad_accum,
         lr_scheduler_type=train_spec.scheduler,
-        optim=train_spec.optim,
+        optim=run.optim,
         warmup_steps=_warmup_steps(train_spec.warmup_ratio),
         weight_decay=train_spec.weight_decay,
         seed=train_spec.seed,
@@ -512,7 +563,14 @@ def _build_trainer(
     )
     remove_default_printers(trainer)  # lorakit's console (in `callbacks`) shows progress; no raw log dicts
     _speed_paths(trainer, pipeline.training, run.device)
-    if pipeline.training.group_by_length and not data_spec.packing and pipeline.preference is None:
+    streamed = isinstance(prepared, StreamedData)
+    if streamed:
+        prepared.stream.start()  # built: from now on the stream is read (in order, not length-grouped)
+    if (
+        pipeline.training.group_by_length
+        and not (data_spec.packing or streamed)
+        and pipeline.preference is None
+    ):
         # Similar lengths in a batch: dynamic padding then computes few pad tokens (see docs/benchmarks.md).
         trainer.group_by_length([len(ids) for ids in prepared.train["input_ids"]])
     if pipeline.quant is not None and run.precision != "bf16":
@@ -540,7 +598,10 @@ def _console(run: _Run, prepared: Any) -> TrainingConsole:
                 method=run.method.describe(),
                 trainable=trainable,
                 total=total,
-                rows=(report.train_rows, report.val_rows),
+                rows=(
+                    prepared.planned_rows if isinstance(prepared, StreamedData) else report.train_rows,
+                    report.val_rows,
+                ),
                 steps=run.context.total_steps or 0,
                 batch=(train.batch_size, train.grad_accum),
                 precision=run.precision,
@@ -557,7 +618,7 @@ def _trainer_class(run: _Run, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     preference = run.pipeline.preference
     if preference is not None:
         return getattr(trainers, preference.info.trainer), {}
-    collator_class = PaddingFreeCollator if run.data_spec.packing else PadCollator
+    collator_class = PaddingFreeCollator if run.padding_free else PadCollator
     return LorakitTrainer, {"data_collator": collator_class(pad_token_id=tokenizer.pad_token_id)}
 
 
@@ -636,9 +697,15 @@ def _save(
         "base_model_path": run.context.base_path,
         "template": run.template.to_dict(),
         "precision": run.precision,
+        "optimizer": run.optim,  # what with_training(optim=...) became; the pipeline config keeps "auto"
+        "padding_free": run.padding_free,
         "data_report": prepared.report.to_dict(),
         "versions": _versions(),
-        "report_data": report_data(prepared, tokenizer, run.data_spec.max_length),
+        "report_data": report_data(
+            prepared.sample() if isinstance(prepared, StreamedData) else prepared,
+            tokenizer,
+            run.data_spec.max_length,
+        ),
     }
     record["checksums"] = checksums(output_dir)  # checked when the run loads
     if pipeline.start is not None:  # Pipeline.from_run: the run this one continued

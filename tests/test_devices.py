@@ -121,12 +121,13 @@ def test_explain_on_a_simulated_t4_names_gpu_precision_and_fast_paths(monkeypatc
         .quantize_4bit()
         .with_dataset(ROWS, template="alpaca", val_split=0.0, max_length=64)
     )
-    default = pipeline.explain().splitlines()
+    explicit = pipeline.with_training(optim="adamw_torch_fused").explain().splitlines()
     assert (
         "  optimizer        adamw_torch_fused; optim='auto' picks paged_adamw_8bit for QLoRA on a GPU"
-        in default
+        in explicit
     )
-    lines = pipeline.with_training(optim="auto").explain().splitlines()
+    assert pipeline.training.optim == "auto"  # the default
+    lines = pipeline.explain().splitlines()
     assert "  device           cuda (Tesla T4, compute capability 7.5, 15.8 GB)" in lines
     assert (
         "  precision        fp16 with a gradient scaler (cuda (Tesla T4, compute capability 7.5, 15.8 GB) has "
@@ -159,7 +160,10 @@ def test_explain_on_the_cpu_names_precision_and_why(tiny_model_dir, monkeypatch)
         "  precision        fp32 (CPU with native bf16, but hidden size 64 < 256: bf16 would gain little over "
         "its casts)"
     ) in plan.render().splitlines()
-    assert "  optimizer        adamw_torch_fused" in plan.render().splitlines()
+    assert (
+        "  optimizer        adamw_torch_fused (auto: fused AdamW; paged 8-bit AdamW is for QLoRA on a GPU)"
+        in plan.render().splitlines()
+    )
     monkeypatch.setattr(lorakit.plan, "current_device", lambda: CPU)
     plan = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=64).plan()
     assert "  precision        fp32 (CPU without native bf16)" in plan.render().splitlines()
@@ -205,6 +209,29 @@ def test_optimizer_and_liger_choice(monkeypatch):
     monkeypatch.setattr(lorakit.plan, "find_spec", lambda name: None)
     with pytest.raises(MissingDependencyError, match="pip install liger-kernel"):
         decide_liger(True, A100)
+
+
+def test_training_takes_the_optimizer_from_the_plan_decision(monkeypatch, tiny_model_dir, tmp_path):
+    """optim="auto" (the default) becomes the SFTConfig's optim through plan.decide_optimizer, on the device
+    training sees; the pipeline the run records keeps "auto"."""
+    pytest.importorskip("bitsandbytes")
+    import lorakit.training as training
+
+    pipeline = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .quantize_4bit()
+        .with_dataset(ROWS, template="alpaca", val_split=0.0, max_length=64)
+        .with_training(max_steps=1)
+    )
+    chosen = {}
+    for name, device in (("t4", T4), ("cpu", CPU)):
+        monkeypatch.setattr(training, "current_device", lambda device=device: device)
+        run = training._resolve(pipeline, tmp_path / name, overwrite=False, resume=False)
+        chosen[name] = (run.optim, training._training_args(run).optim, run.pipeline.training.optim)
+    assert chosen == {
+        "t4": ("paged_adamw_8bit", "paged_adamw_8bit", "auto"),
+        "cpu": ("adamw_torch_fused", "adamw_torch_fused", "auto"),
+    }
 
 
 def test_liger_reaches_the_trainer_arguments_on_a_gpu(monkeypatch, tiny_model_dir):

@@ -14,6 +14,7 @@ import pytest
 
 import lorakit as lk
 from lorakit.config import HubDataset
+from lorakit.data.stream import CHUNK_ROWS
 from lorakit.errors import ConfigError, DataError
 
 README = """---
@@ -103,11 +104,13 @@ def test_streaming_reads_only_the_rows_max_steps_consumes(tiny_model_dir, hub):
         .with_training(max_steps=3, batch_size=2, grad_accum=2)
     )
     plan = pipeline.plan()
-    # 3 steps x 2 x 2 = 12 training rows; with 20% held out for validation, 15 rows are read, not 200.
+    # 3 steps x 2 x 2 = 12 training rows; with 20% held out for validation, 15 rows: counted, not read.
     assert (plan.train_rows, plan.val_rows, plan.total_steps) == (12, 3, 3)
+    assert hub["streamed"] == [] and hub["calls"] == []
+    # prepare_data() / preview() / audit() read those 15 rows (not 200) and prepare them in memory.
+    assert pipeline.prepare_data().report.rows_loaded == 15
     assert len(hub["streamed"]) == 15
     assert hub["calls"] == [("org/tickets", "full", "train", True)]
-    assert pipeline.prepare_data().report.rows_loaded == 15
 
 
 def test_streaming_trains(tiny_model_dir, hub, tmp_path):
@@ -120,7 +123,8 @@ def test_streaming_trains(tiny_model_dir, hub, tmp_path):
         .with_training(max_steps=2, batch_size=2)
         .train(tmp_path / "run")
     )
-    assert len(hub["streamed"]) == 4 and result.metrics["train_loss"] > 0
+    # Read lazily (lorakit.data.stream): the probe's chunk and one chunk for 2 steps x 2 rows, not 200 rows.
+    assert len(hub["streamed"]) == 2 * CHUNK_ROWS and result.metrics["train_loss"] > 0
 
 
 def test_streaming_needs_max_steps(tiny_model_dir, tmp_path):

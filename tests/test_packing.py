@@ -80,7 +80,9 @@ def test_collators_only_pad_or_concatenate():
     ]
     flat = PaddingFreeCollator(pad_token_id=0)(packed)
     assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert flat["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    # Every example's first label is masked (7 starts the row's second example): nothing is predicted from
+    # another example.
+    assert flat["labels"].tolist() == [[-100, 6, -100, -100, 9]]
     assert flat["position_ids"].tolist() == [[0, 1, 0, 0, 1]]
     assert "attention_mask" not in flat and flat["use_cache"] is False
     with pytest.raises(ValueError, match=r"seq_lengths \[2\] do not add up to the row's 3 tokens"):

@@ -22,7 +22,7 @@ import csv
 import itertools
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +37,10 @@ __all__ = [
     "SUFFIXES",
     "TEXT_SUFFIXES",
     "Source",
+    "iterate_hub",
     "load_rows",
     "load_source",
+    "open_hub",
     "read_source",
     "rows_to_dataset",
 ]
@@ -60,12 +62,14 @@ class Source:
     """The file line of each row (JSON lines, CSV, text lines); None when rows have no line."""
     skipped_blank: int = 0
     """Blank lines of a text file that were skipped (counted in the data report)."""
+    first_row: int = 0
+    """The row number of ``rows[0]`` in the whole source (a chunk of a stream starts past 0)."""
 
     def where(self, index: int) -> str:
         """``"data.jsonl, line 12 (row 10)"`` or ``"the list of rows, row 10"``."""
         if self.lines is not None:
-            return f"{self.label}, line {self.lines[index]} (row {index})"
-        return f"{self.label}, row {index}"
+            return f"{self.label}, line {self.lines[index]} (row {index + self.first_row})"
+        return f"{self.label}, row {index + self.first_row}"
 
 
 def load_source(source: Any, *, name: str | None = None) -> Dataset:
@@ -320,29 +324,71 @@ def _read_hub(dataset_id: str, label: str) -> Source:
     """A Hub dataset through ``datasets.load_dataset``. A :class:`lorakit.config.HubDataset` id carries the
     config, split and streaming options of ``with_dataset``; a streamed one reads its first ``max_rows`` rows
     (what ``max_steps`` consumes) and never the whole dataset."""
-    from datasets import load_dataset
-
     hub = dataset_id if hasattr(dataset_id, "streaming") else None  # a HubDataset (str.split is a method)
-    config, split = (hub.config, hub.split or "train") if hub is not None else (None, "train")
     streaming, max_rows = (hub.streaming, hub.max_rows) if hub is not None else (False, None)
     if streaming and max_rows is None:
         raise DataError(
             f"{label!r} is streamed: lorakit reads only the rows with_training(max_steps=...) consumes, so it "
             "is read by train() / plan(), which count them. Set max_steps, or load without streaming."
         )
+    loaded = open_hub(dataset_id, label)
+    if not streaming:
+        return Source(loaded.to_list(), label)
+    rows = list(itertools.islice(iterate_hub(loaded, dataset_id, label), max_rows))
+    split = (hub.split if hub is not None else None) or "train"
+    return Source(rows, f"{label} ({split}, streamed: first {len(rows)} rows)")
+
+
+def open_hub(dataset_id: str, label: str) -> Any:
+    """``datasets.load_dataset`` of a Hub id with its ``HubDataset`` config, split and streaming options: a
+    ``Dataset``, or with streaming an iterable that reads rows only as they are asked for (the one place
+    lorakit calls ``load_dataset``).
+
+    Raises:
+        DataError: the dataset cannot be opened (offline, unknown id, gated, bad config or split).
+    """
+    from datasets import load_dataset
+
+    config, split, streaming = _hub_options(dataset_id)
     try:
-        loaded = load_dataset(str(dataset_id), config, split=split, streaming=streaming)
-        rows = list(itertools.islice(loaded, max_rows)) if streaming else loaded.to_list()
+        return load_dataset(str(dataset_id), config, split=split, streaming=streaming)
     except Exception as error:  # datasets/huggingface_hub raise many types (offline, unknown id, gated, bad config): re-raised with context
-        raise DataError(
-            f"Cannot load {label!r}: it is not a local file or directory, and loading it as a Hugging Face "
-            f"Hub dataset failed ({type(error).__name__}: {str(error)[:300]}; config={config!r}, "
-            f"split={split!r}, streaming={streaming}). Check the path, or the dataset id, config and split, "
-            "and your network / HF_TOKEN."
-        ) from error
-    if streaming:
-        label = f"{label} ({split}, streamed: first {len(rows)} rows)"
-    return Source(rows, label)
+        raise _hub_error(label, error, dataset_id) from error
+
+
+def iterate_hub(loaded: Any, dataset_id: str, label: str) -> Iterator[dict[str, Any]]:
+    """The rows of an opened stream, one at a time; a failure while reading (the network dropped, a corrupt
+    shard) becomes a DataError naming the dataset."""
+    iterator = iter(loaded)
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except (
+            Exception
+        ) as error:  # as in open_hub: many reader / network error types, re-raised with context
+            raise _hub_error(label, error, dataset_id) from error
+        yield row
+
+
+def _hub_options(dataset_id: str) -> tuple[str | None, str, bool]:
+    """(config, split, streaming) of a Hub id: a HubDataset carries them (str.split is a method, so
+    ``hasattr(id, "streaming")`` tells a HubDataset from a plain string)."""
+    if not hasattr(dataset_id, "streaming"):
+        return None, "train", False
+    hub: Any = dataset_id
+    return hub.config, hub.split or "train", hub.streaming
+
+
+def _hub_error(label: str, error: BaseException, dataset_id: str) -> DataError:
+    config, split, streaming = _hub_options(dataset_id)
+    return DataError(
+        f"Cannot load {label!r}: it is not a local file or directory, and loading it as a Hugging Face "
+        f"Hub dataset failed ({type(error).__name__}: {str(error)[:300]}; config={config!r}, "
+        f"split={split!r}, streaming={streaming}). Check the path, or the dataset id, config and split, "
+        "and your network / HF_TOKEN."
+    )
 
 
 # --- in-memory tables -------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ class DataReport:
     """Real tokens / (sequences * max_length) after packing."""
     cache_hit: bool = False
     """The tokenized data came from the cache (same rows, tokenizer, template and settings)."""
+    streamed: bool = False
+    """The rows were streamed (``with_dataset(streaming=True)``): every count is of the rows read while training
+    (and, with ``val_split``, the held-out head), not of a whole dataset."""
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -194,6 +197,11 @@ class DataReport:
             f"({self.format}, {self.rows_loaded:,} loaded from {self.source})",
             f"{self.train_tokens:,} train tokens, {self.trained_tokens:,} trained",
         ]
+        if self.streamed:  # counts of the rows read so far, not of a dataset
+            lines[0] = (
+                f"streamed: {self.train_rows:,} train examples / {self.val_rows:,} val rows so far "
+                f"({self.format}, {self.rows_loaded:,} rows read from {self.source})"
+            )
         if self.token_lengths:
             q = self.token_lengths
             lines.append(
@@ -632,12 +640,9 @@ def _datasets(
     return PreparedData(train=train_set, val=val_set, report=report)
 
 
-def _conversations(
-    source: Any, *, val_split: float, seed: int, val_source: Any, **options: Any
-) -> tuple[list[_Row], list[_Row], dict[str, Any]]:
-    """Cleaned train and validation conversations (each with its location), and the counts so far."""
-    _check_val_split(val_split)
-    counts: dict[str, Any] = {
+def new_counts() -> dict[str, Any]:
+    """The row counts reading and cleaning fill in (the in-memory and the streamed path share them)."""
+    return {
         "rows_loaded": 0,
         "skipped_bad_rows": 0,
         "bad_row_examples": [],
@@ -649,6 +654,14 @@ def _conversations(
         "dropped_too_short": 0,
         "dropped_too_long_chars": 0,
     }
+
+
+def _conversations(
+    source: Any, *, val_split: float, seed: int, val_source: Any, **options: Any
+) -> tuple[list[_Row], list[_Row], dict[str, Any]]:
+    """Cleaned train and validation conversations (each with its location), and the counts so far."""
+    _check_val_split(val_split)
+    counts = new_counts()
     kept, label, fmt = _read(source, counts, **options)
     counts["source"], counts["format"] = label, fmt
     if val_source is not None:
@@ -695,7 +708,7 @@ def _convert(
             messages = to_messages(
                 row,
                 fmt,
-                row_index=index,
+                row_index=index + read.first_row,
                 source_name=read.label,
                 line=line,
                 stats=counts,  # type: ignore[arg-type]
@@ -717,16 +730,20 @@ def _filter(
     dedup: bool,
     min_chars: int | None,
     max_chars: int | None,
+    seen: set[bytes] | None = None,
 ) -> list[_Row]:
-    """Drop (and count) empty replies, exact duplicates and rows outside the character limits."""
-    seen: set[str] = set()
+    """Drop (and count) empty replies, exact duplicates and rows outside the character limits; ``seen`` holds
+    the rows met so far (a stream passes its own, kept across chunks)."""
+    seen = set() if seen is None else seen
     kept: list[_Row] = []
     for where, messages in conversations:
         if not _has_replies(messages):
             counts["dropped_empty_response"] += 1
             continue
         if dedup:
-            fingerprint = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            # 16 bytes per row met, not its text: a stream's memory stays small.
+            text = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            fingerprint = hashlib.blake2b(text.encode(), digest_size=16).digest()
             if fingerprint in seen:
                 counts["dropped_duplicates"] += 1
                 continue
