@@ -206,6 +206,39 @@ def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_
     )
 
 
+def test_cpu_bf16_autocast_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
+    # Under CPU autocast the matmul outputs are bf16 but the residual stream, norms and dropout stay fp32, and
+    # autocast saves a bf16 copy of each frozen matmul weight for the backward pass.
+    from peft import get_peft_model
+
+    from lorakit.memory import CPU_AUTOCAST_BYTES, _autocast_weight_copies
+
+    pipeline = lk.Pipeline.from_model(tiny_model_dir)
+    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
+    batch, seq = 4, 256
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        model.get_base_model().model(input_ids=ids)
+    shape = {k: v for k, v in activation_shape(model.config).items() if k != "vocab"}
+    body = activation_bytes(
+        tokens=batch * seq, **shape, vocab=0, grad_checkpointing=False, element_bytes=CPU_AUTOCAST_BYTES
+    )
+    estimate = body + _autocast_weight_copies(model)
+    assert abs(estimate / sum(saved.values()) - 1) < 0.15
+
+
 def test_activations_scale_with_batch_and_checkpointing(tiny_model_dir):
     pipeline = lk.Pipeline.from_model(tiny_model_dir).with_dataset(ROWS, max_length=256)
     one = pipeline.with_training(batch_size=1, grad_checkpointing=False).plan().memory
