@@ -291,7 +291,7 @@ _TRAINER_OPTIONS_OWNED = {
     "report_to": "track(...)",
     "max_length": "with_dataset(max_length=...)",
     "packing": "with_dataset(packing=True)",
-    "padding_free": "with_dataset(packing=True)",
+    "padding_free": "with_training(padding_free=...)",
     "dataset_kwargs": "lorakit's data preparation",
     "remove_unused_columns": "lorakit's data preparation",
     "dataloader_num_workers": "lorakit's data loading (rows are tokenized in memory; workers stay 0)",
