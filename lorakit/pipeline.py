@@ -1013,6 +1013,9 @@ class Pipeline:
         it), and a data template naming an unregistered ``"class"`` unless ``trust_template_classes=True``
         (see :func:`lorakit.templates.template_from_dict`). Both checks run before anything is imported.
 
+        A ``start:`` run (``start: runs/sft``) without a ``model:`` section is :meth:`from_run` of that run: its
+        base model, quantization, adapter method and template complete the config.
+
         Raises:
             ConfigError: an invalid config, or one that needs an opt-in the caller did not give.
         """
