@@ -1017,6 +1017,9 @@ class Pipeline:
         it), and a data template naming an unregistered ``"class"`` unless ``trust_template_classes=True``
         (see :func:`lorakit.templates.template_from_dict`). Both checks run before anything is imported.
 
+        A ``start:`` run (``start: runs/sft``) without a ``model:`` section is :meth:`from_run` of that run: its
+        base model, quantization, adapter method and template complete the config.
+
         Raises:
             ConfigError: an invalid config, or one that needs an opt-in the caller did not give.
         """
@@ -1029,7 +1032,16 @@ class Pipeline:
                 f"from_config() takes a dict, a .yaml / .json path or a run directory, got {type(config).__name__}."
             )
         check_remote_code(config, source=source, trust_remote_code=trust_remote_code)
+        if isinstance(config.get("start"), (str, Path)):  # `start: runs/sft` is short for {path: runs/sft}
+            config = {**config, "start": {"path": str(config["start"])}}
         fields = _specs_from_config(config, trust_template_classes=trust_template_classes)
+        if fields.get("start") is not None and fields["model"] is None:
+            fields = cls._fields_from_start_run(
+                fields,
+                config,
+                trust_remote_code=trust_remote_code,
+                trust_template_classes=trust_template_classes,
+            )
         try:
             pipeline = cls(**fields)
         except TypeError as error:
@@ -1038,6 +1050,43 @@ class Pipeline:
             _check_grad_checkpointing(pipeline.method, pipeline.training, second="Pipeline config")
         _check_quantization(pipeline.method, pipeline.quant, final=True)
         return pipeline
+
+    @classmethod
+    def _fields_from_start_run(
+        cls,
+        fields: dict[str, Any],
+        config: Mapping[str, Any],
+        *,
+        trust_remote_code: bool,
+        trust_template_classes: bool,
+    ) -> dict[str, Any]:
+        """A config with a ``start:`` run and no ``model:`` section is :meth:`from_run` of that run: its base
+        model, quantization, method (the adapter keeps training) and template (unless ``data.template`` is
+        set) complete the config's other sections."""
+        parent = cls.from_run(
+            fields["start"].path,
+            trust_remote_code=trust_remote_code,
+            trust_template_classes=trust_template_classes,
+        )
+        assert parent.start is not None
+        method = fields["method"]
+        if method is not None and parent.start.adapter and method != parent.method:
+            raise ConfigError(
+                f"Pipeline config: method {method.describe()!r} with start: {parent.start.path}: that run's "
+                f"adapter ({parent.resolved_method.describe()}) keeps training with its own settings. Remove the "
+                "method section, or drop start: to train a new adapter."
+            )
+        data = fields["data"]
+        if data is not None and "template" not in config["data"] and parent.start.template is not None:
+            data = attrs.evolve(data, template=parent.start.template)
+        return {
+            **fields,
+            "model": parent.model,
+            "method": method if method is not None else parent.method,
+            "quant": fields["quant"] if fields["quant"] is not None else parent.quant,
+            "data": data,
+            "start": parent.start,
+        }
 
     def save_config(self, path: str | Path) -> Path:
         """Write :meth:`to_config` to a ``.yaml`` / ``.yml`` (YAML) or ``.json`` file; :meth:`from_config` reads it.

@@ -520,8 +520,13 @@ def _data_plan(pipeline: Pipeline) -> dict[str, Any]:
         if spec.val is not None:
             val_rows = count_rows(spec.val, val_split=0.0, seed=spec.seed)[0]
     elif pipeline.preference is not None:
-        train_rows, val_rows = count_preference_rows(
-            spec.source, val_split=spec.val_split, seed=spec.seed, val_source=spec.val
+        train_rows, val_rows = count_preference_rows(  # KTO on paired rows: each pair is two rows
+            spec.source,
+            val_split=spec.val_split,
+            seed=spec.seed,
+            val_source=spec.val,
+            paired=pipeline.preference.info.paired,
+            columns=spec.column_map or None,
         )
     else:
         train_rows, val_rows = count_rows(spec.source, **spec.prepare_kwargs())

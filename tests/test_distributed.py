@@ -132,6 +132,64 @@ def test_ddp_two_cpu_processes_match_one_process_and_only_rank_0_writes(
     assert any(value.abs().sum() > 0 for name, value in ddp_adapter.items() if "lora_B" in name)
 
 
+PAIRS = [
+    {
+        "prompt": f"Route ticket {i}: my card was charged twice",
+        "chosen": "Routed to billing, thanks.",
+        "rejected": r,
+    }
+    for i, r in enumerate(["shipping.", "no.", "go away.", "returns."] * 2)
+]
+
+
+def _dpo_pipeline(model_dir, batch_size):
+    return (
+        lk.Pipeline.from_model(model_dir)
+        .with_lora(r=4, dropout=0.0, targets=("q_proj", "v_proj"))
+        .with_dataset(PAIRS, template="chatml", val_split=0, max_length=64, cache=False)
+        .with_preference("dpo", beta=0.1)
+        .with_training(
+            max_steps=2,
+            batch_size=batch_size,
+            lr=5e-2,
+            logging_steps=1,
+            warmup_ratio=0.0,
+            scheduler="constant",
+        )
+    )
+
+
+def test_dpo_on_two_cpu_processes_matches_one_process(tiny_model_dir, tmp_path, monkeypatch):
+    # Global batch 8 pairs = 2 processes x 4: the same pairs and the same mean loss per step as one process
+    # with batch 8. The reference is the policy with its adapter disabled, inside the DDP-wrapped model.
+    from lorakit.distributed import launch
+
+    single = _dpo_pipeline(tiny_model_dir, batch_size=8).train(tmp_path / "single")
+    for key, value in {"HF_HUB_OFFLINE": "1", "LORAKIT_PROGRESS": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", ":".join(p for p in sys.path if p))
+    out = tmp_path / "ddp"
+    assert launch(_dpo_pipeline(tiny_model_dir, batch_size=4), out, num_processes=2) == 0
+
+    def logged(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    ddp_steps = [row for row in logged(out) if "rewards/margins" in row and "loss" in row]
+    single_steps = [row for row in logged(single.output_dir) if "rewards/margins" in row and "loss" in row]
+    assert [row["step"] for row in ddp_steps] == [1, 2]  # logged once, not once per process
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert [row[key] for row in ddp_steps] == pytest.approx([row[key] for row in single_steps], abs=1e-4)
+    assert ddp_steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 1: policy == reference, log(2)
+    assert ddp_steps[1]["rewards/margins"] > 0
+    ddp_adapter, single_adapter = _adapter(out), _adapter(single.output_dir)
+    assert ddp_adapter.keys() == single_adapter.keys()
+    for name, value in single_adapter.items():
+        torch.testing.assert_close(ddp_adapter[name], value, atol=1e-4, rtol=1e-3)
+    # One process with batch 4 would train other pairs per step (and differ above); the token count is summed.
+    assert json.loads((out / "metrics.json").read_text())["train_tokens"] == single.metrics["train_tokens"]
+    assert json.loads((out / "lorakit_run.json").read_text())["pipeline"]["preference"]["objective"] == "dpo"
+
+
 def test_cli_num_processes_failures_are_lorakit_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import lorakit.distributed
 

@@ -387,3 +387,113 @@ def test_dpo_killed_then_resumed_equals_the_uninterrupted_run(tiny_model_dir, tm
     assert expected.keys() == after.keys()
     for name in expected:
         torch.testing.assert_close(after[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+# --- issue 18 follow-up: the CLI with a YAML config, KTO's step count, early stopping on preference metrics
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(lk.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "LORAKIT_PROGRESS": "0",
+        "PYTHONWARNINGS": "ignore",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_lorakit_train_yaml_with_a_start_run_and_dpo(sft_run, tmp_path):
+    # A hand-written config: `start:` names the SFT run (base model, adapter and template come from it, as
+    # Pipeline.from_run), `preference:` the objective. Trained by the command line, as a user runs it.
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
+    config = tmp_path / "dpo.yaml"
+    config.write_text(
+        f"start: {sft_run}\n"
+        f"data: {{source: {data}, val_split: 0.25, max_length: 128}}\n"
+        "preference: {objective: dpo, beta: 0.1}\n"
+        "training: {max_steps: 3, batch_size: 2, lr: 5.0e-2, logging_steps: 1, warmup_ratio: 0.0}\n"
+    )
+    pipeline = lk.Pipeline.from_config(config)
+    assert pipeline.start.path == str(sft_run) and pipeline.method.r == 4
+    assert pipeline.data.template.name == "chatml"  # the SFT run's template, not the DataSpec default
+    explained = pipeline.explain()
+    assert "objective        DPO" in explained and "kept frozen as adapter 'ref'" in explained
+
+    out = tmp_path / "run"
+    trained = _cli("train", str(config), "-o", str(out))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((out / "lorakit_run.json").read_text())
+    assert record["pipeline"]["preference"] == {"objective": "dpo", "beta": 0.1, "options": {}}
+    assert record["pipeline"]["start"] == {"path": str(sft_run), "adapter": True}
+    assert record["parent_run"] == str(sft_run)
+    parent, after = _adapter(sft_run), _adapter(out)
+    assert parent.keys() == after.keys()
+    assert any(not torch.equal(after[name], parent[name]) for name in parent)  # DPO trained the SFT adapter
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in logged if "rewards/accuracies" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    assert all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in steps)
+    assert any("eval_rewards/margins" in row for row in logged)
+    # The run directory is itself a config: the DPO run's pipeline again, with its start run.
+    again = lk.Pipeline.from_config(out)
+    assert again.preference == pipeline.preference and again.start == pipeline.start
+
+
+def test_config_start_refuses_another_method(sft_run, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        f"start: {{path: {sft_run}}}\nmethod: {{name: lora, r: 16}}\npreference: {{objective: dpo}}\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"method 'LoRA r=16 .*' with start: .*: that run's adapter \(LoRA r=4 .*\) keeps training",
+    ):
+        lk.Pipeline.from_config(config)
+
+
+def test_kto_on_paired_rows_explains_the_steps_it_trains(tiny_model_dir, tmp_path):
+    # 8 pairs unpair into 16 KTO rows: 12 train + 4 validation (val_split 0.25) -> 3 steps of 4 per epoch.
+    pipeline = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_lora(r=4, alpha=8, dropout=0.0)
+        .with_dataset(PAIRS, template="chatml", val_split=0.25, max_length=128)
+        .with_preference("kto")
+        .with_training(epochs=2, batch_size=4, lr=1e-2, logging_steps=1)
+    )
+    plan = pipeline.plan()
+    assert (plan.train_rows, plan.val_rows, plan.steps_per_epoch, plan.total_steps) == (12, 4, 3, 6)
+    assert "steps            6 optimizer steps (3 per epoch)" in pipeline.explain()
+    result = pipeline.train(tmp_path / "kto")
+    assert result.metrics["train_steps"] == plan.total_steps
+    assert result.data_report["train_rows"] == plan.train_rows
+
+
+def test_early_stopping_and_best_checkpoint_on_a_preference_metric(tiny_model_dir, tmp_path):
+    # min_delta no evaluation can beat: the first evaluation (step 2) stays the stopper's best, two more
+    # (steps 4, 6) without improvement stop the run at step 6 of 20. The best checkpoint is picked by the
+    # logged eval_rewards/margins and is the adapter the run directory ends with.
+    result = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_lora(r=4, alpha=8, dropout=0.0)
+        .with_dataset(PAIRS, template="chatml", val_split=0.25, max_length=128)
+        .with_preference("dpo")
+        .with_training(max_steps=20, batch_size=2, lr=5e-2, logging_steps=1, eval_steps=2, warmup_ratio=0.0)
+        .with_checkpoints(every=2, keep=1, best_metric="eval_rewards/margins")
+        .early_stopping(patience=2, metric="eval_rewards/margins", min_delta=1e6)
+        .train(tmp_path / "run")
+    )
+    assert result.metrics["early_stopped_at_step"] == 6 and result.metrics["train_steps"] == 6
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {row["step"]: row["eval_rewards/margins"] for row in logged if "eval_rewards/margins" in row}
+    assert sorted(evals)[:3] == [2, 4, 6]
+    best_step = max((2, 4, 6), key=lambda step: evals[step])
+    assert result.metrics["best_step"] == best_step
+    assert result.metrics["best_eval_rewards/margins"] == pytest.approx(evals[best_step])
+    final = _adapter(tmp_path / "run")
+    best = _adapter(tmp_path / "run" / "checkpoints" / f"checkpoint-{best_step}")
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)

@@ -167,15 +167,31 @@ def preference_sample_path(split: str) -> Path:
 
 
 def count_preference_rows(
-    source: Any, *, val_split: float, seed: int, val_source: Any = None
+    source: Any,
+    *,
+    val_split: float,
+    seed: int,
+    val_source: Any = None,
+    paired: bool = True,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[int, int]:
     """(train rows, validation rows) as :func:`prepare_preference_data` would split them, before the row checks
-    (read only, nothing tokenized)."""
-    rows = len(read_source(source).rows)
+    (read only, nothing tokenized). For an unpaired objective (``paired=False``, KTO) a paired row counts as the
+    two rows it is unpaired into, as training sees them."""
+    rows = _count(source, paired, columns)
     if val_source is not None:
-        return rows, len(read_source(val_source).rows)
+        return rows, _count(val_source, paired, columns)
     train_idx, val_idx = split_indices(rows, val_split, seed)
     return len(train_idx), len(val_idx)
+
+
+def _count(source: Any, paired: bool, columns: Mapping[str, str] | None) -> int:
+    """Rows of one source as training sees them: a paired row unpaired for KTO counts twice."""
+    read = read_source(source)
+    if paired:
+        return len(read.rows)
+    rows = rename_columns(read.rows, columns, source_name=read.label)
+    return sum(2 if _is_pair(row) else 1 for row in rows)
 
 
 def preview_rows(dataset: Any, n: int) -> list[dict[str, list[int]]]:
@@ -241,7 +257,7 @@ def _paired(row: Mapping[str, Any], tokenizer: _Tokenizer) -> dict[str, Any]:
 
 def _unpaired(row: Mapping[str, Any], tokenizer: _Tokenizer) -> list[dict[str, Any]]:
     """One KTO row, or two from a paired row (chosen desirable, rejected not), as TRL unpairs them."""
-    if "completion" not in row and "chosen" in row and "rejected" in row:
+    if _is_pair(row):
         pair = _paired(row, tokenizer)
         return [
             {
@@ -252,6 +268,11 @@ def _unpaired(row: Mapping[str, Any], tokenizer: _Tokenizer) -> list[dict[str, A
             for side in ("chosen", "rejected")
         ]
     return [_unpaired_row(row, tokenizer)]
+
+
+def _is_pair(row: Mapping[str, Any]) -> bool:
+    """A paired row given to an unpaired objective (unpaired into two rows)."""
+    return "completion" not in row and "chosen" in row and "rejected" in row
 
 
 def _unpaired_row(row: Mapping[str, Any], tokenizer: _Tokenizer) -> dict[str, Any]:
