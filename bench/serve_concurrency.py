@@ -1,14 +1,18 @@
 """`lorakit serve` under load: 16 concurrent clients against 16 sequential requests, and adapter memory.
 
-    PYTHONPATH=$PWD python bench/serve_concurrency.py [--model smollm2|tiny] [--tokens 32]
-    # writes bench/results/serve_concurrency-*.json
+    PYTHONPATH=$PWD python bench/serve_concurrency.py [--model smollm2|tiny] [--tokens 32] [--threads 1]
+        [--schedulers static,continuous]
+    # prints a before (static) / after (continuous) table; writes bench/results/serve_concurrency-*.json
 
 - one base (SmolLM2-135M by default) with 3 random r=16 all-linear LoRA adapters, served by ``lorakit serve`` in
   its own process on a free port, driven over HTTP with streaming (``stream=true``) so the time to first token (TTFT) is
   the time to the first content chunk;
 - every request asks a different adapter in turn (mixed-adapter batches) for exactly ``--tokens`` new tokens
   (the end-of-turn tokens are banned with ``logit_bias``, so each request does the same work);
-- sequential: 16 requests one after the other; concurrent: 16 client threads sending together (after a barrier); requests/s, TTFT mean / median / max for both, and the speed-up;
+- for each scheduler (``lorakit serve --scheduler static`` = before, ``continuous`` = after; one server process
+  each, one after the other): sequential, 16 requests one after the other; concurrent, 16 client threads
+  sending together (after a barrier); requests/s, TTFT mean / median / p95 / max for both, the speed-up, and
+  the load average (1, 5, 15 min) before, between and after;
 - memory: parameter bytes of one base + 3 adapters against 3 merged models, and the server's RSS after loading.
 """
 
@@ -62,7 +66,9 @@ def _adapter(base_dir: str, out: Path, seed: int) -> tuple[Path, int]:
     return out, size
 
 
-def _serve(runs: list[Path], threads: int | None, window: float) -> tuple[str, subprocess.Popen]:
+def _serve(
+    runs: list[Path], threads: int | None, window: float, scheduler: str
+) -> tuple[str, subprocess.Popen]:
     """``lorakit serve`` in its own process (as in production: clients elsewhere), once it answers."""
     import socket
 
@@ -74,6 +80,7 @@ def _serve(runs: list[Path], threads: int | None, window: float) -> tuple[str, s
     adapters = [f"--adapter=adapter-{i}={path}" for i, path in enumerate(runs[1:], start=1)]
     command = [sys.executable, "-m", "lorakit.cli", "serve", f"adapter-0={runs[0]}", *adapters]
     command += ["--port", str(port), "--max-batch", str(CLIENTS), "--batch-window", str(window)]
+    command += ["--scheduler", scheduler]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAKIT_PROGRESS": "0"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -118,13 +125,74 @@ def _request(url: str, model: str, prompt: str, tokens: int, bias: dict[str, int
 
 
 def _summary(ttfts: list[float], wall: float) -> dict[str, float]:
+    ordered = sorted(ttfts)
     return {
         "wall_s": round(wall, 3),
         "requests_per_s": round(CLIENTS / wall, 3),
         "ttft_mean_s": round(statistics.mean(ttfts), 3),
         "ttft_median_s": round(statistics.median(ttfts), 3),
+        "ttft_p95_s": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 3),
         "ttft_max_s": round(max(ttfts), 3),
     }
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _measure(url: str, tokens: int, bias: dict[str, int]) -> dict[str, object]:
+    """Warm-up, 16 sequential requests, then 16 concurrent clients (released together by a barrier)."""
+    import httpx
+
+    ids = [f"adapter-{i}" for i in range(3)]
+    jobs = [(ids[i % len(ids)], PROMPTS[i % len(PROMPTS)]) for i in range(CLIENTS)]
+    _request(url, *jobs[0], tokens, bias)  # warm-up
+    load_before = _load()
+    started = time.perf_counter()
+    sequential = [_request(url, m, p, tokens, bias) for m, p in jobs]
+    sequential_wall = time.perf_counter() - started
+    load_mid = _load()
+    barrier = threading.Barrier(CLIENTS)  # the clients send together, not as their threads happen to start
+
+    def client(job: tuple[str, str]) -> tuple[float, float]:
+        barrier.wait()
+        return _request(url, *job, tokens, bias)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        concurrent = list(pool.map(client, jobs))
+    concurrent_wall = time.perf_counter() - started
+    health = httpx.get(f"{url}/health").json()
+    seq = _summary([t for t, _ in sequential], sequential_wall)
+    con = _summary([t for t, _ in concurrent], concurrent_wall)
+    return {
+        "scheduler": health.get("scheduler", "static"),
+        "sequential": seq,
+        "concurrent": con,
+        "speedup_requests_per_s": round(con["requests_per_s"] / seq["requests_per_s"], 2),
+        "batches_total": health["batches"],
+        "decode_steps_total": health.get("steps"),
+        "load_average_1_5_15": {"before": load_before, "between": load_mid, "after": _load()},
+    }
+
+
+def _table(runs: dict[str, dict]) -> str:
+    """The before/after table: one line per scheduler and mode."""
+    lines = [
+        f"{'scheduler':<11} {'mode':<11} {'req/s':>7} {'x seq':>6} {'TTFT mean':>10} {'median':>8} "
+        f"{'p95':>8} {'load(1m)':>9}"
+    ]
+    for name, run in runs.items():
+        for mode in ("sequential", "concurrent"):
+            row = run[mode]
+            ratio = row["requests_per_s"] / run["sequential"]["requests_per_s"]
+            load = run["load_average_1_5_15"]["between" if mode == "sequential" else "after"][0]
+            lines.append(
+                f"{name:<11} {mode:<11} {row['requests_per_s']:>7.3f} {ratio:>5.2f}x "
+                f"{row['ttft_mean_s']:>9.2f}s {row['ttft_median_s']:>7.2f}s {row['ttft_p95_s']:>7.2f}s "
+                f"{load:>9.2f}"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -137,6 +205,10 @@ def main() -> None:
         "where a parallel region waits for descheduled threads at every small op",
     )  # fmt: skip
     parser.add_argument("--window", type=float, default=0.02, help="the server's --batch-window (seconds)")
+    parser.add_argument(
+        "--schedulers", default="static,continuous",
+        help="the `lorakit serve --scheduler` values to compare, in order (default: static,continuous)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,36 +223,18 @@ def main() -> None:
     ends = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])}
     bias = {str(t): -100 for t in ends if t is not None and t != tokenizer.unk_token_id}
 
-    url, process = _serve([path for path, _ in adapters], args.threads, args.window)
-    server_rss = _rss_mb(process.pid)
-    ids = [f"adapter-{i}" for i in range(3)]
-    jobs = [(ids[i % len(ids)], PROMPTS[i % len(PROMPTS)]) for i in range(CLIENTS)]
-    try:
-        _request(url, *jobs[0], args.tokens, bias)  # warm-up
-        started = time.perf_counter()
-        sequential = [_request(url, m, p, args.tokens, bias) for m, p in jobs]
-        sequential_wall = time.perf_counter() - started
-        started = time.perf_counter()
-        barrier = threading.Barrier(
-            CLIENTS
-        )  # the clients send together, not as their threads happen to start
+    runs: dict[str, dict] = {}
+    server_rss = None
+    for scheduler in args.schedulers.split(","):
+        url, process = _serve([path for path, _ in adapters], args.threads, args.window, scheduler)
+        server_rss = _rss_mb(process.pid)
+        try:
+            runs[scheduler] = _measure(url, args.tokens, bias)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+        print(f"{scheduler}: done, {json.dumps(runs[scheduler]['concurrent'])}", flush=True)
 
-        def client(job: tuple[str, str]) -> tuple[float, float]:
-            barrier.wait()
-            return _request(url, *job, args.tokens, bias)
-
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            concurrent = list(pool.map(client, jobs))
-        concurrent_wall = time.perf_counter() - started
-        import httpx
-
-        batches = httpx.get(f"{url}/health").json()["batches"]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
-
-    seq = _summary([t for t, _ in sequential], sequential_wall)
-    con = _summary([t for t, _ in concurrent], concurrent_wall)
     adapter_bytes = sum(size for _, size in adapters)
     result = {
         "machine": machine(),
@@ -189,10 +243,7 @@ def main() -> None:
         "server_threads": args.threads or "torch default",
         "batch_window_s": args.window,
         "clients": CLIENTS,
-        "sequential": seq,
-        "concurrent": con,
-        "batches_total": batches,
-        "speedup_requests_per_s": round(con["requests_per_s"] / seq["requests_per_s"], 2),
+        "runs": runs,
         "target_speedup": 3.0,
         "memory": {
             "base_param_mb": round(base_bytes / 2**20, 2),
@@ -203,6 +254,8 @@ def main() -> None:
         },
     }
     print(json.dumps(result, indent=2))
+    print()
+    print(_table(runs))
     name = f"serve_concurrency-{args.model}-t{args.threads or 'default'}"
     print("written to", write_result(name, result))
 
