@@ -693,17 +693,25 @@ class ContinuousBatch:
     the columns only padding uses any more. Positions count each row's own tokens, as ``model.generate``
     counts them, so a greedy row's reply equals the one :func:`generate_texts` generates alone. Rows
     decode as :class:`Row` says (own stops, budget, sampler, logit bias, callbacks, cancel).
-    ``adapter_name`` gives a row's PEFT adapter (``"__base__"``: none) for mixed-LoRA batches: every
-    forward passes ``adapter_names``. Not thread-safe: one thread calls :meth:`add` and :meth:`step`;
+    ``adapter_name`` gives a row's PEFT adapter (``"__base__"``: none) for mixed-LoRA batches: a forward
+    whose rows use several adapters passes ``adapter_names``; one whose rows all use the same one enters
+    ``adapter_session(name)`` instead (the adapter active, as ``InferenceModel.generate`` runs it: PEFT's
+    per-forward hooks cost a few % per step). Not thread-safe: one thread calls :meth:`add` and :meth:`step`;
     ``session`` is entered around each forward (``InferenceModel`` holds its lock there).
     """
 
     def __init__(
-        self, session: Session, tokenizer: Any, *, adapter_name: Callable[[Row], str] | None = None
+        self,
+        session: Session,
+        tokenizer: Any,
+        *,
+        adapter_name: Callable[[Row], str] | None = None,
+        adapter_session: Callable[[str], Session] | None = None,
     ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.adapter_name = adapter_name
+        self.adapter_session = adapter_session
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rows: list[Row] = []
         """The rows being generated, in cache order."""
@@ -736,9 +744,10 @@ class ContinuousBatch:
                 [[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=device
             )
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as model.generate numbers them
-            with self.session() as model:
+            session, extra = self._session_for(rows)
+            with session() as model:
                 cache = DynamicCache(config=model.config)
-                logits = self._forward(model, rows, ids, mask, positions, cache)
+                logits = self._forward(model, extra, ids, mask, positions, cache)
             tokens = self._pick(rows, logits)
             self._merge(rows, cache, mask, positions[:, -1] + 1, tokens)
             return self._retire()
@@ -751,9 +760,10 @@ class ContinuousBatch:
             return []
         with torch.inference_mode():
             mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
-            with self.session() as model:
+            session, extra = self._session_for(self.rows)
+            with session() as model:
                 logits = self._forward(
-                    model, self.rows, self._tokens[:, None], mask, self._positions[:, None], self._cache
+                    model, extra, self._tokens[:, None], mask, self._positions[:, None], self._cache
                 )
             self._mask = mask
             self._positions = self._positions + 1
@@ -771,21 +781,32 @@ class ContinuousBatch:
         with self.session() as model:
             return next(model.parameters()).device
 
-    def _forward(self, model: Any, rows: list[Row], ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+    def _session_for(self, rows: list[Row]) -> tuple[Session, dict[str, Any]]:
+        """The session of a forward over ``rows`` and its extra arguments (``adapter_names`` when mixed)."""
+        if self.adapter_name is None:
+            return self.session, {}
+        names = [self.adapter_name(row) for row in rows]
+        if self.adapter_session is not None and len(set(names)) == 1:
+            return self.adapter_session(names[0]), {}
+        return self.session, {"adapter_names": names}
+
+    def _forward(
+        self, model: Any, extra: dict[str, Any], ids: Any, mask: Any, positions: Any, cache: Any
+    ) -> Any:
         """One forward with the cache; the float32 scores of each row's next token."""
         kwargs: dict[str, Any] = {
             "input_ids": ids,
             "position_ids": positions,
             "cache": cache,
             "use_cache": True,
+            **extra,
         }
         if not bool(mask.all()):  # model.generate drops an all-ones mask too
             kwargs["attention_mask"] = mask
         if self._keep_one:
             kwargs["logits_to_keep"] = 1
-        if self.adapter_name is not None:
-            kwargs["adapter_names"] = [self.adapter_name(row) for row in rows]
-        with _eval_mode(model):
+        # model.eval() walks every module (thousands with adapters): only when the model is in training mode.
+        with _eval_mode(model) if model.training else contextlib.nullcontext():
             return model(**kwargs).logits[:, -1].float()
 
     def _pick(self, rows: list[Row], scores: Any) -> Any:

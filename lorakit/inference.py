@@ -479,7 +479,7 @@ class InferenceModel:
         """A :class:`lorakit.generation.ContinuousBatch` over this model: rows of any of its LoRA adapters (or
         of the bare base: ``Row.adapter`` as in :meth:`generate_rows`) join and leave between decode steps.
 
-        Every forward passes PEFT's ``adapter_names``, so one batch mixes adapters. Raises ``ConfigError``
+        A forward over rows of several adapters passes PEFT's ``adapter_names``: one batch mixes them. Raises ``ConfigError``
         when an adapter cannot share a batch (prompt-based ones): use :meth:`generate_rows` for those.
         """
         names = list(self._adapters)
@@ -495,6 +495,7 @@ class InferenceModel:
             self._session(names[0]),
             self.tokenizer,
             adapter_name=lambda row: self._resolve_adapter(row.adapter) or "__base__",
+            adapter_session=lambda name: self._session(None if name == "__base__" else name),
         )
 
     def _mixable(self, adapter: str | None) -> bool:
