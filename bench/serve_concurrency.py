@@ -1,7 +1,7 @@
 """`lorakit serve` under load: 16 concurrent clients against 16 sequential requests, and adapter memory.
 
     PYTHONPATH=$PWD python bench/serve_concurrency.py [--model smollm2|tiny] [--tokens 32] [--threads 1]
-        [--schedulers static,continuous] [--stagger 0.25]
+        [--schedulers static,continuous] [--stagger 0.5]
     # prints a before (static) / after (continuous) table; writes bench/results/serve_concurrency-*.json
 
 - one base (SmolLM2-135M by default) with 3 random r=16 all-linear LoRA adapters, served by ``lorakit serve`` in
@@ -236,8 +236,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--window", type=float, default=0.02, help="the server's --batch-window (seconds)")
     parser.add_argument(
-        "--stagger", type=float, default=0.25,
-        help="seconds between the staggered clients' requests (0: skip that phase; default: 0.25)",
+        "--stagger", type=float, default=0.5,
+        help="seconds between the staggered clients' requests (0: skip that phase; default: 0.5)",
     )  # fmt: skip
     parser.add_argument(
         "--schedulers", default="static,continuous",
