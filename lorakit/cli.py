@@ -202,6 +202,11 @@ def _serve_commands(commands: Any) -> None:
         "--batch-window", type=float, default=0.02, metavar="SECONDS",
         help="how long the batcher waits after each request for another to join its batch (default: 0.02)",
     )  # fmt: skip
+    serve.add_argument(
+        "--scheduler", choices=["auto", "continuous", "static"], default="auto",
+        help="continuous: requests join and leave the running batch between decode steps; static: one "
+        "generate call per batch; auto (default): continuous unless an adapter is prompt-based",
+    )  # fmt: skip
     _trust_arguments(serve, weights=True)
 
     export = commands.add_parser("export", help="export the merged model as a GGUF file (+ Ollama Modelfile)")
@@ -236,7 +241,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         _named_runs(args),
         api_key=args.api_key or os.environ.get("LORAKIT_API_KEY") or None,
         limits=Limits(
-            max_tokens_cap=args.max_tokens_cap, max_batch=args.max_batch, batch_window=args.batch_window
+            max_tokens_cap=args.max_tokens_cap,
+            max_batch=args.max_batch,
+            batch_window=args.batch_window,
+            scheduler=args.scheduler,
         ),
         trust_remote_code=args.trust_remote_code,
         trust_template_classes=args.trust_template_classes,

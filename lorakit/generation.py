@@ -38,6 +38,7 @@ from lorakit.progress import progress
 from lorakit.rng import forked_rng, generator
 
 __all__ = [
+    "ContinuousBatch",
     "Decoding",
     "Row",
     "Sampling",
@@ -630,3 +631,227 @@ def generate_rows(session: Session, tokenizer: Any, rows: Sequence[Row], **extra
         if not row.done:
             row.finish_reason = "length" if len(row.tokens) >= row.max_new_tokens else "stop"
             row._finish()
+
+
+# --- continuous batching (the server's default scheduler) -----------------------------------------------
+
+_GENERATION_DEFAULTS_NOT_APPLIED: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
+"""``generation_config`` fields (with their neutral values) whose processors :class:`ContinuousBatch` lacks."""
+
+
+def _check_continuous(model: Any) -> None:
+    """Raise ``ConfigError`` when ``model`` needs what :class:`ContinuousBatch` does not do."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    config = getattr(model, "generation_config", None)
+    for name, neutral in _GENERATION_DEFAULTS_NOT_APPLIED.items():
+        value = getattr(config, name, None)
+        if value not in neutral:
+            raise ConfigError(
+                f"Continuous batching does not apply the model's generation_config.{name}={value!r}; "
+                "serve with --scheduler static."
+            )
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    if kinds - {DynamicLayer.__name__}:
+        raise ConfigError(
+            f"Continuous batching needs a full-attention KV cache; this model's has {sorted(kinds)}. "
+            "Serve it with --scheduler static."
+        )
+
+
+def _pad_left(tensor: Any, width: int, dim: int) -> Any:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class ContinuousBatch:
+    """Rows decoded together one token at a time: rows join between steps (:meth:`add`) and leave as soon
+    as they are done (continuous, or iteration-level, batching: what ``lorakit serve`` runs by default).
+
+    All rows share one KV cache (transformers' ``DynamicCache``), left-padded to the longest row, as in a
+    left-padded ``model.generate`` batch. A joining group is prefilled on its own; its cache is padded along
+    the sequence axis and concatenated along the batch axis. A done row's cache rows are dropped, and so are
+    the columns only padding uses any more. Positions count each row's own tokens, as ``model.generate``
+    counts them, so a greedy row's reply equals the one :func:`generate_texts` generates alone. Rows
+    decode as :class:`Row` says (own stops, budget, sampler, logit bias, callbacks, cancel).
+    ``adapter_name`` gives a row's PEFT adapter (``"__base__"``: none) for mixed-LoRA batches: a forward
+    whose rows use several adapters passes ``adapter_names``; one whose rows all use the same one enters
+    ``adapter_session(name)`` instead (the adapter active, as ``InferenceModel.generate`` runs it: PEFT's
+    per-forward hooks cost a few % per step). Not thread-safe: one thread calls :meth:`add` and :meth:`step`;
+    ``session`` is entered around each forward (``InferenceModel`` holds its lock there).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        tokenizer: Any,
+        *,
+        adapter_name: Callable[[Row], str] | None = None,
+        adapter_session: Callable[[str], Session] | None = None,
+    ) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.adapter_name = adapter_name
+        self.adapter_session = adapter_session
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows: list[Row] = []
+        """The rows being generated, in cache order."""
+        self.steps = 0
+        """Decode steps run so far (prefills not counted)."""
+        self._cache: Any = None
+        self._mask: Any = None  # [rows, cache columns]: 1 where a row has a real token
+        self._positions: Any = None  # [rows]: the position of the token each row feeds next
+        self._tokens: Any = None  # [rows]: the token each row feeds next (its last generated one)
+        with session() as model:
+            _check_continuous(model)
+            forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+            self._keep_one = "logits_to_keep" in inspect.signature(forward).parameters
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, rows: Sequence[Row]) -> list[Row]:
+        """Prefill ``rows`` (left-padded among themselves) and take each one's first token; the rows join the
+        batch. Returns the rows that are already done (they left again)."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        rows = list(rows)
+        width = max(len(row.prompt) for row in rows)
+        with torch.inference_mode():
+            device = self._device()
+            ids = torch.tensor([[self.pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=device
+            )
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as model.generate numbers them
+            session, extra = self._session_for(rows)
+            with session() as model:
+                cache = DynamicCache(config=model.config)
+                logits = self._forward(model, extra, ids, mask, positions, cache)
+            tokens = self._pick(rows, logits)
+            self._merge(rows, cache, mask, positions[:, -1] + 1, tokens)
+            return self._retire()
+
+    def step(self) -> list[Row]:
+        """Decode one token for every row; returns the rows that are done (they left the batch)."""
+        import torch
+
+        if not self.rows:
+            return []
+        with torch.inference_mode():
+            mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+            session, extra = self._session_for(self.rows)
+            with session() as model:
+                logits = self._forward(
+                    model, extra, self._tokens[:, None], mask, self._positions[:, None], self._cache
+                )
+            self._mask = mask
+            self._positions = self._positions + 1
+            self._tokens = self._pick(self.rows, logits)
+            self.steps += 1
+            return self._retire()
+
+    def drop(self) -> list[Row]:
+        """Remove every row (after a failed forward: the cache may be half updated); returns them."""
+        rows, self.rows = self.rows, []
+        self._cache = self._mask = self._positions = self._tokens = None
+        return rows
+
+    def _device(self) -> Any:
+        with self.session() as model:
+            return next(model.parameters()).device
+
+    def _session_for(self, rows: list[Row]) -> tuple[Session, dict[str, Any]]:
+        """The session of a forward over ``rows`` and its extra arguments (``adapter_names`` when mixed)."""
+        if self.adapter_name is None:
+            return self.session, {}
+        names = [self.adapter_name(row) for row in rows]
+        if self.adapter_session is not None and len(set(names)) == 1:
+            return self.adapter_session(names[0]), {}
+        return self.session, {"adapter_names": names}
+
+    def _forward(
+        self, model: Any, extra: dict[str, Any], ids: Any, mask: Any, positions: Any, cache: Any
+    ) -> Any:
+        """One forward with the cache; the float32 scores of each row's next token."""
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "position_ids": positions,
+            "cache": cache,
+            "use_cache": True,
+            **extra,
+        }
+        if not bool(mask.all()):  # model.generate drops an all-ones mask too
+            kwargs["attention_mask"] = mask
+        if self._keep_one:
+            kwargs["logits_to_keep"] = 1
+        # model.eval() walks every module (thousands with adapters): only when the model is in training mode.
+        with _eval_mode(model) if model.training else contextlib.nullcontext():
+            return model(**kwargs).logits[:, -1].float()
+
+    def _pick(self, rows: list[Row], scores: Any) -> Any:
+        """Each row's next token (its logit bias and sampler applied, else argmax), handed to the row."""
+        tokens = _sample_rows(rows, scores).argmax(-1)
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            row.step(token)
+        return tokens
+
+    def _merge(self, rows: list[Row], cache: Any, mask: Any, positions: Any, tokens: Any) -> None:
+        """Append prefilled ``rows`` to the batch: both caches left-padded to one width, then stacked."""
+        import torch
+
+        if not self.rows:
+            self.rows, self._cache, self._mask = rows, cache, mask
+            self._positions, self._tokens = positions, tokens
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(new.keys, width, -2)])
+            old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(new.values, width, -2)])
+        self._mask = torch.cat([_pad_left(self._mask, width, -1), _pad_left(mask, width, -1)])
+        self._positions = torch.cat([self._positions, positions])
+        self._tokens = torch.cat([self._tokens, tokens])
+        self.rows = self.rows + rows
+
+    def _retire(self) -> list[Row]:
+        """Drop the done rows from the batch (and the cache columns only padding uses); returns them."""
+        import torch
+
+        done = [row for row in self.rows if row.done]
+        if not done:
+            return []
+        keep = [index for index, row in enumerate(self.rows) if not row.done]
+        if not keep:
+            self.drop()
+            return done
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(0).long().argmax())  # the first column a remaining row uses
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._positions = self._positions.index_select(0, index)
+        self._tokens = self._tokens.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep]
+        return done

@@ -30,6 +30,7 @@ from lorakit.data import detect_format, encode_prompt, to_messages
 from lorakit.errors import ConfigError, DataError
 from lorakit.export import export_gguf
 from lorakit.generation import (
+    ContinuousBatch,
     Decoding,
     Row,
     Sampling,
@@ -473,6 +474,29 @@ class InferenceModel:
                 self.tokenizer,
                 [r for r, n in zip(rows, names, strict=True) if n == group],
             )
+
+    def continuous_batch(self) -> ContinuousBatch:
+        """A :class:`lorakit.generation.ContinuousBatch` over this model: rows of any of its LoRA adapters (or
+        of the bare base: ``Row.adapter`` as in :meth:`generate_rows`) join and leave between decode steps.
+
+        A forward over rows of several adapters passes PEFT's ``adapter_names``: one batch mixes them. Raises ``ConfigError``
+        when an adapter cannot share a batch (prompt-based ones): use :meth:`generate_rows` for those.
+        """
+        names = list(self._adapters)
+        unmixable = [name for name in names if not self._mixable(name)]
+        if unmixable:
+            raise ConfigError(
+                f"Continuous batching mixes LoRA adapters only; {unmixable} are prompt-based. "
+                "Generate their rows with generate_rows() (lorakit serve --scheduler static)."
+            )
+        if not names:
+            return ContinuousBatch(self._session(None), self.tokenizer)
+        return ContinuousBatch(
+            self._session(names[0]),
+            self.tokenizer,
+            adapter_name=lambda row: self._resolve_adapter(row.adapter) or "__base__",
+            adapter_session=lambda name: self._session(None if name == "__base__" else name),
+        )
 
     def _mixable(self, adapter: str | None) -> bool:
         """Whether ``adapter`` can share a batch with other adapters (PEFT mixes LoRA adapters only)."""

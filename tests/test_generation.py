@@ -200,3 +200,100 @@ def test_stream_raises_the_workers_error_in_the_consumers_thread(tiny_tokenizer)
     chunks = stream_text(broken_session, tiny_tokenizer, [1, 2, 3], Decoding({}, (), (2,), 0))
     with pytest.raises(RuntimeError, match="the model is gone"):
         list(chunks)
+
+
+# --- continuous batching ------------------------------------------------------------------------------------
+
+PROMPTS = ["Say hello.", "Name a colour.", "What is the capital of France?", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_model_dir, tmp_path_factory):
+    """The tiny base with two random LoRA adapters ``x`` and ``y`` (non-zero B, so each changes the output)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("lora-adapters")
+    model = InferenceModel.from_model(tiny_model_dir, template="chatml")
+    for seed, name in enumerate(("x", "y")):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+        with torch.no_grad():
+            for param_name, param in adapter.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.5)
+        adapter.save_pretrained(root / name)
+        model.load_adapter(root / name, name=name)
+    return model
+
+
+def _row(model, prompt, adapter, tokens, **options):
+    from lorakit.generation import Row
+
+    stops = model.template_for(adapter).stop_strings(model.tokenizer)
+    decoding = Decoding.build(model.tokenizer, stops, Sampling(tokens))
+    return Row(model.tokenizer, model.encode(prompt, adapter=adapter), decoding, adapter=adapter, **options)
+
+
+def test_rows_joining_a_running_continuous_batch_equal_each_prompt_generated_alone(mixed):
+    jobs = [(PROMPTS[0], "x", 16), (PROMPTS[1], "y", 9), (PROMPTS[2], None, 12), (PROMPTS[3], "y", 14)]
+    jobs += [(PROMPTS[0], "y", 16)]
+    rows = [_row(mixed, prompt, adapter, tokens) for prompt, adapter, tokens in jobs]
+    batch = mixed.continuous_batch()
+    done = batch.add(rows[:1])
+    for _ in range(3):
+        done += batch.step()
+    assert batch.rows == [rows[0]] and len(rows[0].tokens) == 4
+    done += batch.add(rows[1:3])  # two prompts join a row that has a longer cache, for other adapters
+    for _ in range(2):
+        done += batch.step()
+    done += batch.add(rows[3:])
+    assert len(batch) + len(done) == len(rows)
+    while len(batch):
+        done += batch.step()
+    assert sorted(map(id, done)) == sorted(map(id, rows))  # every row left exactly once
+    for row, (prompt, adapter, tokens) in zip(rows, jobs, strict=True):
+        assert row.text == mixed.generate(prompt, tokens, adapter=adapter), (prompt, adapter)
+        assert row.finish_reason in ("stop", "length") and 1 <= len(row.tokens) <= tokens
+    assert rows[0].text != rows[4].text  # the same prompt under x and y: each row used its own adapter
+
+
+def test_a_short_row_leaves_at_once_while_a_long_one_goes_on(mixed):
+    ends = stop_token_ids(mixed.tokenizer, mixed.template.stop_strings(mixed.tokenizer))
+    no_end = {token: -100.0 for token in ends}
+    finished = []
+    long = _row(mixed, PROMPTS[2], "x", 20, logit_bias=no_end, on_done=finished.append)
+    short = _row(mixed, PROMPTS[0], "y", 3, logit_bias=no_end, on_done=finished.append)
+    gone = _row(mixed, PROMPTS[1], "x", 20, logit_bias=no_end, on_done=finished.append)
+    batch = mixed.continuous_batch()
+    assert batch.add([long, short, gone]) == [] and len(batch) == 3
+    gone.cancel()
+    assert batch.step() == [gone] and gone.finish_reason == "cancelled" and len(gone.tokens) == 1
+    assert batch.step() == [short] and finished == [gone, short]
+    assert short.finish_reason == "length" and len(short.tokens) == 3
+    assert batch.rows == [long] and len(long.tokens) == 3
+    while len(batch):
+        batch.step()
+    assert finished == [gone, short, long] and batch.steps == 19
+    assert long.finish_reason == "length" and len(long.tokens) == 20
+    assert long.text == mixed.generate(PROMPTS[2], 20, adapter="x", suppress_tokens=ends)
+    alone = _row(mixed, PROMPTS[0], "y", 3, logit_bias=no_end)
+    batch.add([alone])
+    while len(batch):
+        batch.step()
+    assert short.text == alone.text and short.tokens == alone.tokens
+
+
+def test_continuous_batching_refuses_prompt_based_adapters(tiny_model_dir, tmp_path):
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(
+        tmp_path / "p"
+    )
+    model = InferenceModel.from_model(tiny_model_dir, template="chatml")
+    model.load_adapter(tmp_path / "p", name="soft")
+    with pytest.raises(lk.ConfigError, match=r"mixes LoRA adapters only; \[.soft.\] are prompt-based"):
+        model.continuous_batch()

@@ -201,6 +201,60 @@ def test_concurrent_requests_for_mixed_adapters_are_batched_and_each_gets_its_ow
     assert _health(server)["batches"] - before < len(jobs)  # several requests shared a batch
 
 
+def test_a_request_joins_a_running_batch_and_does_not_wait_for_it(client, reference, server):
+    """Continuous batching: a short request sent while a long one streams is answered before the long one ends."""
+    assert _health(server)["scheduler"] == "continuous"
+    body = {"model": "b", "prompt": "x", "max_tokens": 300, "stream": True, "logit_bias": NO_END}
+    started, events = threading.Event(), []
+
+    def read():
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream("POST", f"{server[0]}/v1/completions", json=body, headers=headers) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(60)
+    reply = client.chat.completions.create(model="a", messages=_messages(PROMPTS[1]), max_tokens=24)
+    long_done_already = "data: [DONE]" in events
+    reader.join(120)
+    assert not long_done_already  # the short request did not wait for the long one's 300 tokens
+    assert reply.choices[0].message.content == reference.chat(_messages(PROMPTS[1]), 24)
+    assert events[-1] == "data: [DONE]"
+    finish = json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
+    assert finish == "length" and _health(server)["steps"] >= 300
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_both_schedulers_generate_what_inference_model_does(reference, scheduler):
+    from lorakit.generation import Decoding, Row, Sampling
+    from lorakit.serve.batcher import Batcher
+
+    jobs = [(model, prompt) for prompt in PROMPTS[:3] for model in ("a", "b")]
+    finished = threading.Semaphore(0)
+    rows = []
+    for model, prompt in jobs:
+        adapter = ADAPTER[model]
+        stops = reference.template_for(adapter).stop_strings(reference.tokenizer)
+        decoding = Decoding.build(reference.tokenizer, stops, Sampling(16))
+        prompt_ids = reference.encode(_messages(prompt), adapter=adapter)
+        on_done = lambda row: finished.release()  # noqa: E731
+        rows.append(Row(reference.tokenizer, prompt_ids, decoding, adapter=adapter, on_done=on_done))
+    batcher = Batcher(reference, window=0.5, scheduler=scheduler)
+    for row in rows:
+        batcher.submit(row)
+    for _ in rows:
+        assert finished.acquire(timeout=120)
+    batcher.close()
+    assert batcher.scheduler == scheduler and batcher.batches == 1 and batcher.active == 0
+    assert (batcher.steps > 0) == (scheduler == "continuous")
+    expected = [reference.chat(_messages(p), 16, adapter=ADAPTER[m]) for m, p in jobs]
+    assert [row.text for row in rows] == expected
+
+
 def _raw(server, body, *, key=KEY, content=None):
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     data = content if content is not None else json.dumps(body)

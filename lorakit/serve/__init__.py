@@ -5,9 +5,9 @@
     # uvicorn.run(app, port=8000); then any OpenAI client: model="support" picks that adapter
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
-``stream=true`` as server-sent events), ``GET /health``. Requests that arrive within a short window are
-generated as one batch (:mod:`lorakit.serve.batcher`), also when they ask for different adapters. Needs the
-``serve`` extra: ``pip install 'lorakit[serve]'``.
+``stream=true`` as server-sent events), ``GET /health``. Requests are batched continuously: they join the
+running batch between decode steps and leave it when done (:mod:`lorakit.serve.batcher`; ``static`` batching
+is kept), also when they ask for different adapters. Needs the ``serve`` extra: ``pip install 'lorakit[serve]'``.
 """
 
 from __future__ import annotations

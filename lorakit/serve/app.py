@@ -23,7 +23,7 @@ import attrs
 from lorakit.errors import ConfigError, DataError
 from lorakit.generation import Decoding, Row, Sampling
 from lorakit.inference import DEFAULT_ADAPTER, InferenceModel
-from lorakit.serve.batcher import Batcher
+from lorakit.serve.batcher import SCHEDULERS, Batcher
 from lorakit.serve.errors import APIError, bad_request, too_large, unauthorized, unknown_model
 from lorakit.serve.schemas import ChatRequest, CompletionRequest
 from lorakit.templates.base import check_messages
@@ -45,6 +45,14 @@ class Limits:
     """Most requests generated in one batch."""
     batch_window: float = 0.02
     """Seconds the batcher waits after each request for another to join the batch (at most 10 windows)."""
+    scheduler: str = attrs.field(default="auto")
+    """``continuous`` (requests join and leave the running batch between decode steps), ``static`` (one
+    ``model.generate`` per batch) or ``auto`` (continuous when the adapters allow it: LoRA only)."""
+
+    @scheduler.validator
+    def _known(self, _: Any, value: str) -> None:
+        if value not in SCHEDULERS:
+            raise ConfigError(f"Limits.scheduler must be one of {', '.join(SCHEDULERS)}, got {value!r}.")
 
 
 def load_models(
@@ -132,7 +140,11 @@ class _Server:
         self.created = int(time.time())
         self.context = getattr(model.model.config, "max_position_embeddings", None)
         self.batcher = Batcher(
-            model, max_batch=limits.max_batch, window=limits.batch_window, fail=lambda row, e: row.fail(e)
+            model,
+            max_batch=limits.max_batch,
+            window=limits.batch_window,
+            fail=lambda row, e: row.fail(e),
+            scheduler=limits.scheduler,
         )
 
     def adapter(self, model_id: str) -> str | None:
@@ -407,7 +419,9 @@ def _add_routes(app: Any, server: _Server) -> None:
             "status": "ok",
             "models": list(server.routes),
             "active": batcher.active,
+            "scheduler": batcher.scheduler,
             "batches": batcher.batches,
+            "steps": batcher.steps,
             "cancelled": batcher.cancelled,
         }
 
