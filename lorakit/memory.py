@@ -378,9 +378,8 @@ def estimate_memory(
         pipeline, peft_model, float_bytes=float_bytes, precision=precision, full=full, notes=notes
     )
     seq_len, activations = _activation_part(pipeline, config, precision, grad_checkpointing, notes, device)
-    if (
-        device != "cuda" and precision == "bf16"
-    ):  # CPU autocast: a bf16 copy of each frozen matmul weight is saved
+    if device != "cuda" and precision == "bf16":
+        # CPU autocast over fp32 weights saves a bf16 copy of each frozen matmul weight for the backward pass.
         activations += _autocast_weight_copies(peft_model)
         notes.append(
             "bf16 autocast on CPU: activations 0.68 of fp32's, plus bf16 copies of the frozen weights"
@@ -444,7 +443,8 @@ def _trained_bytes(
 
 def _autocast_weight_copies(peft_model: Any) -> int:
     """Bytes of the bf16 copies CPU autocast makes of the frozen matmul weights of the decoder layers (saved for
-    the backward pass); the embedding and the LM head (the fused loss casts it chunk by chunk) excluded."""
+    the backward pass). The embedding is not a matmul; the LM head is left out too (the fused loss casts it chunk
+    by chunk and keeps no copy; TRL's unfused loss would keep one more, 2 bytes per head weight)."""
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     skip = {
         id(p)
