@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -18,6 +19,22 @@ QUANTS = {
     "nf4": lambda p: p.quantize_4bit(double_quant=False),
     "int8": lambda p: p.quantize_8bit(),
 }
+
+
+@contextlib.contextmanager
+def saving(model):
+    """Bytes of each storage autograd saves for the backward pass inside the block (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 def _load(pipeline):
@@ -146,16 +163,7 @@ def test_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
     model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
     batch, seq = 4, 256
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saving(model) as saved:
         output = model(input_ids=ids, labels=ids)
     held = sum(saved.values()) + output.logits.numel() * output.logits.element_size()
     estimate = activation_bytes(
@@ -176,17 +184,8 @@ def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_
     model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
     batch, seq = 4, 256
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     base = model.get_base_model()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saving(model) as saved:
         hidden = base.model(input_ids=ids).last_hidden_state
         fused_linear_cross_entropy(hidden, base.lm_head.weight, ids)
     shape = activation_shape(model.config)
@@ -217,18 +216,9 @@ def test_cpu_bf16_autocast_activation_estimate_against_the_tensors_autograd_save
     model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
     batch, seq = 4, 256
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     with (
         torch.autocast("cpu", dtype=torch.bfloat16),
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        saving(model) as saved,
     ):
         model.get_base_model().model(input_ids=ids)
     shape = {k: v for k, v in activation_shape(model.config).items() if k != "vocab"}
