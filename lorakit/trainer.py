@@ -481,6 +481,7 @@ class LorakitTrainerMixin:
         self._lorakit_staging = False
         self._lorakit_fused = False
         self._lorakit_eval_nll: list[float] = [0.0, 0.0]  # summed NLL and label tokens of one evaluation
+        self._lorakit_last_eval: tuple[int, dict[str, Any]] | None = None  # (step, metrics) of the last one
         super().__init__(*args, **kwargs)
         self.callback_handler.__class__ = RngIsolatedCallbackHandler  # same state, forked events
         self.add_callback(MethodStateRestore(self))
@@ -553,9 +554,25 @@ class LorakitTrainerMixin:
                 if extra:
                     self.log(dict(extra))
                     metrics.update(extra)
+        self._lorakit_last_eval = (self.state.global_step, dict(metrics))
         self._check_best_metric(metrics)
         self._early_stop(metrics)
         return metrics
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """The evaluation of the weights training ended with. When the last evaluation ran at the final step and
+        those weights are still the model's (no best checkpoint loaded over them), its numbers are the answer:
+        evaluation is deterministic (forked randomness), so running it again would only repeat the same numbers
+        and log them twice."""
+        step, last = self.state.global_step, self._lorakit_last_eval
+        reloaded = (
+            self.args.load_best_model_at_end
+            and self.state.best_model_checkpoint is not None
+            and self.state.best_global_step != step
+        )
+        if last is not None and last[0] == step and not reloaded:
+            return dict(last[1])
+        return self.evaluate()
 
     def _check_best_metric(self, metrics: dict[str, Any]) -> None:
         wanted = self.args.metric_for_best_model

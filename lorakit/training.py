@@ -662,7 +662,7 @@ def _fit(run: _Run, trainer: LorakitTrainer, extras: TrainingExtras) -> dict[str
     }
     metrics.update(extras.summary(trainer))
     if run.has_val:
-        eval_metrics = trainer.evaluate()
+        eval_metrics = trainer.final_evaluation()
         metrics["eval_loss"] = float(eval_metrics["eval_loss"])
         if run.pipeline.preference is None:  # a preference loss is not a language-model loss
             metrics["eval_perplexity"] = float(math.exp(min(eval_metrics["eval_loss"], 50.0)))

@@ -63,7 +63,7 @@ SmolLM2-135M; on a GPU, Qwen2.5-1.5B-Instruct.
         code(
             PARAMETERS.format(name="quickstart")
             + """
-STEPS = 10 if SMALL else 100       # 100 steps: ~8 min on 2 CPU cores, well under a minute on a T4
+STEPS = 6 if SMALL else 100        # 100 steps: ~8 min on 2 CPU cores, well under a minute on a T4
 EVAL_ROWS = 12 if SMALL else None  # None: all 90 held-out tickets"""
         ),
         md(
@@ -143,7 +143,7 @@ from this run: the same base, template and adapter, which keeps training. The DP
 kept frozen on the same base (no second copy of the model). See docs/preference.md.
 """),
         code("""
-DPO_STEPS = 4 if SMALL else 60
+DPO_STEPS = 2 if SMALL else 60
 dpo = (
     lk.Pipeline.from_run(OUT)
     .with_dataset(str(lk.preference_sample_path("train")), val_split=0.1, max_length=256)

@@ -73,6 +73,9 @@ def test_eval_metrics_are_logged_at_each_evaluation(eval_run):
         if any(key.startswith("eval_") for key in entry):
             by_step.setdefault(entry["step"], {}).update(entry)
     assert sorted(by_step) == [8, 16, 24]
+    # step 24 is the last: its evaluation is the run's final one, logged once, not run a second time
+    assert sum("eval_loss" in entry for entry in log if entry["step"] == 24) == 1
+    assert eval_run.metrics["eval_loss"] == by_step[24]["eval_loss"]
     for merged in by_step.values():
         assert merged["eval_perplexity"] == pytest.approx(math.exp(merged["eval_loss"]))
         for key in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_exact_match"):
@@ -80,6 +83,13 @@ def test_eval_metrics_are_logged_at_each_evaluation(eval_run):
         assert merged["eval_answer_length"] > 0 and 0 <= merged["eval_chrf"] <= 100
     assert by_step[24]["eval_loss"] < by_step[8]["eval_loss"]  # the tiny model learns its rows
     assert by_step[24]["eval_rouge1"] > 0.5 and by_step[24]["eval_chrf"] > by_step[8]["eval_chrf"]
+
+
+def test_a_run_not_ending_on_an_evaluation_step_is_evaluated_at_its_end(tiny_model_dir, tmp_path):
+    result = _pipeline(tiny_model_dir, max_steps=6).with_eval(["perplexity"], every=4).train(tmp_path / "run")
+    log = _log(result.output_dir / "metrics.jsonl")
+    assert [entry["step"] for entry in log if "eval_loss" in entry] == [4, 6]
+    assert result.metrics["eval_loss"] == [e for e in log if "eval_loss" in e][-1]["eval_loss"]
 
 
 def test_training_eval_numbers_equal_standalone_evaluate(eval_run):
