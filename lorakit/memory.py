@@ -27,8 +27,10 @@ __all__ = [
     "activation_bytes",
     "activation_shape",
     "base_weight_bytes",
+    "decide_frozen_bf16",
     "estimate_memory",
     "format_bytes",
+    "frozen_linears",
     "measured_weight_bytes",
     "optimizer_state_bytes",
 ]
@@ -38,16 +40,24 @@ __all__ = [
 # every linear layer. Fitted to the bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``) for
 # three Llama shapes in fp32 on CPU -- the tiny test model, SmolLM2-135M and a 128/512 one -- and checked on a
 # fourth (96/256, 3 layers): 0.7% under. ``bench/plan_memory.py`` measures; docs/memory.md has the table.
-LAYER_PER_HIDDEN = 17.4
-LAYER_PER_INTERMEDIATE = 4.5
+#
+# The LoRA dropout masks are counted apart (:data:`DROPOUT_MASKS_PER_HIDDEN`, :data:`DROPOUT_MASKS_PER_INTERMEDIATE`
+# values per token): ``nn.Dropout`` on CPU saves a mask of its input's dtype (4 bytes in fp32, the fit above
+# had them: 17.4 = 11.4 + 6 and 4.5 = 3.5 + 1), lorakit's :class:`lorakit.fused.MaskDropout` a bool mask
+# (1 byte), and dropout 0 none.
+LAYER_PER_HIDDEN = 11.4
+LAYER_PER_INTERMEDIATE = 3.5
 LAYER_PER_KV = 2.0
+# One mask per adapted layer input: q, k, v, o, gate and up read hidden-sized inputs, down an intermediate one.
+DROPOUT_MASKS_PER_HIDDEN = 6
+DROPOUT_MASKS_PER_INTERMEDIATE = 1
 # fp32 values per token and vocabulary entry: the logits (held by the model output) and the log-softmax the
 # cross-entropy saves (measured: exactly one saved vocabulary-sized tensor).
 LOGITS_FACTOR = 2.0
-# Bytes per activation value under bf16 autocast on a CPU (fp32 weights): matmul outputs are bf16, the residual
-# stream, the norms and the LoRA dropout stay fp32. Measured with saved_tensors_hooks on SmolLM2-135M (LoRA r=16
-# all-linear) at 512 and 2048 tokens: 0.676 of the fp32 bytes per token, i.e. 2.7 bytes per value.
-CPU_AUTOCAST_BYTES = 2.7
+# Bytes per activation value (dropout masks apart) under bf16 autocast on a CPU: matmul outputs are bf16, the
+# residual stream and the norms stay fp32. Measured with saved_tensors_hooks on SmolLM2-135M (LoRA r=16
+# all-linear, bool dropout masks) at 512 and 2048 tokens: 2.21-2.25 bytes per value.
+CPU_AUTOCAST_BYTES = 2.2
 # Loss positions the fused loss projects at once (lorakit.fused.CHUNK_TOKENS is this value).
 FUSED_CHUNK_TOKENS = 1024
 # 4-bit blocks (bitsandbytes ``Params4bit`` default) and the second-level blocks of double quantization.
@@ -305,6 +315,7 @@ def activation_bytes(
     grad_checkpointing: bool,
     element_bytes: float = 4,
     fused_loss: bool = False,
+    mask_bytes: float = 0,
 ) -> int:
     """Bytes held for the backward pass of ``tokens`` tokens (batch x sequence length).
 
@@ -313,9 +324,11 @@ def activation_bytes(
     a time is recomputed during the backward pass. The loss keeps ``LOGITS_FACTOR`` fp32 values per token and
     vocabulary entry; the fused loss (:mod:`lorakit.fused`) only one chunk of :data:`FUSED_CHUNK_TOKENS`
     tokens' logits at a time plus the fp32 gradient of the hidden states it saves for the backward pass.
+    ``mask_bytes``: bytes per value of the LoRA dropout masks (1: lorakit's bool masks; 0: no dropout).
     """
     per_token = LAYER_PER_HIDDEN * hidden + LAYER_PER_INTERMEDIATE * intermediate + LAYER_PER_KV * kv
-    per_layer = per_token * tokens * element_bytes
+    masks = (DROPOUT_MASKS_PER_HIDDEN * hidden + DROPOUT_MASKS_PER_INTERMEDIATE * intermediate) * mask_bytes
+    per_layer = (per_token * element_bytes + masks) * tokens
     if grad_checkpointing:
         layer_part = layers * tokens * hidden * element_bytes + per_layer
     else:
@@ -373,17 +386,22 @@ def estimate_memory(
         float_bytes = 4
         notes.append("prepare_model_for_kbit_training upcasts unquantized fp16/bf16 weights to fp32")
     weights = _weight_bytes(pipeline.quant, peft_model, float_bytes, notes)
+    frozen_bf16 = decide_frozen_bf16(pipeline, precision, device)
+    if frozen_bf16:
+        weights -= sum(p.numel() * 2 for m in frozen_linears(peft_model) for p in m.parameters(recurse=False))
+        notes.append(
+            "frozen linear weights stored in bf16 (CPU bf16 autocast multiplies them in bf16 anyway)"
+        )
     full = getattr(pipeline.resolved_method, "name", None) == "full"
     adapter, optimizer = _trained_bytes(
         pipeline, peft_model, float_bytes=float_bytes, precision=precision, full=full, notes=notes
     )
     seq_len, activations = _activation_part(pipeline, config, precision, grad_checkpointing, notes, device)
     if device != "cuda" and precision == "bf16":
-        # CPU autocast over fp32 weights saves a bf16 copy of each frozen matmul weight for the backward pass.
-        activations += _autocast_weight_copies(peft_model)
-        notes.append(
-            "bf16 autocast on CPU: activations 0.68 of fp32's, plus bf16 copies of the frozen weights"
-        )
+        # CPU autocast over fp32 weights saves a bf16 copy of each frozen matmul weight for the backward pass;
+        # the frozen linear weights stored in bf16 need no copy.
+        activations += _autocast_weight_copies(peft_model, stored_bf16=frozen_bf16)
+        notes.append("bf16 autocast on CPU: matmul outputs in bf16, the residual stream and norms in fp32")
     return MemoryEstimate(
         weights=weights,
         adapter=adapter,
@@ -441,10 +459,44 @@ def _trained_bytes(
     return adapter, optimizer
 
 
-def _autocast_weight_copies(peft_model: Any) -> int:
+def frozen_linears(model: Any) -> list[Any]:
+    """The ``nn.Linear`` modules of ``model`` (PEFT-wrapped or not) with no trained parameter, the LM head
+    excluded (often tied to the input embedding; the fused loss casts it chunk by chunk): the matmul weights CPU
+    bf16 autocast would cast on every forward pass, stored in bf16 instead (:func:`decide_frozen_bf16`)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return [
+        m
+        for m in base.modules()
+        if isinstance(m, torch.nn.Linear)
+        and m is not head
+        and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def decide_frozen_bf16(pipeline: Pipeline, precision: str, device: str) -> bool:
+    """Store the frozen linear weights in bf16: on a CPU training in bf16 autocast (which multiplies them in bf16
+    anyway, so the numbers are the same and each forward pass skips the cast), for single-process SFT with an
+    unquantized fp32 base and a method that allows it (:attr:`MethodBase.frozen_weights_bf16_ok`)."""
+    assert pipeline.model is not None
+    return (
+        device != "cuda"
+        and precision == "bf16"
+        and pipeline.quant is None
+        and pipeline.model.dtype == "auto"
+        and pipeline.preference is None
+        and pipeline.distribution is None
+        and pipeline.resolved_method.frozen_weights_bf16_ok
+    )
+
+
+def _autocast_weight_copies(peft_model: Any, *, stored_bf16: bool = False) -> int:
     """Bytes of the bf16 copies CPU autocast makes of the frozen matmul weights of the decoder layers (saved for
-    the backward pass). The embedding is not a matmul; the LM head is left out too (the fused loss casts it chunk
-    by chunk and keeps no copy; TRL's unfused loss would keep one more, 2 bytes per head weight)."""
+    the backward pass); none of those stored in bf16 already (``stored_bf16``). The embedding is not a matmul;
+    the LM head is left out too (the fused loss casts it chunk by chunk and keeps no copy; TRL's unfused loss
+    would keep one more, 2 bytes per head weight)."""
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     skip = {
         id(p)
@@ -452,6 +504,8 @@ def _autocast_weight_copies(peft_model: Any) -> int:
         if m
         for p in m.parameters()
     }
+    if stored_bf16:
+        skip |= {id(m.weight) for m in frozen_linears(base)}
     return 2 * sum(
         p.numel() for p in base.parameters() if p.dim() == 2 and not p.requires_grad and id(p) not in skip
     )
@@ -479,6 +533,8 @@ def _activation_part(
         grad_checkpointing=grad_checkpointing,
         element_bytes=4 if precision == "fp32" else CPU_AUTOCAST_BYTES if device != "cuda" else 2,
         fused_loss=fused,
+        # lorakit's dropout keeps bool masks on a CPU; a GPU's fused dropout a bool mask too
+        mask_bytes=1 if pipeline.resolved_method.dropout_masks else 0,
     )
     notes.append(
         f"activations for full-length sequences, gradient checkpointing {'on' if grad_checkpointing else 'off'}, "

@@ -13,7 +13,7 @@ from lorakit.config import DataSpec, HubDataset, QuantSpec, TrainSpec
 from lorakit.data import count_rows
 from lorakit.data.preference import count_preference_rows
 from lorakit.errors import ConfigError, MissingDependencyError
-from lorakit.memory import MemoryEstimate, estimate_memory
+from lorakit.memory import MemoryEstimate, decide_frozen_bf16, estimate_memory
 from lorakit.methods import MethodSpec, supports_grad_checkpointing
 from lorakit.models import (
     DeviceInfo,
@@ -591,7 +591,7 @@ def make_plan(pipeline: Pipeline) -> Plan:
         **_data_plan(pipeline),
         memory=memory,
         grad_checkpointing=grad_ckpt,
-        speed=describe_speed(pipeline.training, device),
+        speed=describe_speed(pipeline, precision, device),
         device_detail=info.describe(),
         precision_reason=_precision_text(decision, pipeline),
         fast_paths=_with_default_attention(fast_paths, base_model),
@@ -599,14 +599,19 @@ def make_plan(pipeline: Pipeline) -> Plan:
     )
 
 
-def describe_speed(train: Any, device: str) -> str:
-    """One line for ``explain()``: the optimizer, whether the fused loss and ``torch.compile`` are on, and why."""
+def describe_speed(pipeline: Pipeline, precision: str, device: str) -> str:
+    """One line for ``explain()``: the optimizer, whether the fused loss and ``torch.compile`` are on, and why;
+    on a CPU the dropout masks and the frozen weights in bf16 (:mod:`lorakit.fused`)."""
+    train = pipeline.training
     compiled = train.compile is True or (train.compile == "auto" and device == "cuda")
     why = {True: "compile=True", False: "compile=False", "auto": f"compile='auto' on {device}"}[train.compile]
     loss = "fused linear cross-entropy" if train.fused_loss else "TRL's loss (fused_loss=False)"
-    return (
-        f"optim {train.optim}, {loss} (where the head allows), compile {'on' if compiled else 'off'} ({why})"
-    )
+    parts = [f"optim {train.optim}", f"{loss} (where the head allows)"]
+    if device == "cpu" and pipeline.resolved_method.dropout_masks:
+        parts.append("bool dropout masks")
+    if decide_frozen_bf16(pipeline, precision, device):
+        parts.append("frozen weights in bf16")
+    return ", ".join(parts) + f", compile {'on' if compiled else 'off'} ({why})"
 
 
 def _with_default_attention(paths: FastPaths, model: Any) -> FastPaths:

@@ -45,8 +45,8 @@ from lorakit.distributed import (
 )
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
-from lorakit.fused import compile_blocks
-from lorakit.memory import estimate_memory, format_bytes, pin_mmap_threshold
+from lorakit.fused import compile_blocks, store_frozen_bf16, use_mask_dropout
+from lorakit.memory import decide_frozen_bf16, estimate_memory, format_bytes, pin_mmap_threshold
 from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric, missing_packages
 from lorakit.modelcard import write_run_card
@@ -506,10 +506,16 @@ def _training_args(run: _Run) -> Any:
     return trainer_arguments(args, run.pipeline, has_val=run.has_val)
 
 
-def _speed_paths(trainer: LorakitTrainer, train_spec: Any, device: str) -> None:
-    """The fused loss (where it applies) and ``torch.compile`` of the decoder layers (see lorakit.fused)."""
+def _speed_paths(run: _Run, trainer: LorakitTrainer) -> None:
+    """The fused loss (where it applies), bool dropout masks and bf16 frozen weights on a CPU, and
+    ``torch.compile`` of the decoder layers (see lorakit.fused)."""
+    train_spec, device = run.pipeline.training, run.device
     if isinstance(trainer, LorakitTrainer):  # SFT; a preference objective computes its own loss
         trainer.use_fused_loss(train_spec.fused_loss)
+    if device == "cpu":  # a GPU's fused dropout kernel is faster than drawing integers
+        use_mask_dropout(trainer.model)
+    if decide_frozen_bf16(run.pipeline, run.precision, device):
+        store_frozen_bf16(trainer.model)
     if train_spec.compile is True or (train_spec.compile == "auto" and device == "cuda"):
         compile_blocks(trainer.model)
 
@@ -562,7 +568,7 @@ def _build_trainer(
         keep=extras.keep,
     )
     remove_default_printers(trainer)  # lorakit's console (in `callbacks`) shows progress; no raw log dicts
-    _speed_paths(trainer, pipeline.training, run.device)
+    _speed_paths(run, trainer)
     streamed = isinstance(prepared, StreamedData)
     if streamed:
         prepared.stream.start()  # built: from now on the stream is read (in order, not length-grouped)

@@ -37,6 +37,17 @@ def saving(model):
         yield saved
 
 
+def _trained_model(pipeline):
+    """The PEFT model as lorakit trains it on a CPU: LoRA dropout with bool masks (lorakit.fused.MaskDropout)."""
+    from peft import get_peft_model
+
+    from lorakit.fused import use_mask_dropout
+
+    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
+    assert use_mask_dropout(model) > 0
+    return model
+
+
 def _load(pipeline):
     from lorakit.models import load_base_model, resolve_model_path
 
@@ -157,17 +168,15 @@ def test_other_optimizers(tiny_model_dir):
 
 
 def test_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
-    from peft import get_peft_model
-
     pipeline = lk.Pipeline.from_model(tiny_model_dir)
-    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
+    model = _trained_model(pipeline)
     batch, seq = 4, 256
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     with saving(model) as saved:
         output = model(input_ids=ids, labels=ids)
     held = sum(saved.values()) + output.logits.numel() * output.logits.element_size()
     estimate = activation_bytes(
-        tokens=batch * seq, **activation_shape(model.config), grad_checkpointing=False
+        tokens=batch * seq, **activation_shape(model.config), grad_checkpointing=False, mask_bytes=1
     )
     assert abs(estimate / held - 1) < 0.15
 
@@ -175,13 +184,11 @@ def test_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
 def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
     # With the fused loss no logits are held for the backward pass: only the body's activations and the fp32
     # gradient of the hidden states (the one logits chunk is transient, counted on top as a peak).
-    from peft import get_peft_model
-
     from lorakit.fused import fused_linear_cross_entropy
     from lorakit.memory import FUSED_CHUNK_TOKENS, LOGITS_FACTOR
 
     pipeline = lk.Pipeline.from_model(tiny_model_dir)
-    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
+    model = _trained_model(pipeline)
     batch, seq = 4, 256
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     base = model.get_base_model()
@@ -189,10 +196,12 @@ def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_
         hidden = base.model(input_ids=ids).last_hidden_state
         fused_linear_cross_entropy(hidden, base.lm_head.weight, ids)
     shape = activation_shape(model.config)
-    estimate = activation_bytes(tokens=batch * seq, **shape, grad_checkpointing=False, fused_loss=True)
+    estimate = activation_bytes(
+        tokens=batch * seq, **shape, grad_checkpointing=False, fused_loss=True, mask_bytes=1
+    )
     transient = LOGITS_FACTOR * min(batch * seq, FUSED_CHUNK_TOKENS) * shape["vocab"] * 4
     assert abs((estimate - transient) / sum(saved.values()) - 1) < 0.15
-    unfused = activation_bytes(tokens=batch * seq, **shape, grad_checkpointing=False)
+    unfused = activation_bytes(tokens=batch * seq, **shape, grad_checkpointing=False, mask_bytes=1)
     assert unfused - estimate == LOGITS_FACTOR * batch * seq * shape[
         "vocab"
     ] * 4 - transient - batch * seq * (shape["hidden"] * 4)
@@ -205,15 +214,20 @@ def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_
     )
 
 
-def test_cpu_bf16_autocast_activation_estimate_against_the_tensors_autograd_saves(tiny_model_dir):
-    # Under CPU autocast the matmul outputs are bf16 but the residual stream, norms and dropout stay fp32, and
-    # autocast saves a bf16 copy of each frozen matmul weight for the backward pass.
-    from peft import get_peft_model
-
+@pytest.mark.parametrize("stored_bf16", [False, True], ids=["fp32-weights", "bf16-frozen-weights"])
+def test_cpu_bf16_autocast_activation_estimate_against_the_tensors_autograd_saves(
+    tiny_model_dir, stored_bf16
+):
+    # Under CPU autocast the matmul outputs are bf16 but the residual stream and norms stay fp32. Over fp32
+    # weights autocast saves a bf16 copy of each frozen matmul weight for the backward pass; with the frozen
+    # weights stored in bf16 (lorakit.fused.store_frozen_bf16) there is no copy.
+    from lorakit.fused import store_frozen_bf16
     from lorakit.memory import CPU_AUTOCAST_BYTES, _autocast_weight_copies
 
     pipeline = lk.Pipeline.from_model(tiny_model_dir)
-    model = get_peft_model(_load(pipeline), pipeline.resolved_method.to_peft_config()).train()
+    model = _trained_model(pipeline)
+    if stored_bf16:
+        assert store_frozen_bf16(model) == 7 * model.config.num_hidden_layers
     batch, seq = 4, 256
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     with (
@@ -223,10 +237,16 @@ def test_cpu_bf16_autocast_activation_estimate_against_the_tensors_autograd_save
         model.get_base_model().model(input_ids=ids)
     shape = {k: v for k, v in activation_shape(model.config).items() if k != "vocab"}
     body = activation_bytes(
-        tokens=batch * seq, **shape, vocab=0, grad_checkpointing=False, element_bytes=CPU_AUTOCAST_BYTES
+        tokens=batch * seq,
+        **shape,
+        vocab=0,
+        grad_checkpointing=False,
+        element_bytes=CPU_AUTOCAST_BYTES,
+        mask_bytes=1,
     )
-    estimate = body + _autocast_weight_copies(model)
-    assert abs(estimate / sum(saved.values()) - 1) < 0.15
+    copies = _autocast_weight_copies(model, stored_bf16=stored_bf16)
+    assert (copies == 0) == stored_bf16
+    assert abs((body + copies) / sum(saved.values()) - 1) < 0.15
 
 
 def test_activations_scale_with_batch_and_checkpointing(tiny_model_dir):

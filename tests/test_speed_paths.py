@@ -109,3 +109,178 @@ def test_compile_and_fused_loss_are_validated_and_explained(tiny_model_dir):
     pipeline = lk.Pipeline.from_model(tiny_model_dir).with_lora(r=4).with_training(compile="auto")
     assert "compile off (compile='auto' on cpu)" in pipeline.explain()
     assert "optim adamw_torch_fused, fused linear cross-entropy" in pipeline.explain()
+
+
+# --- CPU: bool dropout masks, frozen weights in bf16 ------------------------------------------------------
+
+
+def test_mask_dropout_drops_with_probability_p_and_scales_the_rest():
+    import torch
+
+    from lorakit.fused import MaskDropout
+
+    dropout = MaskDropout(0.05).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.05) < 5 * (0.05 * 0.95 / 1e6) ** 0.5  # within 5 standard deviations
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() / 0.95)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # the seed reproduces the mask
+    assert not torch.equal(dropout(x), y)
+    assert dropout.eval()(x) is x and MaskDropout(0.0).train()(x) is x
+    half = MaskDropout(0.05).train()(torch.ones(64, 64, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+
+
+def test_use_mask_dropout_swaps_every_lora_dropout_and_nothing_else(tiny_model_dir):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.fused import MaskDropout, use_mask_dropout
+
+    for dropout, expected in ((0.05, 7 * 2), (0.0, 0)):  # 7 linear layers x 2 decoder layers
+        spec = lk.Pipeline.from_model(tiny_model_dir).with_lora(dropout=dropout).resolved_method
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec.to_peft_config())
+        before = sum(type(m) is torch.nn.Dropout for m in model.modules())
+        assert use_mask_dropout(model) == expected
+        assert sum(isinstance(m, MaskDropout) for m in model.modules()) == expected
+        assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == before - expected
+
+
+def test_frozen_weights_in_bf16_give_the_same_autocast_step_and_still_run_outside_autocast(tiny_model_dir):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.fused import store_frozen_bf16
+    from lorakit.memory import frozen_linears
+
+    spec = lk.Pipeline.from_model(tiny_model_dir).with_lora(dropout=0.0).resolved_method
+
+    def model():
+        torch.manual_seed(0)
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec.to_peft_config())
+
+    plain, stored = model(), model()
+    for a, b in zip(plain.parameters(), stored.parameters(), strict=True):
+        if b.requires_grad:  # B != 0, so the adapter takes part in the loss
+            b.data.normal_(generator=torch.Generator().manual_seed(a.numel()))
+            a.data.copy_(b.data)
+    assert store_frozen_bf16(stored) == 7 * 2
+    assert {m.weight.dtype for m in frozen_linears(stored)} == {torch.bfloat16}
+    assert {p.dtype for p in stored.parameters() if p.requires_grad} == {torch.float32}
+    assert (
+        stored.get_base_model().lm_head.weight.dtype == torch.float32
+    )  # the head is not a frozen linear here
+    ids = torch.randint(0, stored.config.vocab_size, (2, 24))
+    losses, grads = [], []
+    for m in (plain, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+    assert torch.equal(losses[0], losses[1])  # autocast multiplied the same bf16 operands
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    with torch.no_grad():  # outside autocast (e.g. generation during evaluation): bf16 matmuls, fp32 out
+        fp32_logits = plain(input_ids=ids).logits
+        logits = stored(input_ids=ids).logits
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, fp32_logits, atol=0.1) and not torch.equal(logits, fp32_logits)
+
+
+def _wide_model(tokenizer, path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.models import CPU_BF16_MIN_HIDDEN
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CPU_BF16_MIN_HIDDEN,
+        intermediate_size=CPU_BF16_MIN_HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_plan_says_when_frozen_weights_are_stored_in_bf16(tiny_tokenizer, tmp_path, monkeypatch):
+    import torch
+
+    from lorakit import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    wide = _wide_model(tiny_tokenizer, tmp_path / "wide")
+    base = lk.Pipeline.from_model(wide).with_dataset(ROWS, max_length=64)
+
+    def step(pipeline):
+        return pipeline.plan().speed
+
+    assert "bool dropout masks, frozen weights in bf16" in step(base.with_lora())
+    fp32 = base.with_lora().with_training(precision="fp32")
+    assert "frozen weights in bf16" not in step(fp32)
+    assert "bool dropout masks" in step(fp32)
+    assert "frozen weights in bf16" not in step(base.with_lora(use_dora=True))
+    assert "frozen weights in bf16" not in step(base.full_finetune())
+    assert "bool dropout masks" not in step(base.with_lora(dropout=0.0))
+    # the memory plan: the frozen linear weights at 2 bytes and no autocast copies of them
+    on, off = base.with_lora().plan().memory, base.with_lora(use_dora=True).plan().memory
+    assert on.weights < off.weights and on.activations < off.activations
+
+
+@pytest.mark.skipif(
+    not __import__("lorakit.models", fromlist=["x"]).cpu_has_native_bf16(),
+    reason="needs a CPU with native bf16",
+)
+def test_a_bf16_run_with_frozen_bf16_weights_evaluates_with_generation_and_saves_fp32(
+    tiny_tokenizer, tmp_path
+):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    wide = _wide_model(tiny_tokenizer, tmp_path / "wide")
+    pipeline = (
+        lk.Pipeline.from_model(wide)
+        .with_lora(r=4, alpha=8)
+        .with_dataset(ROWS, template="alpaca", val=ROWS[:2], max_length=64)
+        .with_training(max_steps=3, batch_size=4, lr=1e-3)
+        .with_eval(["exact_match"], max_new_tokens=4)  # generates outside autocast, through the hooks
+    )
+    assert "frozen weights in bf16" in pipeline.plan().speed
+    from transformers import TrainerCallback
+
+    from lorakit.fused import MaskDropout
+    from lorakit.memory import frozen_linears
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["frozen"] = {m.weight.dtype for m in frozen_linears(model)}
+            seen["masks"] = sum(isinstance(m, MaskDropout) for m in model.modules())
+
+    result = pipeline.train(tmp_path / "run", callbacks=[Probe()])
+    assert seen == {"frozen": {torch.bfloat16}, "masks": 7}
+    assert json.loads((result.output_dir / "lorakit_run.json").read_text())["precision"] == "bf16"
+    assert 0.0 <= result.metrics["eval_exact_match"] <= 1.0
+    weights = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert {value.dtype for value in weights.values()} == {torch.float32}
+    assert any(float(value.abs().sum()) > 0 for key, value in weights.items() if "lora_B" in key)  # trained
+    reply = lk.InferenceModel.load(result.output_dir).generate("Say one", max_new_tokens=3)
+    assert isinstance(reply, str)

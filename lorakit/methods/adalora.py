@@ -82,6 +82,10 @@ class AdaLoraSpec(MethodBase):
                 "Lower tinit / tfinal or train for more steps (with_training(max_steps=...))."
             )
 
+    @property
+    def dropout_masks(self) -> bool:
+        return self.dropout > 0
+
     def to_peft_config(self, total_step: int | None = None) -> Any:
         """The ``peft.AdaLoraConfig``; ``total_step`` is the run's number of optimizer steps (train() sets it)."""
         from peft import AdaLoraConfig, TaskType

@@ -54,6 +54,18 @@ class MethodBase:
     virtual_tokens: ClassVar[bool] = False
     """True for prompt-learning methods, which prepend learned virtual tokens: the fused loss does not apply."""
 
+    @property
+    def dropout_masks(self) -> bool:
+        """True when the adapter draws a dropout mask over the input of each adapted layer (LoRA dropout > 0)."""
+        return False
+
+    @property
+    def frozen_weights_bf16_ok(self) -> bool:
+        """Whether the frozen base weights may be stored in bf16 under CPU bf16 autocast, which multiplies them in
+        bf16 anyway (:func:`lorakit.plan.decide_frozen_bf16`). Not for methods that read the base weight in fp32
+        beside the matmul (DoRA's weight norm) or train the model's own weights."""
+        return self.has_adapter
+
     def to_peft_config(self) -> Any:  # pragma: no cover - every method defines it
         raise NotImplementedError
 

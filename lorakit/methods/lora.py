@@ -110,6 +110,14 @@ class LoraSpec(MethodBase):
                 "targets='all-linear' to some layers. Pass e.g. targets=('q_proj', 'k_proj', 'v_proj', 'o_proj')."
             )
 
+    @property
+    def dropout_masks(self) -> bool:
+        return self.dropout > 0
+
+    @property
+    def frozen_weights_bf16_ok(self) -> bool:
+        return not self.use_dora  # DoRA's magnitude divides by the norm of the fp32 base weight
+
     def to_peft_config(self) -> Any:
         from peft import LoraConfig, TaskType
 
