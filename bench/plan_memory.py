@@ -119,12 +119,14 @@ def activations_worker(path: str, batch: int, seq: int, grad_ckpt: bool) -> dict
     import torch
     from peft import get_peft_model
 
+    from lorakit.fused import use_mask_dropout
     from lorakit.models import load_base_model, resolve_model_path
 
     torch.manual_seed(0)
     p = pipeline_for(path, {})
     model = load_base_model(resolve_model_path(p.model), p.model, dtype=torch.float32)
     model = get_peft_model(model, p.resolved_method.to_peft_config())
+    use_mask_dropout(model)  # as train() does on a CPU: bool dropout masks
     if grad_ckpt:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -214,9 +216,9 @@ def activation_rows(name: str, path: str) -> list[dict[str, Any]]:
         m = run_worker(Path(__file__), ["activations", path, str(batch), str(seq), str(int(grad_ckpt))])
         tokens = batch * seq
         shape = activation_shape(AutoConfig.from_pretrained(path))
-        estimate = activation_bytes(tokens=tokens, **shape, grad_checkpointing=grad_ckpt)
+        estimate = activation_bytes(tokens=tokens, **shape, grad_checkpointing=grad_ckpt, mask_bytes=1)
         layers_estimate = activation_bytes(
-            tokens=tokens, **{**shape, "vocab": 0}, grad_checkpointing=grad_ckpt
+            tokens=tokens, **{**shape, "vocab": 0}, grad_checkpointing=grad_ckpt, mask_bytes=1
         )
         # What the estimate covers: the saved tensors plus the logits the model output holds.
         held = m["saved_layers_bytes"] + m["saved_logits_bytes"] + tokens * m["vocab"] * 4

@@ -46,7 +46,7 @@ from lorakit.distributed import (
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.evaluation import GenerationSet, TrainingEvaluator, sample_callback, sample_prompts
 from lorakit.fused import compile_blocks, store_frozen_bf16, use_mask_dropout
-from lorakit.memory import decide_frozen_bf16, estimate_memory, format_bytes, pin_mmap_threshold
+from lorakit.memory import decide_frozen_bf16, estimate_memory, format_bytes
 from lorakit.methods.base import MethodContext
 from lorakit.metrics import get_metric, missing_packages
 from lorakit.modelcard import write_run_card
@@ -413,8 +413,6 @@ def _load(run: _Run) -> Any:
 
     pipeline = run.pipeline
     set_seed(pipeline.training.seed)
-    if run.device == "cpu":
-        pin_mmap_threshold()  # freed activations go back to the OS: peak RSS stays near the plan's estimate
     model = load_base_model(
         run.context.base_path,
         run.model_spec,
