@@ -125,7 +125,7 @@ def test_mask_dropout_drops_with_probability_p_and_scales_the_rest():
     y = dropout(x)
     dropped = float((y == 0).float().mean())
     assert abs(dropped - 0.05) < 5 * (0.05 * 0.95 / 1e6) ** 0.5  # within 5 standard deviations
-    # the two halves come from the low and high bits of the same draws: independent, so both drop with p**2
+    # values are dropped independently: two halves of the mask both drop with p**2
     low, high = (y == 0).flatten().chunk(2)
     both = float((low & high).float().mean())
     assert abs(both - 0.05**2) < 5 * (0.05**2 / 5e5) ** 0.5
