@@ -163,6 +163,10 @@ def train_worker(
         "training_rss_over_estimate": round((rss - baseline) / (estimate.total / 2**20), 2)
         if estimate
         else None,
+        # against the plan's resident bound (the estimate times the CPU allocator factor): at most 1
+        "training_rss_over_resident": round((rss - baseline) / (estimate.resident / 2**20), 2)
+        if estimate
+        else None,
         "precision": json.loads((result.output_dir / "lorakit_run.json").read_text())["precision"],
     }
 

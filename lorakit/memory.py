@@ -58,6 +58,12 @@ LOGITS_FACTOR = 2.0
 # residual stream and the norms stay fp32. Measured with saved_tensors_hooks on SmolLM2-135M (LoRA r=16
 # all-linear, bool dropout masks) at 512 and 2048 tokens: 2.21-2.25 bytes per value.
 CPU_AUTOCAST_BYTES = 2.2
+# The training's peak resident memory on a CPU per byte of the estimate, at most: glibc keeps freed activation
+# blocks for reuse (fast: no page faults; lorakit.memory.pin_mmap_threshold trades that for memory), and how much
+# it keeps depends on the order of the batch lengths. Measured by bench/scaling.py (SmolLM2-135M, batch 4, max
+# length 128/512/1024, 1k and 10k rows, bf16 autocast and fp32): peak RSS minus the RSS before train() was
+# 1.05-1.81x the estimate, so the plan shows an upper bound (1.85).
+CPU_RSS_FACTOR = 1.85
 # Loss positions the fused loss projects at once (lorakit.fused.CHUNK_TOKENS is this value).
 FUSED_CHUNK_TOKENS = 1024
 # 4-bit blocks (bitsandbytes ``Params4bit`` default) and the second-level blocks of double quantization.
@@ -99,6 +105,8 @@ class MemoryEstimate:
     """The assumptions behind the numbers."""
     trained_label: str = "adapter"
     """How :meth:`render` names ``adapter``: ``"trained weights"`` when no adapter is used."""
+    allocator_factor: float = 1.0
+    """Resident memory of the training per byte of ``total``, at most (CPU: :data:`CPU_RSS_FACTOR`; 1 on a GPU)."""
     total: int = attrs.field(init=False)
     """weights + adapter + gradients + optimizer + activations."""
 
@@ -106,14 +114,24 @@ class MemoryEstimate:
     def _total(self) -> int:
         return self.weights + self.adapter + self.gradients + self.optimizer + self.activations
 
+    @property
+    def resident(self) -> int:
+        """An upper bound of the training's peak resident memory: ``total`` times ``allocator_factor``."""
+        return int(self.total * self.allocator_factor)
+
     def render(self) -> str:
-        """One line: ``weights 270.1 MB, adapter 4.9 MB, grads ... = ~359 MB``."""
-        return (
+        """One line: ``weights 270.1 MB, adapter 4.9 MB, grads ... = ~359 MB``; on a CPU with the resident bound."""
+        line = (
             f"weights {format_bytes(self.weights)}, {self.trained_label} {format_bytes(self.adapter)}, "
             f"grads {format_bytes(self.gradients)}, optimizer {format_bytes(self.optimizer)}, "
             f"activations ~{format_bytes(self.activations)} (batch {self.batch_size} x {self.seq_len}) "
             f"= ~{format_bytes(self.total)}"
         )
+        if self.allocator_factor != 1.0:
+            line += (
+                f"; peak RSS up to ~{format_bytes(self.resident)} (CPU allocator, x{self.allocator_factor:g})"
+            )
+        return line
 
 
 # --- weights ------------------------------------------------------------------------------------------------
@@ -413,6 +431,7 @@ def estimate_memory(
         seq_len=seq_len,
         notes=tuple(notes),
         trained_label="trained weights" if full else "adapter",
+        allocator_factor=CPU_RSS_FACTOR if device != "cuda" else 1.0,
     )
 
 
