@@ -63,7 +63,7 @@ SmolLM2-135M; on a GPU, Qwen2.5-1.5B-Instruct.
         code(
             PARAMETERS.format(name="quickstart")
             + """
-STEPS = 6 if SMALL else 100        # 100 steps: ~8 min on 2 CPU cores, well under a minute on a T4
+STEPS = 6 if SMALL else 100        # 100 steps: ~4 min on 2 CPU cores, well under a minute on a T4
 EVAL_ROWS = 12 if SMALL else None  # None: all 90 held-out tickets"""
         ),
         md(
