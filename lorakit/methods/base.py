@@ -62,7 +62,7 @@ class MethodBase:
     @property
     def frozen_weights_bf16_ok(self) -> bool:
         """Whether the frozen base weights may be stored in bf16 under CPU bf16 autocast, which multiplies them in
-        bf16 anyway (:func:`lorakit.plan.decide_frozen_bf16`). Not for methods that read the base weight in fp32
+        bf16 anyway (:func:`lorakit.memory.decide_frozen_bf16`). Not for methods that read the base weight in fp32
         beside the matmul (DoRA's weight norm) or train the model's own weights."""
         return self.has_adapter
 
