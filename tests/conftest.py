@@ -98,6 +98,32 @@ def build_tiny_model(path: Any, tokenizer: Any = None, *, max_position_embedding
 
 
 @pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A 1-layer Llama as wide as CPU bf16 autocast needs (``models.CPU_BF16_MIN_HIDDEN``), tiny tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.models import CPU_BF16_MIN_HIDDEN
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=CPU_BF16_MIN_HIDDEN,
+        intermediate_size=CPU_BF16_MIN_HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("wide-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A 2-layer Llama (hidden 64) with the tiny tokenizer, saved as a local model directory."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)

@@ -190,28 +190,10 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
     torch.cuda.is_available() or not cpu_has_native_bf16(),
     reason="needs a CPU with native bf16 and no GPU",
 )
-def test_auto_precision_trains_a_wide_model_in_bf16_with_losses_close_to_fp32(tiny_tokenizer, tmp_path):
+def test_auto_precision_trains_a_wide_model_in_bf16_with_losses_close_to_fp32(wide_model_dir, tmp_path):
     # precision="auto" (the default) picks bf16 autocast on a native-bf16 CPU once the hidden size reaches
     # CPU_BF16_MIN_HIDDEN; the losses stay within 2% of an fp32 run on the same rows.
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lorakit.models import CPU_BF16_MIN_HIDDEN
-
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=CPU_BF16_MIN_HIDDEN,
-        intermediate_size=CPU_BF16_MIN_HIDDEN,
-        num_hidden_layers=1,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=256,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
-    tiny_tokenizer.save_pretrained(tmp_path / "wide")
-    wide = str(tmp_path / "wide")
+    wide = wide_model_dir
     assert lk.Pipeline.from_model(wide).with_dataset(ROWS, max_length=128).plan().precision == "bf16"
     auto = _pipeline(wide).train(tmp_path / "auto")
     fp32 = _pipeline(wide, precision="fp32").train(tmp_path / "fp32")

@@ -10,6 +10,7 @@ import pytest
 import lorakit as lk
 from lorakit.errors import ConfigError
 from lorakit.fused import fused_linear_cross_entropy
+from lorakit.models import cpu_has_native_bf16
 
 ROWS = [
     {"instruction": "Say " + "one " * (i % 5 + 1), "output": "hello " * (i % 3 + 1) + str(i)}
@@ -198,38 +199,14 @@ def test_frozen_weights_in_bf16_give_the_same_autocast_step_and_still_run_outsid
     assert torch.allclose(logits, fp32_logits, atol=0.1) and not torch.equal(logits, fp32_logits)
 
 
-def _wide_model(tokenizer, path):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lorakit.models import CPU_BF16_MIN_HIDDEN
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=CPU_BF16_MIN_HIDDEN,
-        intermediate_size=CPU_BF16_MIN_HIDDEN,
-        num_hidden_layers=1,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def test_plan_says_when_frozen_weights_are_stored_in_bf16(tiny_tokenizer, tmp_path, monkeypatch):
+def test_plan_says_when_frozen_weights_are_stored_in_bf16(wide_model_dir, monkeypatch):
     import torch
 
     from lorakit import models
 
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    wide = _wide_model(tiny_tokenizer, tmp_path / "wide")
-    base = lk.Pipeline.from_model(wide).with_dataset(ROWS, max_length=64)
+    base = lk.Pipeline.from_model(wide_model_dir).with_dataset(ROWS, max_length=64)
 
     def step(pipeline):
         return pipeline.plan().speed
@@ -247,20 +224,19 @@ def test_plan_says_when_frozen_weights_are_stored_in_bf16(tiny_tokenizer, tmp_pa
 
 
 @pytest.mark.skipif(
-    not __import__("lorakit.models", fromlist=["x"]).cpu_has_native_bf16(),
+    not cpu_has_native_bf16(),
     reason="needs a CPU with native bf16",
 )
 def test_a_bf16_run_with_frozen_bf16_weights_evaluates_with_generation_and_saves_fp32(
-    tiny_tokenizer, tmp_path
+    wide_model_dir, tmp_path
 ):
     import json
 
     import torch
     from safetensors.torch import load_file
 
-    wide = _wide_model(tiny_tokenizer, tmp_path / "wide")
     pipeline = (
-        lk.Pipeline.from_model(wide)
+        lk.Pipeline.from_model(wide_model_dir)
         .with_lora(r=4, alpha=8)
         .with_dataset(ROWS, template="alpaca", val=ROWS[:2], max_length=64)
         .with_training(max_steps=3, batch_size=4, lr=1e-3)
