@@ -126,19 +126,43 @@ def test_mask_dropout_drops_with_probability_p_and_scales_the_rest():
     y = dropout(x)
     dropped = float((y == 0).float().mean())
     assert abs(dropped - 0.05) < 5 * (0.05 * 0.95 / 1e6) ** 0.5  # within 5 standard deviations
-    # values are dropped independently: two halves of the mask both drop with p**2
+    # values are dropped independently: two halves of the mask both drop with p**2, and so do neighbours
+    # (four neighbouring values share one 64-bit draw)
     low, high = (y == 0).flatten().chunk(2)
     both = float((low & high).float().mean())
     assert abs(both - 0.05**2) < 5 * (0.05**2 / 5e5) ** 0.5
-    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    flat = (y == 0).flatten()
+    for shift in (1, 2, 3):
+        pairs = float((flat[:-shift] & flat[shift:]).float().mean())
+        assert abs(pairs - 0.05**2) < 5 * (0.05**2 / 1e6) ** 0.5
+    q = round(0.05 * 2**16) / 2**16  # the drop probability rounded to 16 bits: 0.0500031
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - q)))
     y.sum().backward()
-    assert torch.equal(x.grad, (y != 0).float() / 0.95)
+    assert torch.equal(x.grad, (y != 0).float() / (1 - q))
     torch.manual_seed(0)
     assert torch.equal(dropout(x), y)  # the seed reproduces the mask
     assert not torch.equal(dropout(x), y)
     assert dropout.eval()(x) is x and MaskDropout(0.0).train()(x) is x
     half = MaskDropout(0.05).train()(torch.ones(64, 64, dtype=torch.bfloat16))
     assert half.dtype == torch.bfloat16
+    assert torch.equal(MaskDropout(1.0).train()(torch.ones(3, 5)), torch.zeros(3, 5))
+
+
+def test_keep_mask_uses_all_16_bits_of_each_slice_and_any_shape():
+    import torch
+
+    from lorakit.fused import keep_mask
+
+    torch.manual_seed(0)
+    # p = 2**-15: one value in 32768 is dropped; with fewer random bits it would be 0 or far more
+    keep, q = keep_mask((4, 1 << 20), 2**-15)
+    assert q == 2**-15 and keep.shape == (4, 1 << 20) and keep.dtype == torch.bool
+    assert 128 - 5 * 128**0.5 < int((~keep).sum()) < 128 + 5 * 128**0.5
+    keep, q = keep_mask((3, 5, 7), 0.5)  # 105 values: not a multiple of the 4 slices of a draw
+    assert keep.shape == (3, 5, 7) and q == 0.5
+    assert keep_mask((10,), 0.3)[1] == round(0.3 * 65536) / 65536
+    keep, q = keep_mask((10,), 1 - 2**-18)  # rounds to 1: everything dropped
+    assert q == 1.0 and not keep.any()
 
 
 def test_use_mask_dropout_swaps_every_lora_dropout_and_nothing_else(tiny_model_dir):
