@@ -154,10 +154,15 @@ def test_keep_mask_uses_all_16_bits_of_each_slice_and_any_shape():
     from lorakit.fused import keep_mask
 
     torch.manual_seed(0)
-    # p = 2**-15: one value in 32768 is dropped; with fewer random bits it would be 0 or far more
-    keep, q = keep_mask((4, 1 << 20), 2**-15)
-    assert q == 2**-15 and keep.shape == (4, 1 << 20) and keep.dtype == torch.bool
-    assert 128 - 5 * 128**0.5 < int((~keep).sum()) < 128 + 5 * 128**0.5
+    # p = 2**-16: a value is dropped only when all 16 bits of its slice are those of -32768; a constant low bit
+    # would drop twice as many or none
+    keep, q = keep_mask((4, 1 << 22), 2**-16)
+    assert q == 2**-16 and keep.shape == (4, 1 << 22) and keep.dtype == torch.bool
+    assert 256 - 5 * 16 < int((~keep).sum()) < 256 + 5 * 16
+    # p = 0.5: the sign bit of each slice decides; all four slices of a draw are random (a 63-bit draw would
+    # never drop the values of its top slice)
+    dropped = (~keep_mask((1 << 20,), 0.5)[0]).view(-1, 4).float().mean(dim=0)
+    assert torch.allclose(dropped, torch.full((4,), 0.5), atol=5 * (0.25 / (1 << 18)) ** 0.5)
     keep, q = keep_mask((3, 5, 7), 0.5)  # 105 values: not a multiple of the 4 slices of a draw
     assert keep.shape == (3, 5, 7) and q == 0.5
     assert keep_mask((10,), 0.3)[1] == round(0.3 * 65536) / 65536
