@@ -214,10 +214,36 @@ def _output_to_fp32(module: Any, args: tuple[Any, ...], output: Any) -> Any:
 def store_frozen_bf16(model: Any) -> int:
     """Store the frozen linear layers of ``model`` (:func:`lorakit.memory.frozen_linears`) in bf16; returns how
     many. Under bf16 autocast their matmuls are unchanged; outside it, hooks cast their input to bf16 and their
-    output back to fp32, so the model still runs (in bf16 matmuls) anywhere."""
+    output back to fp32, so the model still runs (in bf16 matmuls) anywhere.
+
+    transformers maps the safetensors file into memory and each weight is a view of that mapping, which stays
+    while any weight still refers to it, with every page read so far resident. So the frozen tensors that stay
+    fp32 (the embedding, the norms) are copied out of it too: the mapping is then released, and with it the
+    fp32 originals of the bf16 weights (SmolLM2-135M: 404 MB less resident memory)."""
     layers = frozen_linears(model)
     for layer in layers:
         layer.to(torch.bfloat16)
         layer.register_forward_pre_hook(_input_to_weight_dtype)
         layer.register_forward_hook(_output_to_fp32)
+    if layers:
+        _copy_out_frozen_tensors(model)
     return len(layers)
+
+
+def _copy_out_frozen_tensors(model: Any) -> None:
+    """Give each frozen fp32 parameter and floating buffer of ``model`` its own memory (``.data`` is replaced,
+    so tied weights stay tied)."""
+    params: set[int] = set()
+    # id(original) -> (original, copy): a buffer shared by modules stays shared; the originals are kept alive
+    # until the end, so no id is reused meanwhile
+    buffers: dict[int, tuple[Any, Any]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad and param.dtype == torch.float32 and id(param) not in params:
+                param.data = param.data.clone()
+                params.add(id(param))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_floating_point():
+                if id(buffer) not in buffers:
+                    buffers[id(buffer)] = (buffer, buffer.clone())
+                module._buffers[name] = buffers[id(buffer)][1]

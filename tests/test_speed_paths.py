@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,6 +227,42 @@ def test_frozen_weights_in_bf16_give_the_same_autocast_step_and_still_run_outsid
         logits = stored(input_ids=ids).logits
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, fp32_logits, atol=0.1) and not torch.equal(logits, fp32_logits)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_frozen_weights_in_bf16_release_the_mapped_weights_file(tiny_model_dir, tmp_path):
+    import gc
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.fused import store_frozen_bf16
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True  # the embedding stays fp32 and is the head too
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    weights = str(tmp_path / "model" / "model.safetensors")
+
+    def mappings():
+        return sum(weights in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    spec = lk.Pipeline.from_model(tiny_model_dir).with_lora(dropout=0.0).resolved_method
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), spec.to_peft_config())
+    assert mappings() > 0  # transformers maps the file: the weights are views of it
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    assert store_frozen_bf16(model) == 7 * 2
+    gc.collect()
+    assert mappings() == 0  # nothing refers to the file any more: its pages are not resident
+    base = model.get_base_model()
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # still tied
+    for name, param in model.named_parameters():
+        expected = before[name].to(param.dtype)  # the bf16 weights are their fp32 values rounded
+        assert torch.equal(param, expected), name
+    ids = torch.randint(0, config.vocab_size, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
 def test_plan_says_when_frozen_weights_are_stored_in_bf16(wide_model_dir, monkeypatch):
