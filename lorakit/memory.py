@@ -61,7 +61,7 @@ CPU_AUTOCAST_BYTES = 2.2
 # The training's peak resident memory on a CPU per byte of the estimate, at most: glibc keeps freed activation
 # blocks for reuse (fast: no page faults; lorakit.memory.pin_mmap_threshold trades that for memory), and how much
 # it keeps varies from run to run (the peak comes in the first, longest step). Measured by bench/scaling.py
-# (SmolLM2-135M, batch 4, max length 128/512/1024, 1k and 10k rows, bf16 autocast and fp32, two runs): peak RSS
+# (SmolLM2-135M, batch 4, max length 128/512/1024, 1k and 10k rows, bf16 autocast and fp32, three runs): peak RSS
 # minus the RSS before train() was 1.05-1.82x the estimate, so the plan shows an upper bound (1.85).
 CPU_RSS_FACTOR = 1.85
 # Loss positions the fused loss projects at once (lorakit.fused.CHUNK_TOKENS is this value).
