@@ -382,6 +382,25 @@ def test_explain_shows_the_grad_checkpointing_decision(tiny_model_dir, monkeypat
     assert "gradient checkpointing off" in " ".join(prefix_gpu.memory.notes)
 
 
+# Whether glibc served a block with its own mmap: the IS_MMAPPED bit (2) of the chunk's size field, the word
+# before the pointer malloc returns. A 3 MiB block, freed, then 3 MiB again (and with "pin", 1 MiB).
+_MMAPPED_BLOCKS = """
+import ctypes, sys
+from lorakit.memory import pin_mmap_threshold
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1:] == ["pin"]:
+    print(pin_mmap_threshold())
+def mmapped(size):
+    ptr = libc.malloc(size)
+    flag = bool(ctypes.c_size_t.from_address(ptr - 8).value & 2)
+    libc.free(ptr)
+    return flag
+print(mmapped(3 << 20), mmapped(3 << 20), *([mmapped(1 << 20)] if sys.argv[1:] == ["pin"] else []))
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_pinning_glibcs_mmap_threshold_is_opt_in(tiny_model_dir, tmp_path, monkeypatch):
     # Pinned, every activation tensor is a fresh mmap (less RSS, 1.7-2x slower steps on SmolLM2), so train()
@@ -391,10 +410,12 @@ def test_pinning_glibcs_mmap_threshold_is_opt_in(tiny_model_dir, tmp_path, monke
     import lorakit.memory
     import lorakit.training
 
-    code = "from lorakit.memory import pin_mmap_threshold; print(pin_mmap_threshold())"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
-    )
+    assert subprocess.run(
+        [sys.executable, "-c", _MMAPPED_BLOCKS], capture_output=True, text=True, check=True
+    ).stdout.split() == ["True", "False"]  # unpinned: glibc raised its threshold past 3 MiB after one free
+    assert subprocess.run(
+        [sys.executable, "-c", _MMAPPED_BLOCKS, "pin"], capture_output=True, text=True, check=True
+    ).stdout.split() == ["True", "True", "True", "False"]  # pinned at 2 MiB: 3 MiB stays mmapped, 1 MiB not
     calls = []
     monkeypatch.setattr(lorakit.memory, "pin_mmap_threshold", lambda: calls.append(1) or True)
     (
@@ -405,3 +426,12 @@ def test_pinning_glibcs_mmap_threshold_is_opt_in(tiny_model_dir, tmp_path, monke
         .train(tmp_path / "run")
     )
     assert calls == [] and not hasattr(lorakit.training, "pin_mmap_threshold")
+
+
+@pytest.mark.parametrize("threshold", [0, -1, 64 * 2**20, True, 1.5, "2MB"])
+def test_pin_mmap_threshold_names_the_range_it_takes(threshold):
+    from lorakit.errors import ConfigError
+    from lorakit.memory import pin_mmap_threshold
+
+    with pytest.raises(ConfigError, match=r"between 1 and 33554432 \(32 MiB, glibc's largest\)"):
+        pin_mmap_threshold(threshold)
