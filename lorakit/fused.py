@@ -2,7 +2,8 @@
 
 Fused linear cross-entropy (:func:`fused_linear_cross_entropy`): the loss of a causal LM head without the
 ``(batch, length, vocabulary)`` logits. Only positions whose next-token label is not ``-100`` are projected
-(prompt and padding positions never reach the LM head), in chunks of :data:`CHUNK_TOKENS` tokens; each chunk's
+(prompt and padding positions never reach the LM head), in chunks of :data:`CHUNK_TOKENS` tokens (on a CPU
+:data:`CHUNK_TOKENS_CPU`); each chunk's
 logits live only while its loss and its gradient are computed, in the forward pass (the gradient of a summed
 cross-entropy is known before the backward pass: ``softmax - one_hot``), so the backward pass is a scaling and
 no chunk is projected twice. TRL's own fused head (``trl.trainer.utils.add_fused_lm_head``) projects every
@@ -31,10 +32,11 @@ from typing import Any
 import torch
 
 from lorakit.data.encode import IGNORE_INDEX
-from lorakit.memory import FUSED_CHUNK_TOKENS, frozen_linears
+from lorakit.memory import FUSED_CHUNK_TOKENS, FUSED_CHUNK_TOKENS_CPU, frozen_linears, fused_chunk_tokens
 
 __all__ = [
     "CHUNK_TOKENS",
+    "CHUNK_TOKENS_CPU",
     "MaskDropout",
     "compile_blocks",
     "decoder_layers",
@@ -47,6 +49,8 @@ __all__ = [
 
 CHUNK_TOKENS = FUSED_CHUNK_TOKENS
 """Loss positions projected at once: 1024 x a 49k vocabulary is 200 MB of fp32 logits per chunk."""
+CHUNK_TOKENS_CPU = FUSED_CHUNK_TOKENS_CPU
+"""On a CPU: 128 x a 49k vocabulary is 25 MB, reused from glibc's heap (see :data:`lorakit.memory.FUSED_CHUNK_TOKENS`)."""
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -86,13 +90,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(
-    hidden: Any, weight: Any, labels: Any, *, chunk: int = CHUNK_TOKENS
+    hidden: Any, weight: Any, labels: Any, *, chunk: int | None = None
 ) -> tuple[Any, Any]:
     """``(summed loss, number of loss tokens)`` of a causal LM head ``weight`` over ``hidden`` states.
 
     ``hidden`` is ``(batch, length, hidden)``, ``labels`` ``(batch, length)`` unshifted (position ``i`` predicts
     label ``i + 1``, as transformers' causal LM loss); ``-100`` labels carry no loss. Equals
     ``F.cross_entropy(hidden @ weight.T shifted, labels, reduction="sum")`` without building those logits.
+    ``chunk``: loss positions projected at once; by default :func:`lorakit.memory.fused_chunk_tokens` of
+    ``hidden``'s device.
     """
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
@@ -100,6 +106,7 @@ def fused_linear_cross_entropy(
     targets = shifted[mask]
     if targets.numel() == 0:  # keep the graph connected: a zero that still reaches the model
         return hidden.sum() * 0.0, mask.sum()
+    chunk = chunk or fused_chunk_tokens(hidden.device.type)
     return _LinearCrossEntropy.apply(selected, weight, targets, chunk), mask.sum()
 
 

@@ -185,7 +185,7 @@ def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_
     # With the fused loss no logits are held for the backward pass: only the body's activations and the fp32
     # gradient of the hidden states (the one logits chunk is transient, counted on top as a peak).
     from lorakit.fused import fused_linear_cross_entropy
-    from lorakit.memory import FUSED_CHUNK_TOKENS, LOGITS_FACTOR
+    from lorakit.memory import FUSED_CHUNK_TOKENS_CPU, LOGITS_FACTOR
 
     pipeline = lk.Pipeline.from_model(tiny_model_dir)
     model = _trained_model(pipeline)
@@ -197,9 +197,15 @@ def test_fused_loss_activation_estimate_against_the_tensors_autograd_saves(tiny_
         fused_linear_cross_entropy(hidden, base.lm_head.weight, ids)
     shape = activation_shape(model.config)
     estimate = activation_bytes(
-        tokens=batch * seq, **shape, grad_checkpointing=False, fused_loss=True, mask_bytes=1
+        tokens=batch * seq,
+        **shape,
+        grad_checkpointing=False,
+        fused_loss=True,
+        fused_chunk=FUSED_CHUNK_TOKENS_CPU,
+        mask_bytes=1,
     )
-    transient = LOGITS_FACTOR * min(batch * seq, FUSED_CHUNK_TOKENS) * shape["vocab"] * 4
+    # a CPU's chunk: 128 positions (the plan below is for a CPU too)
+    transient = LOGITS_FACTOR * min(batch * seq, FUSED_CHUNK_TOKENS_CPU) * shape["vocab"] * 4
     assert abs((estimate - transient) / sum(saved.values()) - 1) < 0.15
     unfused = activation_bytes(tokens=batch * seq, **shape, grad_checkpointing=False, mask_bytes=1)
     assert unfused - estimate == LOGITS_FACTOR * batch * seq * shape[
@@ -254,7 +260,14 @@ def test_activations_scale_with_batch_and_checkpointing(tiny_model_dir):
     one = pipeline.with_training(batch_size=1, grad_checkpointing=False).plan().memory
     four = pipeline.with_training(batch_size=4, grad_checkpointing=False).plan().memory
     ckpt = pipeline.with_training(batch_size=4, grad_checkpointing=True).plan().memory
-    assert four.activations == pytest.approx(4 * one.activations, rel=1e-6)
+    # linear in the batch, but for the fused loss's one chunk of logits (128 positions on a CPU: both hold more)
+    from transformers import AutoConfig
+
+    from lorakit.memory import FUSED_CHUNK_TOKENS_CPU, LOGITS_FACTOR
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    chunk = LOGITS_FACTOR * FUSED_CHUNK_TOKENS_CPU * vocab * 4
+    assert four.activations - chunk == pytest.approx(4 * (one.activations - chunk), rel=1e-6)
     assert ckpt.activations < four.activations
     assert (four.batch_size, four.seq_len) == (4, 256)
 

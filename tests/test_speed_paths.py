@@ -330,3 +330,39 @@ def test_a_bf16_run_with_frozen_bf16_weights_evaluates_with_generation_and_saves
     assert any(float(value.abs().sum()) > 0 for key, value in weights.items() if "lora_B" in key)  # trained
     reply = lk.InferenceModel.load(result.output_dir).generate("Say one", max_new_tokens=3)
     assert isinstance(reply, str)
+
+
+def test_fused_loss_projects_128_positions_at_once_on_a_cpu_and_1024_elsewhere(monkeypatch):
+    # On a CPU a chunk of 1024 positions' fp32 logits (200 MB for a 49k vocabulary) is a fresh mmap every time;
+    # 128 positions stay under glibc's largest mmap threshold and reuse heap blocks.
+    import torch
+
+    import lorakit.fused
+    from lorakit.memory import fused_chunk_tokens
+
+    assert (fused_chunk_tokens("cpu"), fused_chunk_tokens("cuda"), fused_chunk_tokens("mps")) == (
+        128,
+        1024,
+        1024,
+    )
+    chunks = []
+    real_apply = lorakit.fused._LinearCrossEntropy.apply
+    monkeypatch.setattr(
+        lorakit.fused._LinearCrossEntropy,
+        "apply",
+        lambda hidden, weight, targets, chunk: (
+            chunks.append(chunk) or real_apply(hidden, weight, targets, chunk)
+        ),
+    )
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 300, 8, requires_grad=True)
+    weight = torch.randn(50, 8)
+    labels = torch.randint(0, 50, (2, 300))
+    total, count = fused_linear_cross_entropy(hidden, weight, labels)
+    chunked, _ = fused_linear_cross_entropy(hidden, weight, labels, chunk=1024)
+    assert chunks == [128, 1024] and int(count) == 598
+    reference = torch.nn.functional.cross_entropy(
+        (hidden[:, :-1] @ weight.T).reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum"
+    )
+    torch.testing.assert_close(total, reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(chunked, total, rtol=1e-6, atol=1e-4)
