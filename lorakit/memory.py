@@ -70,9 +70,9 @@ CPU_RSS_FACTOR = 1.85
 # On a GPU 1024. On a CPU 128: SmolLM2's 49k-entry vocabulary then gives 25 MB of fp32 logits per chunk, under
 # glibc's largest mmap threshold (32 MiB), so each chunk reuses heap blocks instead of faulting in fresh pages
 # (with 1024 positions every chunk was a fresh ~200 MB mmap). The loss of 469 positions, forward and backward:
-# 209-213 ms against 252-274 ms; a SmolLM2 training (batch 4 x 512, bf16, 8 steps, three alternating runs): peak
-# RSS 4.37-4.54 vs 4.66-4.94 GB, 1.04x as fast, the same loss to 1e-7. With a 128k vocabulary 64-1024
-# positions ran alike (670-710 ms), so there the smaller chunk only saves memory.
+# 212-237 ms against 252-301 ms (four runs); a SmolLM2 training (batch 4 x 512, bf16, 8 steps, three
+# alternating runs): peak RSS 4.37-4.54 vs 4.66-4.94 GB, 1.04x as fast, the same loss to 1e-7. With a 128k
+# vocabulary 64-1024 positions ran alike (670-710 ms), so there the smaller chunk only saves memory.
 FUSED_CHUNK_TOKENS = 1024
 FUSED_CHUNK_TOKENS_CPU = 128
 # 4-bit blocks (bitsandbytes ``Params4bit`` default) and the second-level blocks of double quantization.
