@@ -63,9 +63,10 @@ CPU_AUTOCAST_BYTES = 2.2
 # The training's peak resident memory on a CPU per byte of the estimate, at most: glibc keeps freed activation
 # blocks for reuse (fast: no page faults; lorakit.memory.pin_mmap_threshold trades that for memory), and how much
 # it keeps varies from run to run (the peak comes in the first, longest step). Measured by bench/scaling.py
-# (SmolLM2-135M, batch 4, max length 128/512/1024, 1k and 10k rows, bf16 autocast and fp32, three runs): peak RSS
-# minus the RSS before train() was 1.05-1.82x the estimate, so the plan shows an upper bound (1.85).
-CPU_RSS_FACTOR = 1.85
+# (SmolLM2-135M, batch 4, max length 128/512/1024, 1k and 10k rows, bf16 autocast and fp32, four runs): peak RSS
+# minus the RSS before train() was 1.05-1.84x the estimate (1.84 in fp32 once the fused loss's CPU chunk, and with
+# it the estimate, got smaller), so the plan shows an upper bound (2.0).
+CPU_RSS_FACTOR = 2.0
 # Loss positions the fused loss projects at once (lorakit.fused uses these values, fused_chunk_tokens picks one).
 # On a GPU 1024. On a CPU 128: SmolLM2's 49k-entry vocabulary then gives 25 MB of fp32 logits per chunk, under
 # glibc's largest mmap threshold (32 MiB), so each chunk reuses heap blocks instead of faulting in fresh pages
