@@ -98,7 +98,7 @@ def fused_linear_cross_entropy(
     label ``i + 1``, as transformers' causal LM loss); ``-100`` labels carry no loss. Equals
     ``F.cross_entropy(hidden @ weight.T shifted, labels, reduction="sum")`` without building those logits.
     ``chunk``: loss positions projected at once; by default :func:`lorakit.memory.fused_chunk_tokens` of
-    ``hidden``'s device.
+    ``hidden``'s device (and whether ``weight`` is trained).
     """
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
@@ -106,7 +106,7 @@ def fused_linear_cross_entropy(
     targets = shifted[mask]
     if targets.numel() == 0:  # keep the graph connected: a zero that still reaches the model
         return hidden.sum() * 0.0, mask.sum()
-    chunk = chunk or fused_chunk_tokens(hidden.device.type)
+    chunk = chunk or fused_chunk_tokens(hidden.device.type, head_trained=weight.requires_grad)
     return _LinearCrossEntropy.apply(selected, weight, targets, chunk), mask.sum()
 
 

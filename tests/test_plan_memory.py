@@ -395,40 +395,42 @@ def test_explain_shows_the_grad_checkpointing_decision(tiny_model_dir, monkeypat
     assert "gradient checkpointing off" in " ".join(prefix_gpu.memory.notes)
 
 
-# Whether glibc served a block with its own mmap: the IS_MMAPPED bit (2) of the chunk's size field, the word
-# before the pointer malloc returns. A 3 MiB block, freed, then 3 MiB again (and with "pin", 1 MiB).
+# Whether glibc served each block of the given sizes (MiB) with its own mmap: the IS_MMAPPED bit (2) of the
+# chunk's size field, the word before the pointer malloc returns; each block is freed before the next one.
 _MMAPPED_BLOCKS = """
 import ctypes, sys
 from lorakit.memory import pin_mmap_threshold
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-if sys.argv[1:] == ["pin"]:
+if sys.argv[1] == "pin":
     print(pin_mmap_threshold())
 def mmapped(size):
     ptr = libc.malloc(size)
     flag = bool(ctypes.c_size_t.from_address(ptr - 8).value & 2)
     libc.free(ptr)
     return flag
-print(mmapped(3 << 20), mmapped(3 << 20), *([mmapped(1 << 20)] if sys.argv[1:] == ["pin"] else []))
+print(*[mmapped(int(mib) << 20) for mib in sys.argv[2:]])
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_pinning_glibcs_mmap_threshold_is_opt_in(tiny_model_dir, tmp_path, monkeypatch):
-    # Pinned, every activation tensor is a fresh mmap (less RSS, 1.7-2x slower steps on SmolLM2), so train()
+    # Pinned, every activation block of 2 MiB or more is a fresh mmap (less RSS, 1.2x slower steps on SmolLM2), so train()
     # leaves glibc alone; the function works when called (in a child process: the setting is process-wide).
     import subprocess
 
     import lorakit.memory
     import lorakit.training
 
-    assert subprocess.run(
-        [sys.executable, "-c", _MMAPPED_BLOCKS], capture_output=True, text=True, check=True
-    ).stdout.split() == ["True", "False"]  # unpinned: glibc raised its threshold past 3 MiB after one free
-    assert subprocess.run(
-        [sys.executable, "-c", _MMAPPED_BLOCKS, "pin"], capture_output=True, text=True, check=True
-    ).stdout.split() == ["True", "True", "True", "False"]  # pinned at 2 MiB: 3 MiB stays mmapped, 1 MiB not
+    def blocks(*args: str) -> list[str]:
+        command = [sys.executable, "-c", _MMAPPED_BLOCKS, *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+
+    # unpinned: after one 20 MiB block is freed, glibc raises its threshold and serves the next from the heap
+    assert blocks("none", "20", "20") == ["True", "False"]
+    # pinned at 2 MiB: 3 MiB blocks stay mmapped after a free, 1 MiB blocks come from the heap
+    assert blocks("pin", "3", "3", "1") == ["True", "True", "True", "False"]
     calls = []
     monkeypatch.setattr(lorakit.memory, "pin_mmap_threshold", lambda: calls.append(1) or True)
     (
@@ -448,3 +450,23 @@ def test_pin_mmap_threshold_names_the_range_it_takes(threshold):
 
     with pytest.raises(ConfigError, match=r"between 1 and 33554432 \(32 MiB, glibc's largest\)"):
         pin_mmap_threshold(threshold)
+
+
+def test_the_plan_counts_the_cpu_loss_chunk_only_where_the_head_is_frozen(tiny_model_dir, monkeypatch):
+    # Full fine-tuning trains the LM head: the fused loss keeps chunks of 1024 positions there (a vocabulary x
+    # hidden gradient per chunk), so the CPU chunk size moves the LoRA plan and leaves the full one alone.
+    import lorakit.memory
+    from lorakit.memory import LOGITS_FACTOR
+
+    pipeline = (
+        lk.Pipeline.from_model(tiny_model_dir)
+        .with_dataset(ROWS, max_length=256)
+        .with_training(batch_size=4, grad_checkpointing=False)
+    )
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    lora, full = pipeline.plan().memory, pipeline.full_finetune().plan().memory
+    monkeypatch.setattr(lorakit.memory, "FUSED_CHUNK_TOKENS_CPU", 64)
+    assert lora.activations - pipeline.plan().memory.activations == LOGITS_FACTOR * (128 - 64) * vocab * 4
+    assert pipeline.full_finetune().plan().memory.activations == full.activations

@@ -361,6 +361,10 @@ def test_fused_loss_projects_128_positions_at_once_on_a_cpu_and_1024_elsewhere(m
     total, count = fused_linear_cross_entropy(hidden, weight, labels)
     chunked, _ = fused_linear_cross_entropy(hidden, weight, labels, chunk=1024)
     assert chunks == [128, 1024] and int(count) == 598
+    # a trained head (full fine-tuning) adds a vocabulary x hidden gradient per chunk: 1024 on a CPU too
+    assert fused_chunk_tokens("cpu", head_trained=True) == 1024
+    fused_linear_cross_entropy(hidden, weight.clone().requires_grad_(), labels)
+    assert chunks == [128, 1024, 1024]
     reference = torch.nn.functional.cross_entropy(
         (hidden[:, :-1] @ weight.T).reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum"
     )
