@@ -49,18 +49,36 @@ def wandb_mode(requested: str | None = None) -> tuple[str, str]:
     ``"online"`` when W&B finds credentials by its own means (``WANDB_API_KEY``, a netrc entry written by
     ``wandb login``, an earlier ``wandb.login()`` in this process), else ``"offline"``.
 
-    Credentials are looked up with ``wandb.login(prompt=False, verify=False)``: no prompt, no network.
+    Credentials are looked up with ``wandb.login(prompt=False, verify=False)``, silenced: no prompt, no network.
     """
     if requested:
         return requested, f"lorakit: W&B {requested} (track('wandb', mode={requested!r}))"
-    import wandb
-
-    if os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False):
+    if os.environ.get("WANDB_API_KEY") or _wandb_logged_in():
         return "online", "lorakit: W&B online (logged in)"
     return "offline", (
         "lorakit: W&B offline (not logged in: `wandb login` or WANDB_API_KEY to upload; "
         "`wandb sync <run>/wandb/offline-run-*` uploads this run later)"
     )
+
+
+def _wandb_logged_in() -> bool:
+    """``wandb.login(prompt=False, verify=False)`` with W&B's ``silent`` setting on for the call. Not silenced,
+    a login that finds credentials prints the user's name, which W&B asks its server for: without a network
+    that waits for a timeout (5 s per call with W&B 0.31, longer where connections hang)."""
+    import wandb
+
+    try:
+        from wandb.sdk import wandb_setup
+
+        settings = wandb_setup.singleton().settings
+        previous = settings.silent
+    except (ImportError, AttributeError):  # another W&B layout: its documented call
+        return bool(wandb.login(prompt=False, verify=False))
+    settings.silent = True
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    finally:
+        settings.silent = previous
 
 
 def _describe_source(source: Any) -> Any:
