@@ -2,8 +2,8 @@
 
 Fused linear cross-entropy (:func:`fused_linear_cross_entropy`): the loss of a causal LM head without the
 ``(batch, length, vocabulary)`` logits. Only positions whose next-token label is not ``-100`` are projected
-(prompt and padding positions never reach the LM head), in chunks of :data:`CHUNK_TOKENS` tokens (on a CPU
-:data:`CHUNK_TOKENS_CPU`); each chunk's
+(prompt and padding positions never reach the LM head), in chunks (:func:`lorakit.memory.fused_chunk_tokens`:
+1024 positions, 128 on a CPU); each chunk's
 logits live only while its loss and its gradient are computed, in the forward pass (the gradient of a summed
 cross-entropy is known before the backward pass: ``softmax - one_hot``), so the backward pass is a scaling and
 no chunk is projected twice. TRL's own fused head (``trl.trainer.utils.add_fused_lm_head``) projects every
@@ -32,11 +32,10 @@ from typing import Any
 import torch
 
 from lorakit.data.encode import IGNORE_INDEX
-from lorakit.memory import FUSED_CHUNK_TOKENS, FUSED_CHUNK_TOKENS_CPU, frozen_linears, fused_chunk_tokens
+from lorakit.memory import FUSED_CHUNK_TOKENS, frozen_linears, fused_chunk_tokens
 
 __all__ = [
     "CHUNK_TOKENS",
-    "CHUNK_TOKENS_CPU",
     "MaskDropout",
     "compile_blocks",
     "decoder_layers",
@@ -48,9 +47,8 @@ __all__ = [
 ]
 
 CHUNK_TOKENS = FUSED_CHUNK_TOKENS
-"""Loss positions projected at once: 1024 x a 49k vocabulary is 200 MB of fp32 logits per chunk."""
-CHUNK_TOKENS_CPU = FUSED_CHUNK_TOKENS_CPU
-"""On a CPU: 128 x a 49k vocabulary is 25 MB, reused from glibc's heap (see :data:`lorakit.memory.FUSED_CHUNK_TOKENS`)."""
+"""Loss positions projected at once off a CPU or with a trained head (1024 x a 49k vocabulary is 200 MB of fp32
+logits); on a CPU otherwise 128 (:func:`lorakit.memory.fused_chunk_tokens`)."""
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
